@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what ftcomm builds against. Idempotent: each step checks first and says
+# what it does. Safe to run on a fresh Debian 12 machine or again on a set-up one.
+#
+#   scripts/setup.sh            # Debian packages + torch==2.11.0 from PyPI
+#
+# Environment:
+#   FTCOMM_TORCH_VERSION  torch version to pin (default 2.11.0)
+#   PYTHON                interpreter to install torch into (default python3)
+set -euo pipefail
+
+TORCH_VERSION=${FTCOMM_TORCH_VERSION:-2.11.0}
+PYTHON=${PYTHON:-python3}
+say() { printf 'setup: %s\n' "$*"; }
+
+debs=(librocksdb-dev libgtest-dev libgloo-dev ninja-build ccache cmake g++)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "Debian packages present: ${debs[*]}"
+fi
+
+have=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ "$have" != "$TORCH_VERSION" ]; then
+  say "installing torch==$TORCH_VERSION from PyPI into $("$PYTHON" -c 'import sys; print(sys.prefix)') (found: ${have:-none}); this downloads a few GB once"
+  "$PYTHON" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+else
+  say "torch $have present"
+fi
+say "torch cmake prefix: $("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+say "done"

@@ -1,0 +1,66 @@
+// Test and benchmark support: ranks as threads over an in-memory store, and ranks
+// as re-executed child processes over a file or TCP store that can be killed.
+// Every spawn has a deadline and kills what it started.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include "ftcomm/process_group.h"
+
+namespace ftcomm::testing {
+
+// What a spawned child knows about its place in the run.
+struct RankContext {
+  int rank = 0;
+  int world = 1;
+  int port = 0;         // free TCP port picked by the parent, for a TCPStore
+  std::string dir;      // scratch directory shared by the ranks (file store, files)
+};
+
+struct RankOutcome {
+  int rank = 0;
+  bool timed_out = false;  // killed by the deadline
+  int exit_code = -1;      // when it exited
+  int signal = 0;          // when a signal ended it
+  bool ok() const { return !timed_out && signal == 0 && exit_code == 0; }
+};
+
+// The context of this process when it was spawned by spawn_self, else nullopt.
+std::optional<RankContext> child_context();
+
+// Re-executes this binary `world` times with `args` (argv[1..]) and the rank
+// context in the environment; waits for all of them, killing every child still
+// alive at `deadline`. Children die with the parent (PR_SET_PDEATHSIG).
+std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
+                                    const std::vector<std::string>& args);
+
+// Options for a rank of a spawned run: TCP on loopback at the parent's port, or a
+// file store in the shared scratch directory.
+ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store,
+                                    std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+// GoogleTest tier 2: runs `body` in `world` child processes, each re-running only
+// the current test. Inside a child, runs body for that rank and exits (status 1 on
+// an exception or a failed expectation). In the parent, returns the outcomes.
+std::vector<RankOutcome> run_ranks(int world, std::chrono::seconds deadline,
+                                   const std::function<void(const RankContext&)>& body);
+
+// GoogleTest tier 1: runs body(rank, store) on `world` threads that share one
+// in-memory store; rethrows the first exception after joining.
+void run_threads(int world, const std::function<void(int rank, const c10::intrusive_ptr<c10d::Store>&)>& body);
+
+// Options for a thread rank over `store` (Gloo on loopback, quiet).
+ProcessGroupOptions thread_options(int rank, int world, const c10::intrusive_ptr<c10d::Store>& store,
+                                   std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+// A TCP port nothing listens on right now.
+int free_port();
+
+}  // namespace ftcomm::testing
