@@ -88,25 +88,40 @@ std::string key_prefix(const ProcessGroupOptions& o) {
       std::to_string(o.epoch);
 }
 
-// Every rank publishes `ok` (and a reason when not ok) under `key` and reads every
-// other rank's, so all ranks take the same decision. Waits at most the store's timeout.
-std::string agree(c10d::Store& store, const std::string& key, int rank, int world,
-                  const std::string& my_failure) {
-  const std::string mine = my_failure.empty() ? std::string("ok") : my_failure;
+// Every rank publishes `mine` under `key` and reads every rank's, so all ranks
+// decide from the same facts. Waits at most the store's timeout.
+std::vector<std::string> exchange(c10d::Store& store, const std::string& key, int rank, int world,
+                                  const std::string& mine) {
   store.set(key + "/" + std::to_string(rank), std::vector<uint8_t>(mine.begin(), mine.end()));
   std::vector<std::string> keys;
   for (int r = 0; r < world; ++r) {
     keys.push_back(key + "/" + std::to_string(r));
   }
   store.wait(keys);
+  std::vector<std::string> all;
+  for (const auto& k : keys) {
+    auto value = store.get(k);
+    all.emplace_back(value.begin(), value.end());
+  }
+  return all;
+}
+
+// The first rank's failure ("" from every rank means all are fine).
+std::string agree(c10d::Store& store, const std::string& key, int rank, int world,
+                  const std::string& my_failure) {
+  const auto all = exchange(store, key, rank, world, my_failure.empty() ? "ok" : my_failure);
   for (int r = 0; r < world; ++r) {
-    auto value = store.get(keys[r]);
-    std::string text(value.begin(), value.end());
-    if (text != "ok") {
-      return "rank " + std::to_string(r) + ": " + text;
+    if (all[r] != "ok") {
+      return "rank " + std::to_string(r) + ": " + all[r];
     }
   }
   return "";
+}
+
+std::string host_name() {
+  char name[256] = {0};
+  ::gethostname(name, sizeof(name) - 1);
+  return name;
 }
 
 int cuda_device_count() {
@@ -261,8 +276,22 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
 #endif
     std::string failure = agree(*store, "nccl_precheck", o.rank, o.world_size, local);
 #ifdef FTCOMM_WITH_NCCL
+    const int device = gpus > 0 ? (o.local_rank >= 0 ? o.local_rank % gpus : o.rank % gpus) : -1;
     if (failure.empty()) {
-      const int device = o.local_rank >= 0 ? o.local_rank % gpus : o.rank % gpus;
+      // NCCL refuses two ranks on one GPU; find that here instead of inside its init.
+      const std::string where = host_name() + " cuda:" + std::to_string(device);
+      const auto places = exchange(*store, "nccl_devices", o.rank, o.world_size, where);
+      for (int a = 0; a < o.world_size && failure.empty(); ++a) {
+        for (int b = a + 1; b < o.world_size; ++b) {
+          if (places[a] == places[b]) {
+            failure = "ranks " + std::to_string(a) + " and " + std::to_string(b) + " share " + places[a] +
+                "; NCCL needs one GPU per rank (set LOCAL_RANK or CUDA_VISIBLE_DEVICES per rank)";
+            break;
+          }
+        }
+      }
+    }
+    if (failure.empty()) {
       c10::intrusive_ptr<c10d::Backend> nccl;
       std::string init_error;
       try {

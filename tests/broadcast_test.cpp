@@ -278,7 +278,11 @@ TEST_P(BroadcastForked, ModelStateFromRootZero) {
 
 INSTANTIATE_TEST_SUITE_P(Stores, BroadcastForked,
                          ::testing::Combine(::testing::Values(StoreKind::kTcp, StoreKind::kFile),
-                                            ::testing::Values(2, 4)));
+                                            ::testing::Values(2, 4)),
+                         [](const auto& info) {
+                           return testing::store_name(std::get<0>(info.param)) + "_w" +
+                               std::to_string(std::get<1>(info.param));
+                         });
 
 }  // namespace
 }  // namespace ftcomm

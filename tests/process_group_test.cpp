@@ -130,6 +130,24 @@ TEST(ProcessGroupBackend, AutoStatesItsChoiceAndServesCpu) {
   });
 }
 
+// Two ranks on one GPU: NCCL would refuse them inside its init; auto must see it
+// first and fall back to Gloo on both ranks.
+TEST(ProcessGroupBackend, AutoFallsBackWhenRanksShareAGpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no GPU";
+  testing::run_threads(2, [](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto options = testing::thread_options(rank, 2, store);
+    options.backend = Backend::kAuto;
+    options.local_rank = 0;
+    ProcessGroupChoice choice;
+    auto pg = make_process_group(options, &choice);
+    EXPECT_EQ(choice.cuda_backend, Backend::kGloo);
+    EXPECT_NE(choice.fallback_reason.find("share"), std::string::npos) << choice.fallback_reason;
+    std::vector<at::Tensor> t{at::ones({8}, at::Device(at::kCUDA, 0))};
+    pg->allreduce(t)->wait();
+    EXPECT_EQ(t[0].sum().item<float>(), 16.0f);
+  });
+}
+
 // Tier 2: real processes over each store kind, world 1 to 4.
 class ProcessGroupForked : public ::testing::TestWithParam<std::tuple<StoreKind, int>> {};
 
@@ -147,7 +165,11 @@ TEST_P(ProcessGroupForked, AllreduceOverStore) {
 
 INSTANTIATE_TEST_SUITE_P(Stores, ProcessGroupForked,
                          ::testing::Combine(::testing::Values(StoreKind::kTcp, StoreKind::kFile),
-                                            ::testing::Values(1, 2, 4)));
+                                            ::testing::Values(1, 2, 4)),
+                         [](const auto& info) {
+                           return testing::store_name(std::get<0>(info.param)) + "_w" +
+                               std::to_string(std::get<1>(info.param));
+                         });
 
 // torchrun with TORCHELASTIC_USE_AGENT_STORE: the agent serves the store and every
 // rank, rank 0 included, is a client.

@@ -38,6 +38,10 @@ const bool kFlightRecorderOff = [] {
 }();
 }  // namespace
 
+std::string store_name(StoreKind kind) {
+  return kind == StoreKind::kTcp ? "tcp" : kind == StoreKind::kFile ? "file" : "custom";
+}
+
 int free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
@@ -142,6 +146,7 @@ ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store, std
   o.master_addr = "127.0.0.1";
   o.master_port = ctx.port;
   o.file_path = ctx.dir + "/store";
+  o.backend = Backend::kGloo;  // CPU tests; the CUDA ones ask for their backend
   o.timeout = timeout;
   o.announce = false;
   return o;
@@ -194,6 +199,7 @@ ProcessGroupOptions thread_options(int rank, int world, const c10::intrusive_ptr
   o.world_size = world;
   o.store = StoreKind::kCustom;
   o.custom_store = store;
+  o.backend = Backend::kGloo;  // CPU tests; the CUDA ones ask for their backend
   o.timeout = timeout;
   o.announce = false;
   return o;

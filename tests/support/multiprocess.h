@@ -42,7 +42,7 @@ std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
                                     const std::vector<std::string>& args);
 
 // Options for a rank of a spawned run: TCP on loopback at the parent's port, or a
-// file store in the shared scratch directory.
+// file store in the shared scratch directory. Backend gloo (CPU tests).
 ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store,
                                     std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
@@ -56,9 +56,12 @@ std::vector<RankOutcome> run_ranks(int world, std::chrono::seconds deadline,
 // in-memory store; rethrows the first exception after joining.
 void run_threads(int world, const std::function<void(int rank, const c10::intrusive_ptr<c10d::Store>&)>& body);
 
-// Options for a thread rank over `store` (Gloo on loopback, quiet).
+// Options for a thread rank over `store` (backend gloo, on loopback, quiet).
 ProcessGroupOptions thread_options(int rank, int world, const c10::intrusive_ptr<c10d::Store>& store,
                                    std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+// "tcp" or "file", for test names.
+std::string store_name(StoreKind kind);
 
 // A TCP port nothing listens on right now.
 int free_port();
