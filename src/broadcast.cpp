@@ -11,6 +11,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include "checksum.h"
+
 namespace ftcomm {
 namespace {
 
@@ -202,25 +204,9 @@ class HostBufferCache {
   size_t cached_bytes_ = 0;
 };
 
-// 64-bit multiply-xor hash over 8-byte words; only compared against itself.
-uint64_t hash_bytes(const uint8_t* p, size_t n) {
-  uint64_t h = 0x9E3779B97F4A7C15ull ^ n;
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    h = (h ^ w) * 0xFF51AFD7ED558CCDull;
-    h ^= h >> 29;
-  }
-  for (; i < n; ++i) {
-    h = (h ^ p[i]) * 0xC4CEB9FE1A85EC53ull;
-  }
-  return h ^ (h >> 32);
-}
-
 uint64_t checksum_tensor(const at::Tensor& t) {
   at::Tensor host = t.is_cpu() ? t.contiguous() : t.to(at::kCPU).contiguous();
-  return hash_bytes(static_cast<const uint8_t*>(host.data_ptr()), nbytes_of(host));
+  return detail::checksum64(host.data_ptr(), nbytes_of(host));
 }
 
 c10::intrusive_ptr<c10d::Work> broadcast_one(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
@@ -267,7 +253,7 @@ uint64_t layout_signature(at::TensorList tensors) {
     words.push_back(t.dim());
     for (int64_t s : t.sizes()) words.push_back(s);
   }
-  return hash_bytes(reinterpret_cast<const uint8_t*>(words.data()), words.size() * sizeof(int64_t));
+  return detail::checksum64(words.data(), words.size() * sizeof(int64_t));
 }
 
 void synchronize_devices(const std::vector<Unit>& units) {

@@ -1,6 +1,8 @@
 // The ftcomm command-line tool.
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <memory>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -8,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "ftcomm/broadcast.h"
+#include "ftcomm/checkpoint_store.h"
 #include "ftcomm/process_group.h"
 
 namespace {
@@ -21,6 +24,10 @@ Commands:
               a verified broadcast_coalesced on CPU (and CUDA when a GPU is present).
               Runs as one rank, or as every rank under torchrun:
                 torchrun --no-python --nproc-per-node=2 ftcomm doctor
+  inspect DIR [--json]
+              Show a rank's checkpoint store: committed steps and their sizes, bucket
+              layouts and signatures, hooks and digests, world size, retention. Opens
+              read-only, so it works while a job runs. --json prints a stable form.
   help        Show this text.
 
 Options of doctor:
@@ -84,6 +91,92 @@ int doctor(const std::vector<std::string>& args) {
   return 0;
 }
 
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+int inspect(const std::vector<std::string>& args) {
+  std::string dir;
+  bool json = false;
+  for (const auto& a : args) {
+    if (a == "--json") json = true;
+    else if (!a.empty() && a[0] == '-') throw std::invalid_argument("unknown option '" + a + "' for inspect");
+    else if (dir.empty()) dir = a;
+    else throw std::invalid_argument("inspect takes one directory, got '" + dir + "' and '" + a + "'");
+  }
+  if (dir.empty()) throw std::invalid_argument("inspect needs a store directory: ftcomm inspect DIR [--json]");
+  ftcomm::CheckpointStoreOptions options;
+  options.dir = dir;
+  options.read_only = true;
+  std::unique_ptr<ftcomm::CheckpointStore> store;
+  ftcomm::check(ftcomm::CheckpointStore::Open(options, &store));
+  std::vector<ftcomm::CommitRecord> commits;
+  ftcomm::check(store->ListCommits(&commits));
+  std::vector<uint64_t> layouts;
+  ftcomm::check(store->ListLayouts(&layouts));
+  int snapshots = 0;
+  for (const auto& c : commits) snapshots += c.has_snapshot;
+  if (json) {
+    std::cout << "{\n  \"dir\": \"" << json_escape(dir) << "\",\n  \"commits\": [";
+    for (size_t i = 0; i < commits.size(); ++i) {
+      const auto& c = commits[i];
+      std::cout << (i ? "," : "") << "\n    {\"step\": " << c.step << ", \"epoch\": " << c.epoch
+                << ", \"world_size\": " << c.world_size << ", \"data_position\": " << c.data_position
+                << ", \"hook_digest\": \"" << json_escape(c.hook_digest) << "\", \"layout_signature\": \""
+                << ftcomm::signature_hex(c.layout_signature) << "\", \"snapshot\": " << (c.has_snapshot ? "true" : "false")
+                << ", \"snapshot_bytes\": " << c.blob_bytes << ", \"unix_ms\": " << c.unix_ms << "}";
+    }
+    std::cout << "\n  ],\n  \"layouts\": [";
+    for (size_t i = 0; i < layouts.size(); ++i) {
+      ftcomm::BucketLayout layout;
+      ftcomm::check(store->GetLayout(layouts[i], &layout));
+      std::cout << (i ? ", " : "") << "{\"signature\": \"" << ftcomm::signature_hex(layouts[i])
+                << "\", \"buckets\": " << layout.buckets.size() << "}";
+    }
+    std::cout << "],\n  \"retention\": {\"snapshots_kept\": " << snapshots << ", \"commits_kept\": " << commits.size()
+              << "}\n}\n";
+    return 0;
+  }
+  std::cout << "checkpoint store " << dir << "\n";
+  if (commits.empty()) {
+    std::cout << "  no commits\n";
+  } else {
+    const auto& last = commits.back();
+    std::cout << "  latest step " << last.step << ", world size " << last.world_size << ", epoch " << last.epoch
+              << ", hook " << (last.hook_digest.empty() ? "(none)" : last.hook_digest) << "\n";
+    std::cout << "  retention: " << commits.size() << " commits, " << snapshots << " snapshots kept\n\n";
+    std::printf("  %10s %6s %6s %9s %16s %14s  %s\n", "step", "epoch", "world", "snapshot", "layout", "bytes", "hook");
+    for (const auto& c : commits) {
+      std::printf("  %10lld %6lld %6d %9s %16s %14llu  %s\n", static_cast<long long>(c.step),
+                  static_cast<long long>(c.epoch), c.world_size, c.has_snapshot ? "yes" : "-",
+                  ftcomm::signature_hex(c.layout_signature).c_str(), static_cast<unsigned long long>(c.blob_bytes),
+                  c.hook_digest.substr(0, 16).c_str());
+    }
+  }
+  std::cout << "\n  bucket layouts:\n";
+  for (uint64_t sig : layouts) {
+    ftcomm::BucketLayout layout;
+    ftcomm::check(store->GetLayout(sig, &layout));
+    size_t params = 0;
+    for (const auto& b : layout.buckets) params += b.parameter_indices.size();
+    std::cout << "    " << ftcomm::signature_hex(sig) << ": " << layout.buckets.size() << " buckets, " << params
+              << " parameters\n";
+  }
+  if (layouts.empty()) std::cout << "    (none)\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -96,6 +189,7 @@ int main(int argc, char** argv) {
   args.erase(args.begin());
   try {
     if (command == "doctor") return doctor(args);
+    if (command == "inspect") return inspect(args);
     return usage_error("unknown command '" + command + "'");
   } catch (const c10::Error& e) {
     std::cerr << "ftcomm " << command << ": " << e.what_without_backtrace() << "\n";

@@ -1,5 +1,7 @@
 #include "multiprocess.h"
 
+#include "fsutil.h"
+
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -10,7 +12,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <filesystem>
 #include <iostream>
 #include <mutex>
 #include <thread>
@@ -71,6 +72,68 @@ std::optional<RankContext> child_context() {
   return ctx;
 }
 
+namespace {
+[[noreturn]] void exec_self(const std::vector<std::string>& args, const RankContext& ctx, pid_t parent) {
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) {
+    ::_exit(99);
+  }
+  ::setenv(kRankVar, std::to_string(ctx.rank).c_str(), 1);
+  ::setenv(kWorldVar, std::to_string(ctx.world).c_str(), 1);
+  ::setenv(kPortVar, std::to_string(ctx.port).c_str(), 1);
+  ::setenv(kDirVar, ctx.dir.c_str(), 1);
+  std::vector<char*> argv;
+  static char self[] = "/proc/self/exe";
+  argv.push_back(self);
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  ::execv("/proc/self/exe", argv.data());
+  ::_exit(98);
+}
+
+void record_status(int status, RankOutcome* outcome) {
+  if (WIFEXITED(status)) outcome->exit_code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) outcome->signal = WTERMSIG(status);
+}
+}  // namespace
+
+int spawn_child(const std::vector<std::string>& args, const RankContext& ctx) {
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    throw std::runtime_error(std::string("spawn_child: fork: ") + std::strerror(errno));
+  }
+  if (pid == 0) {
+    exec_self(args, ctx, parent);
+  }
+  return pid;
+}
+
+RankOutcome wait_child(int pid, std::chrono::milliseconds deadline) {
+  RankOutcome outcome;
+  const auto until = std::chrono::steady_clock::now() + deadline;
+  while (true) {
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid) {
+      record_status(status, &outcome);
+      return outcome;
+    }
+    if (std::chrono::steady_clock::now() > until) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      record_status(status, &outcome);
+      outcome.timed_out = true;
+      return outcome;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+std::vector<std::string> current_test_args() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  return {std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name()};
+}
+
 std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
                                     const std::vector<std::string>& args) {
   char dir_template[] = "/tmp/ftcomm-mp-XXXXXX";
@@ -84,26 +147,13 @@ std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
   std::vector<RankOutcome> outcomes(world);
   for (int r = 0; r < world; ++r) {
     outcomes[r].rank = r;
+    RankContext ctx{r, world, port, dir};
     const pid_t pid = ::fork();
     if (pid < 0) {
       throw std::runtime_error(std::string("spawn_self: fork: ") + std::strerror(errno));
     }
     if (pid == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) {
-        ::_exit(99);
-      }
-      ::setenv(kRankVar, std::to_string(r).c_str(), 1);
-      ::setenv(kWorldVar, std::to_string(world).c_str(), 1);
-      ::setenv(kPortVar, std::to_string(port).c_str(), 1);
-      ::setenv(kDirVar, dir.c_str(), 1);
-      std::vector<char*> argv;
-      static char self[] = "/proc/self/exe";
-      argv.push_back(self);
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execv("/proc/self/exe", argv.data());
-      ::_exit(98);
+      exec_self(args, ctx, parent);
     }
     pids[r] = pid;
   }
@@ -115,8 +165,7 @@ std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
       int status = 0;
       const pid_t got = ::waitpid(pids[r], &status, WNOHANG);
       if (got == pids[r]) {
-        if (WIFEXITED(status)) outcomes[r].exit_code = WEXITSTATUS(status);
-        if (WIFSIGNALED(status)) outcomes[r].signal = WTERMSIG(status);
+        record_status(status, &outcomes[r]);
         pids[r] = -1;
         --alive;
       }
@@ -133,8 +182,7 @@ std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
     }
     if (alive > 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
+  detail::remove_tree(dir);
   return outcomes;
 }
 
@@ -167,10 +215,7 @@ std::vector<RankOutcome> run_ranks(int world, std::chrono::seconds deadline,
     std::cerr.flush();
     ::_exit(code);  // skip gtest's report and libtorch's static destructors
   }
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const std::string filter =
-      std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name();
-  return spawn_self(world, deadline, {filter});
+  return spawn_self(world, deadline, current_test_args());
 }
 
 void run_threads(int world, const std::function<void(int, const c10::intrusive_ptr<c10d::Store>&)>& body) {

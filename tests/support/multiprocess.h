@@ -41,6 +41,16 @@ std::optional<RankContext> child_context();
 std::vector<RankOutcome> spawn_self(int world, std::chrono::seconds deadline,
                                     const std::vector<std::string>& args);
 
+// Starts one copy of this binary with `args` and the rank context `ctx` in its
+// environment, without waiting (for tests that kill it). Dies with the parent.
+int spawn_child(const std::vector<std::string>& args, const RankContext& ctx);
+
+// Waits for `pid` up to `deadline`, then SIGKILLs it; the outcome says which.
+RankOutcome wait_child(int pid, std::chrono::milliseconds deadline);
+
+// Re-runs the current GoogleTest test alone: the args for spawn_child.
+std::vector<std::string> current_test_args();
+
 // Options for a rank of a spawned run: TCP on loopback at the parent's port, or a
 // file store in the shared scratch directory. Backend gloo (CPU tests).
 ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store,

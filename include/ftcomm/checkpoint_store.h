@@ -1,0 +1,165 @@
+// Durable per-rank state: bucket layouts, hook state and per-step commit records in
+// RocksDB, and training snapshots (parameters, buffers, optimizer state) in blob
+// files named by their commit record.
+//
+// Guarantees:
+//  * A commit is atomic: its record, its hook state and (for a snapshot) the
+//    reference to its blob become visible together in one synced WriteBatch, after
+//    the blob is on disk. After any crash, LatestCommitted() is the last commit that
+//    completed; never a partial one.
+//  * Durability policy: with Durability::kSync (default) Commit() returns after the
+//    WAL is fsync'ed, so a returned commit survives power loss. With kProcessCrash it
+//    survives a crash or kill of the process but not of the machine.
+//  * One writer: a store directory is locked while open for writing.
+//  * Every blob read is checked against the checksum in its record, and RocksDB's
+//    own block checksums are verified on every read.
+// Errors come back as ftcomm::StoreStatus (never rocksdb::Status), with a message
+// that names the directory and the fix. Thread-safety: one CheckpointStore may be
+// used from several threads; snapshot blobs are written on a background thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace ftcomm {
+
+class StoreStatus {
+ public:
+  enum class Code { kOk, kNotFound, kCorruption, kIOError, kInvalidArgument, kBusy, kIncompatible };
+  StoreStatus() = default;
+  static StoreStatus OK() { return StoreStatus(); }
+  static StoreStatus NotFound(std::string m) { return StoreStatus(Code::kNotFound, std::move(m)); }
+  static StoreStatus Corruption(std::string m) { return StoreStatus(Code::kCorruption, std::move(m)); }
+  static StoreStatus IOError(std::string m) { return StoreStatus(Code::kIOError, std::move(m)); }
+  static StoreStatus InvalidArgument(std::string m) { return StoreStatus(Code::kInvalidArgument, std::move(m)); }
+  static StoreStatus Busy(std::string m) { return StoreStatus(Code::kBusy, std::move(m)); }
+  static StoreStatus Incompatible(std::string m) { return StoreStatus(Code::kIncompatible, std::move(m)); }
+  bool ok() const { return code_ == Code::kOk; }
+  bool IsNotFound() const { return code_ == Code::kNotFound; }
+  bool IsCorruption() const { return code_ == Code::kCorruption; }
+  bool IsBusy() const { return code_ == Code::kBusy; }
+  bool IsIncompatible() const { return code_ == Code::kIncompatible; }
+  Code code() const { return code_; }
+  const std::string& message() const { return message_; }
+  std::string ToString() const;
+
+ private:
+  StoreStatus(Code code, std::string message) : code_(code), message_(std::move(message)) {}
+  Code code_ = Code::kOk;
+  std::string message_;
+};
+
+// Throws c10::Error with the status's message unless it is ok.
+void check(const StoreStatus& status);
+
+enum class Durability { kSync, kProcessCrash };
+
+struct CheckpointStoreOptions {
+  std::string dir;                 // one directory per rank
+  std::string job_id;              // refuses a store written by another job
+  int rank = 0;                    // refuses a store written by another rank
+  bool create_if_missing = true;   // false: a missing directory is an error
+  bool read_only = false;          // no lock, no writes (ftcomm inspect)
+  Durability durability = Durability::kSync;
+  int keep_snapshots = 2;          // retention: newest K snapshots and the commits after the oldest of them
+};
+
+// How gradients map to buckets, and each bucket's shape; what c10d::Reducer
+// computed (after its first-iteration rebuild) and what a resumed job must reuse.
+struct BucketLayout {
+  struct Bucket {
+    std::vector<int64_t> parameter_indices;
+    std::vector<int64_t> offsets, lengths;
+    std::vector<std::vector<int64_t>> sizes;
+    int dtype = 0;       // c10::ScalarType
+    std::string device;  // e.g. "cpu", "cuda:0"
+  };
+  std::vector<Bucket> buckets;
+  // Stable 64-bit hash of everything above (hex in keys and messages).
+  uint64_t signature() const;
+};
+
+struct CommitRecord {
+  int64_t step = -1;
+  int64_t epoch = 0;           // membership epoch
+  int world_size = 1;
+  int64_t data_position = 0;   // samples consumed, or the loader's cursor
+  std::string rng_state;       // opaque bytes (e.g. a CPU generator's state)
+  std::string hook_digest;     // SHA-256 hex of the hook in use
+  uint64_t layout_signature = 0;
+  // Set by the store: whether this commit carries a snapshot, and its blob.
+  bool has_snapshot = false;
+  std::string blob_file;
+  uint64_t blob_bytes = 0;
+  uint64_t blob_checksum = 0;
+  int64_t unix_ms = 0;
+};
+
+// One piece of hook state. Keyed by hook digest x layout signature x bucket x rank
+// x kind, so it can never be applied to another hook or bucket.
+struct HookStateEntry {
+  int bucket = 0;
+  int rank = 0;
+  bool replicated = true;      // equal on every rank (resendable) vs rank-local
+  std::vector<at::Tensor> tensors;
+};
+
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+class CheckpointStore {
+ public:
+  // Opens (and with create_if_missing, creates) the store. Fails with kBusy when
+  // another process holds it, kIncompatible for a newer schema or another job or
+  // rank, kCorruption for damaged files, kNotFound for a missing directory.
+  static StoreStatus Open(const CheckpointStoreOptions& options, std::unique_ptr<CheckpointStore>* store);
+  virtual ~CheckpointStore() = default;
+
+  // Persists `layout` under its signature (idempotent).
+  virtual StoreStatus PutLayout(const BucketLayout& layout) = 0;
+  // NotFound when no layout has that signature.
+  virtual StoreStatus GetLayout(uint64_t signature, BucketLayout* layout) = 0;
+  virtual StoreStatus ListLayouts(std::vector<uint64_t>* signatures) = 0;
+
+  // Metadata commit: the record and its hook state, atomically, per the durability
+  // policy. Steps must increase. Blocks until durable.
+  virtual StoreStatus Commit(const CommitRecord& record, const std::vector<HookStateEntry>& hook_state) = 0;
+
+  // Snapshot commit: copies `state` to host memory now (the caller may go on
+  // training and change its tensors as soon as this returns), then writes the blob
+  // and the commit on a background thread. One snapshot is in flight at a time; a
+  // second call waits for the first. The future yields the commit's status.
+  virtual std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
+                                                              const std::vector<HookStateEntry>& hook_state,
+                                                              const std::vector<NamedTensor>& state) = 0;
+  // Waits for a snapshot in flight, if any.
+  virtual StoreStatus WaitForSnapshot() = 0;
+
+  // The newest complete commit; NotFound in an empty store.
+  virtual StoreStatus LatestCommitted(CommitRecord* record) = 0;
+  // The newest complete commit that carries a snapshot; NotFound when none.
+  virtual StoreStatus LatestSnapshot(CommitRecord* record) = 0;
+  // Every complete commit, oldest first.
+  virtual StoreStatus ListCommits(std::vector<CommitRecord>* records) = 0;
+  // Loads one hook-state entry of commit `step`. NotFound when this hook digest,
+  // layout, bucket, rank or kind has none at that step.
+  virtual StoreStatus GetHookState(int64_t step, const std::string& hook_digest, uint64_t layout_signature,
+                                   int bucket, int rank, bool replicated, std::vector<at::Tensor>* tensors) = 0;
+  // Loads a snapshot's tensors, verifying the blob's size and checksum.
+  virtual StoreStatus LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) = 0;
+
+  virtual const CheckpointStoreOptions& options() const = 0;
+};
+
+// Hex form of a layout signature, as in keys, messages and `ftcomm inspect`.
+std::string signature_hex(uint64_t signature);
+
+}  // namespace ftcomm

@@ -1,0 +1,739 @@
+#include "ftcomm/checkpoint_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include "checksum.h"
+#include "fsutil.h"
+
+namespace ftcomm {
+
+std::string StoreStatus::ToString() const {
+  static const char* names[] = {"OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible"};
+  return ok() ? "OK" : std::string(names[static_cast<int>(code_)]) + ": " + message_;
+}
+
+void check(const StoreStatus& status) {
+  TORCH_CHECK(status.ok(), status.ToString());
+}
+
+std::string signature_hex(uint64_t signature) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016" PRIx64, signature);
+  return buf;
+}
+
+namespace {
+
+constexpr int kSchemaVersion = 1;
+constexpr uint32_t kBlobMagic = 0x42435446;  // "FTCB"
+
+// --- little-endian encoding of records ------------------------------------------
+
+class Encoder {
+ public:
+  void u64(uint64_t v) { out_.append(reinterpret_cast<const char*>(&v), 8); }
+  void i64(int64_t v) { u64(static_cast<uint64_t>(v)); }
+  void str(const std::string& s) {
+    u64(s.size());
+    out_.append(s);
+  }
+  void i64s(const std::vector<int64_t>& v) {
+    u64(v.size());
+    for (int64_t x : v) i64(x);
+  }
+  void raw(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
+  std::string& out() { return out_; }
+
+ private:
+  std::string out_;
+};
+
+class Decoder {
+ public:
+  Decoder(const char* p, size_t n) : begin_(p), p_(p), end_(p + n) {}
+  explicit Decoder(const std::string& s) : Decoder(s.data(), s.size()) {}
+  bool u64(uint64_t* v) {
+    if (end_ - p_ < 8) return fail();
+    std::memcpy(v, p_, 8);
+    p_ += 8;
+    return true;
+  }
+  bool i64(int64_t* v) { return u64(reinterpret_cast<uint64_t*>(v)); }
+  bool str(std::string* s) {
+    uint64_t n;
+    if (!u64(&n) || static_cast<uint64_t>(end_ - p_) < n) return fail();
+    s->assign(p_, n);
+    p_ += n;
+    return true;
+  }
+  bool i64s(std::vector<int64_t>* v) {
+    uint64_t n;
+    if (!u64(&n) || n > static_cast<uint64_t>(end_ - p_) / 8) return fail();
+    v->resize(n);
+    for (auto& x : *v) i64(&x);
+    return true;
+  }
+  const char* take(size_t n) {
+    if (static_cast<size_t>(end_ - p_) < n) {
+      fail();
+      return nullptr;
+    }
+    const char* at = p_;
+    p_ += n;
+    return at;
+  }
+  bool ok() const { return ok_; }
+  size_t pos() const { return static_cast<size_t>(p_ - begin_); }
+  bool done() const { return ok_ && p_ == end_; }
+
+ private:
+  bool fail() {
+    ok_ = false;
+    return false;
+  }
+  const char* begin_;
+  const char* p_;
+  const char* end_;
+  bool ok_ = true;
+};
+
+// A tensor's header (dtype, sizes, bytes) then its bytes.
+void encode_tensor_header(Encoder& e, const at::Tensor& t) {
+  e.i64(static_cast<int64_t>(t.scalar_type()));
+  e.i64s(t.sizes().vec());
+  e.u64(t.numel() * t.element_size());
+}
+
+bool decode_tensor(Decoder& d, at::Tensor* out) {
+  int64_t dtype;
+  std::vector<int64_t> sizes;
+  uint64_t nbytes;
+  if (!d.i64(&dtype) || !d.i64s(&sizes) || !d.u64(&nbytes)) return false;
+  if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) return false;
+  at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
+  if (static_cast<uint64_t>(t.numel() * t.element_size()) != nbytes) return false;
+  const char* bytes = d.take(nbytes);
+  if (bytes == nullptr) return false;
+  std::memcpy(t.data_ptr(), bytes, nbytes);
+  *out = t;
+  return true;
+}
+
+at::Tensor host_contiguous(const at::Tensor& t) {
+  return t.detach().to(at::kCPU).contiguous();
+}
+
+std::string encode_tensors(const std::vector<at::Tensor>& tensors) {
+  Encoder e;
+  e.u64(tensors.size());
+  for (const auto& t : tensors) {
+    at::Tensor h = host_contiguous(t);
+    encode_tensor_header(e, h);
+    e.raw(h.data_ptr(), h.numel() * h.element_size());
+  }
+  return std::move(e.out());
+}
+
+std::string encode_record(const CommitRecord& r) {
+  Encoder e;
+  e.i64(r.step);
+  e.i64(r.epoch);
+  e.i64(r.world_size);
+  e.i64(r.data_position);
+  e.str(r.rng_state);
+  e.str(r.hook_digest);
+  e.u64(r.layout_signature);
+  e.u64(r.has_snapshot ? 1 : 0);
+  e.str(r.blob_file);
+  e.u64(r.blob_bytes);
+  e.u64(r.blob_checksum);
+  e.i64(r.unix_ms);
+  return std::move(e.out());
+}
+
+bool decode_record(const std::string& s, CommitRecord* r) {
+  Decoder d(s);
+  int64_t world = 0;
+  uint64_t snap = 0;
+  d.i64(&r->step), d.i64(&r->epoch), d.i64(&world), d.i64(&r->data_position);
+  d.str(&r->rng_state), d.str(&r->hook_digest), d.u64(&r->layout_signature), d.u64(&snap);
+  d.str(&r->blob_file), d.u64(&r->blob_bytes), d.u64(&r->blob_checksum), d.i64(&r->unix_ms);
+  r->world_size = static_cast<int>(world);
+  r->has_snapshot = snap != 0;
+  return d.done();
+}
+
+std::string encode_layout(const BucketLayout& l) {
+  Encoder e;
+  e.u64(l.buckets.size());
+  for (const auto& b : l.buckets) {
+    e.i64s(b.parameter_indices);
+    e.i64s(b.offsets);
+    e.i64s(b.lengths);
+    e.u64(b.sizes.size());
+    for (const auto& s : b.sizes) e.i64s(s);
+    e.i64(b.dtype);
+    e.str(b.device);
+  }
+  return std::move(e.out());
+}
+
+bool decode_layout(const std::string& s, BucketLayout* l) {
+  Decoder d(s);
+  uint64_t n = 0;
+  if (!d.u64(&n) || n > s.size()) return false;
+  l->buckets.resize(n);
+  for (auto& b : l->buckets) {
+    uint64_t m = 0;
+    d.i64s(&b.parameter_indices), d.i64s(&b.offsets), d.i64s(&b.lengths);
+    if (!d.u64(&m) || m > s.size()) return false;
+    b.sizes.resize(m);
+    for (auto& x : b.sizes) d.i64s(&x);
+    int64_t dtype = 0;
+    d.i64(&dtype), d.str(&b.device);
+    b.dtype = static_cast<int>(dtype);
+  }
+  return d.done();
+}
+
+// --- keys ------------------------------------------------------------------------
+
+std::string step_key(int64_t step) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%020" PRId64, step);
+  return buf;
+}
+const std::string kCommitPrefix = "commit/";
+const std::string kHookPrefix = "hook/";
+const std::string kLayoutPrefix = "layout/";
+const std::string kGcPrefix = "gc/";
+const std::string kSchemaKey = "meta/schema";
+const std::string kIdentityKey = "meta/identity";
+
+std::string hook_key(int64_t step, const std::string& digest, uint64_t sig, int bucket, int rank, bool replicated) {
+  char tail[64];
+  std::snprintf(tail, sizeof(tail), "/%06d/%06d/%c", bucket, rank, replicated ? 'r' : 'l');
+  return kHookPrefix + step_key(step) + "/" + digest + "/" + signature_hex(sig) + tail;
+}
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// --- files -----------------------------------------------------------------------
+
+StoreStatus write_all(int fd, const void* data, size_t n, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return StoreStatus::IOError("write " + path + ": " + std::strerror(errno) + "; free space or pick another --ckpt");
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return StoreStatus::OK();
+}
+
+StoreStatus fsync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return StoreStatus::IOError("open " + dir + ": " + std::strerror(errno));
+  ::fsync(fd);
+  ::close(fd);
+  return StoreStatus::OK();
+}
+
+class RocksCheckpointStore final : public CheckpointStore {
+ public:
+  RocksCheckpointStore(CheckpointStoreOptions options, std::unique_ptr<rocksdb::DB> db)
+      : options_(std::move(options)), db_(std::move(db)), blob_dir_(options_.dir + "/blobs") {}
+
+  ~RocksCheckpointStore() override {
+    WaitForSnapshot();
+    if (db_ && !options_.read_only) {
+      // Leave SSTs behind so the next open replays no WAL.
+      db_->Flush(rocksdb::FlushOptions());
+    }
+  }
+
+  const CheckpointStoreOptions& options() const override { return options_; }
+
+  StoreStatus Prepare() {
+    std::string value;
+    auto s = db_->Get(rocksdb::ReadOptions(), kSchemaKey, &value);
+    if (s.ok()) {
+      const int version = std::atoi(value.c_str());
+      if (version > kSchemaVersion) {
+        return StoreStatus::Incompatible("checkpoint store " + options_.dir + " has schema version " + value +
+                                         "; this ftcomm reads up to version " + std::to_string(kSchemaVersion) +
+                                         ". Upgrade ftcomm, or point --ckpt at another directory");
+      }
+    } else if (!s.IsNotFound()) {
+      return from(s, "reading the schema version");
+    }
+    const std::string identity = options_.job_id + "\n" + std::to_string(options_.rank);
+    std::string stored;
+    s = db_->Get(rocksdb::ReadOptions(), kIdentityKey, &stored);
+    if (s.ok()) {
+      const auto nl = stored.find('\n');
+      const std::string job = stored.substr(0, nl), rank = stored.substr(nl + 1);
+      const bool job_differs = !options_.job_id.empty() && job != options_.job_id;
+      const bool rank_differs = !options_.read_only && rank != std::to_string(options_.rank);
+      if (job_differs || rank_differs) {
+        return StoreStatus::Incompatible("checkpoint store " + options_.dir + " belongs to job '" + job + "' rank " +
+                                         rank + ", not job '" + options_.job_id + "' rank " +
+                                         std::to_string(options_.rank) +
+                                         ". Point --ckpt at this job's directory (each rank uses its own "
+                                         "subdirectory), or remove it to start afresh");
+      }
+    } else if (!s.IsNotFound()) {
+      return from(s, "reading the store identity");
+    }
+    if (options_.read_only) return StoreStatus::OK();
+    if (stored.empty() || value.empty()) {
+      rocksdb::WriteBatch batch;
+      batch.Put(kSchemaKey, std::to_string(kSchemaVersion));
+      batch.Put(kIdentityKey, identity);
+      auto st = write(batch, "writing the store identity");
+      if (!st.ok()) return st;
+    }
+    std::string error;
+    if (!detail::make_dirs(blob_dir_, &error)) return StoreStatus::IOError("cannot create " + error);
+    return CollectGarbage();
+  }
+
+  StoreStatus PutLayout(const BucketLayout& layout) override {
+    rocksdb::WriteBatch batch;
+    batch.Put(kLayoutPrefix + signature_hex(layout.signature()), encode_layout(layout));
+    return write(batch, "writing a bucket layout");
+  }
+
+  StoreStatus GetLayout(uint64_t signature, BucketLayout* layout) override {
+    std::string value;
+    auto s = db_->Get(rocksdb::ReadOptions(), kLayoutPrefix + signature_hex(signature), &value);
+    if (s.IsNotFound()) {
+      return StoreStatus::NotFound("no bucket layout with signature " + signature_hex(signature) + " in " +
+                                   options_.dir);
+    }
+    if (!s.ok()) return from(s, "reading a bucket layout");
+    if (!decode_layout(value, layout) || layout->signature() != signature) {
+      return StoreStatus::Corruption("bucket layout " + signature_hex(signature) + " in " + options_.dir +
+                                     " does not decode to its signature");
+    }
+    return StoreStatus::OK();
+  }
+
+  StoreStatus ListLayouts(std::vector<uint64_t>* signatures) override {
+    signatures->clear();
+    return scan(kLayoutPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice&) {
+      signatures->push_back(std::stoull(key.ToString().substr(kLayoutPrefix.size()), nullptr, 16));
+      return true;
+    });
+  }
+
+  StoreStatus Commit(const CommitRecord& record, const std::vector<HookStateEntry>& hook_state) override {
+    CommitRecord r = record;
+    r.has_snapshot = false;
+    r.blob_file.clear();
+    r.blob_bytes = r.blob_checksum = 0;
+    std::lock_guard<std::mutex> lock(commit_mutex_);
+    return CommitLocked(r, hook_state, /*retention=*/false);
+  }
+
+  std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
+                                                      const std::vector<HookStateEntry>& hook_state,
+                                                      const std::vector<NamedTensor>& state) override {
+    WaitForSnapshot();
+    // Copy now, so training may change its tensors as soon as we return.
+    auto host = std::make_shared<std::vector<NamedTensor>>();
+    host->reserve(state.size());
+    for (const auto& nt : state) host->push_back({nt.name, host_contiguous(nt.tensor).clone()});
+    auto hooks = std::make_shared<std::vector<HookStateEntry>>();
+    for (const auto& h : hook_state) {
+      HookStateEntry copy = h;
+      for (auto& t : copy.tensors) t = host_contiguous(t).clone();
+      hooks->push_back(std::move(copy));
+    }
+    std::packaged_task<StoreStatus()> task([this, record, host, hooks] {
+      CommitRecord r = record;
+      auto s = WriteBlob(&r, *host);
+      if (!s.ok()) return s;
+      std::lock_guard<std::mutex> lock(commit_mutex_);
+      return CommitLocked(r, *hooks, /*retention=*/true);
+    });
+    std::lock_guard<std::mutex> lock(snapshot_mutex_);
+    snapshot_ = task.get_future().share();
+    snapshot_thread_ = std::thread(std::move(task));
+    return snapshot_;
+  }
+
+  StoreStatus WaitForSnapshot() override {
+    std::lock_guard<std::mutex> lock(snapshot_mutex_);
+    if (snapshot_thread_.joinable()) snapshot_thread_.join();
+    return snapshot_.valid() ? snapshot_.get() : StoreStatus::OK();
+  }
+
+  StoreStatus LatestCommitted(CommitRecord* record) override { return latest(record, /*snapshot_only=*/false); }
+  StoreStatus LatestSnapshot(CommitRecord* record) override { return latest(record, /*snapshot_only=*/true); }
+
+  StoreStatus ListCommits(std::vector<CommitRecord>* records) override {
+    records->clear();
+    StoreStatus bad;
+    auto s = scan(kCommitPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
+      CommitRecord r;
+      if (!decode_record(value.ToString(), &r)) {
+        bad = StoreStatus::Corruption("commit record " + key.ToString() + " in " + options_.dir + " does not decode");
+        return false;
+      }
+      records->push_back(std::move(r));
+      return true;
+    });
+    return s.ok() ? bad : s;
+  }
+
+  StoreStatus GetHookState(int64_t step, const std::string& digest, uint64_t sig, int bucket, int rank,
+                           bool replicated, std::vector<at::Tensor>* tensors) override {
+    std::string value;
+    const std::string key = hook_key(step, digest, sig, bucket, rank, replicated);
+    auto s = db_->Get(rocksdb::ReadOptions(), key, &value);
+    if (s.IsNotFound()) {
+      return StoreStatus::NotFound("no " + std::string(replicated ? "replicated" : "rank-local") +
+                                   " hook state for step " + std::to_string(step) + ", hook " + digest +
+                                   ", layout " + signature_hex(sig) + ", bucket " + std::to_string(bucket) +
+                                   ", rank " + std::to_string(rank) + " in " + options_.dir);
+    }
+    if (!s.ok()) return from(s, "reading hook state");
+    Decoder d(value);
+    uint64_t n = 0;
+    tensors->clear();
+    bool good = d.u64(&n) && n <= value.size();
+    for (uint64_t i = 0; good && i < n; ++i) {
+      at::Tensor t;
+      good = decode_tensor(d, &t);
+      tensors->push_back(t);
+    }
+    if (!good || !d.done()) return StoreStatus::Corruption("hook state " + key + " in " + options_.dir + " does not decode");
+    return StoreStatus::OK();
+  }
+
+  StoreStatus LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) override {
+    if (!record.has_snapshot) {
+      return StoreStatus::InvalidArgument("commit of step " + std::to_string(record.step) + " carries no snapshot");
+    }
+    const std::string path = blob_dir_ + "/" + record.blob_file;
+    std::string bytes;
+    {
+      const int fd = ::open(path.c_str(), O_RDONLY);
+      if (fd < 0) {
+        return StoreStatus::Corruption("snapshot blob " + path + " of step " + std::to_string(record.step) +
+                                       " is missing (" + std::strerror(errno) + "); resync this rank from a peer");
+      }
+      struct stat st {};
+      ::fstat(fd, &st);
+      bytes.resize(static_cast<size_t>(st.st_size));
+      size_t got = 0;
+      while (got < bytes.size()) {
+        const ssize_t r = ::read(fd, bytes.data() + got, bytes.size() - got);
+        if (r <= 0) break;
+        got += static_cast<size_t>(r);
+      }
+      ::close(fd);
+      bytes.resize(got);
+    }
+    auto damaged = [&](const std::string& why) {
+      return StoreStatus::Corruption("snapshot blob " + path + " of step " + std::to_string(record.step) + " " + why +
+                                     "; the file is damaged: resync this rank from a peer or resume an older step");
+    };
+    if (bytes.size() != record.blob_bytes) {
+      return damaged("has " + std::to_string(bytes.size()) + " bytes, its commit says " +
+                     std::to_string(record.blob_bytes));
+    }
+    Decoder d(bytes);
+    uint64_t magic = 0, count = 0;
+    if (!d.u64(&magic) || magic != kBlobMagic || !d.u64(&count)) return damaged("has a bad header");
+    uint64_t checksum = detail::checksum64(bytes.data(), d.pos(), 0);
+    state->clear();
+    for (uint64_t i = 0; i < count; ++i) {
+      NamedTensor nt;
+      const size_t header_at = d.pos();
+      if (!d.str(&nt.name)) return damaged("is truncated at tensor " + std::to_string(i));
+      int64_t dtype = 0;
+      std::vector<int64_t> sizes;
+      uint64_t nbytes = 0;
+      if (!d.i64(&dtype) || !d.i64s(&sizes) || !d.u64(&nbytes)) return damaged("is truncated at tensor " + std::to_string(i));
+      checksum = detail::checksum64(bytes.data() + header_at, d.pos() - header_at, checksum);
+      const char* data = d.take(nbytes);
+      if (data == nullptr) return damaged("is truncated at tensor " + std::to_string(i));
+      checksum = detail::checksum64(data, nbytes, checksum);
+      if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) return damaged("has a bad dtype");
+      nt.tensor = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
+      if (static_cast<uint64_t>(nt.tensor.numel() * nt.tensor.element_size()) != nbytes) return damaged("has a bad size");
+      std::memcpy(nt.tensor.data_ptr(), data, nbytes);
+      state->push_back(std::move(nt));
+    }
+    if (checksum != record.blob_checksum) return damaged("fails its checksum");
+    return StoreStatus::OK();
+  }
+
+  rocksdb::DB* db() { return db_.get(); }
+
+ private:
+  StoreStatus from(const rocksdb::Status& s, const std::string& what) const {
+    const std::string msg = "checkpoint store " + options_.dir + ": " + what + ": " + s.ToString();
+    if (s.IsCorruption()) {
+      return StoreStatus::Corruption(msg + ". The store is damaged: delete this rank's directory and let the job "
+                                           "resync it from a peer, or restore it from a backup");
+    }
+    if (s.IsNotFound()) return StoreStatus::NotFound(msg);
+    return StoreStatus::IOError(msg);
+  }
+
+  StoreStatus write(rocksdb::WriteBatch& batch, const std::string& what) {
+    if (options_.read_only) return StoreStatus::InvalidArgument("checkpoint store " + options_.dir + " is open read-only");
+    rocksdb::WriteOptions wo;
+    wo.sync = options_.durability == Durability::kSync;
+    auto s = db_->Write(wo, &batch);
+    return s.ok() ? StoreStatus::OK() : from(s, what);
+  }
+
+  template <typename Fn>
+  StoreStatus scan(const std::string& prefix, Fn&& fn) {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+      if (!fn(it->key(), it->value())) break;
+    }
+    return it->status().ok() ? StoreStatus::OK() : from(it->status(), "scanning " + prefix);
+  }
+
+  StoreStatus latest(CommitRecord* record, bool snapshot_only) {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->SeekForPrev(kCommitPrefix + "~"); it->Valid() && it->key().starts_with(kCommitPrefix); it->Prev()) {
+      CommitRecord r;
+      if (!decode_record(it->value().ToString(), &r)) {
+        return StoreStatus::Corruption("commit record " + it->key().ToString() + " in " + options_.dir +
+                                       " does not decode");
+      }
+      if (!snapshot_only || r.has_snapshot) {
+        *record = std::move(r);
+        return StoreStatus::OK();
+      }
+    }
+    if (!it->status().ok()) return from(it->status(), "reading the latest commit");
+    return StoreStatus::NotFound(std::string("no ") + (snapshot_only ? "snapshot" : "commit") + " in " + options_.dir);
+  }
+
+  StoreStatus CommitLocked(CommitRecord r, const std::vector<HookStateEntry>& hook_state, bool retention) {
+    CommitRecord last;
+    auto s = latest(&last, false);
+    if (s.ok() && r.step <= last.step) {
+      return StoreStatus::InvalidArgument("commit of step " + std::to_string(r.step) + " to " + options_.dir +
+                                          " is not after the latest committed step " + std::to_string(last.step));
+    }
+    r.unix_ms = now_ms();
+    rocksdb::WriteBatch batch;
+    batch.Put(kCommitPrefix + step_key(r.step), encode_record(r));
+    for (const auto& h : hook_state) {
+      batch.Put(hook_key(r.step, r.hook_digest, r.layout_signature, h.bucket, h.rank, h.replicated),
+                encode_tensors(h.tensors));
+    }
+    s = write(batch, "committing step " + std::to_string(r.step));
+    if (!s.ok() || !retention) return s;
+    return ApplyRetention();
+  }
+
+  // Keeps the newest keep_snapshots snapshots and every commit from the oldest of
+  // them on. Crash-safe: the records and a gc/ marker per blob go in one batch;
+  // files are unlinked after it is durable; markers go last. Open() finishes any
+  // collection a crash interrupted.
+  StoreStatus ApplyRetention() {
+    std::vector<CommitRecord> all;
+    auto s = ListCommits(&all);
+    if (!s.ok()) return s;
+    std::vector<const CommitRecord*> snaps;
+    for (const auto& r : all) if (r.has_snapshot) snaps.push_back(&r);
+    const int keep = std::max(1, options_.keep_snapshots);
+    if (static_cast<int>(snaps.size()) <= keep) return StoreStatus::OK();
+    const int64_t oldest_kept = snaps[snaps.size() - keep]->step;
+    rocksdb::WriteBatch batch;
+    for (const auto& r : all) {
+      if (r.step >= oldest_kept) break;
+      batch.Delete(kCommitPrefix + step_key(r.step));
+      batch.DeleteRange(kHookPrefix + step_key(r.step) + "/", kHookPrefix + step_key(r.step) + "/~");
+      if (r.has_snapshot) batch.Put(kGcPrefix + r.blob_file, "");
+    }
+    s = write(batch, "retiring old commits");
+    return s.ok() ? CollectGarbage() : s;
+  }
+
+  // Unlinks blobs marked for collection and blob files no commit references
+  // (a snapshot whose commit never landed), then drops the markers.
+  StoreStatus CollectGarbage() {
+    std::set<std::string> referenced;
+    std::vector<CommitRecord> all;
+    auto s = ListCommits(&all);
+    if (!s.ok()) return s;
+    for (const auto& r : all) if (r.has_snapshot) referenced.insert(r.blob_file);
+    std::vector<std::string> markers;
+    s = scan(kGcPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice&) {
+      markers.push_back(key.ToString());
+      return true;
+    });
+    if (!s.ok()) return s;
+    const std::string in_flight = in_flight_blob_;
+    for (const std::string& name : detail::list_dir(blob_dir_)) {
+      if (!referenced.count(name) && name != in_flight) ::unlink((blob_dir_ + "/" + name).c_str());
+    }
+    if (markers.empty()) return StoreStatus::OK();
+    fsync_dir(blob_dir_);
+    rocksdb::WriteBatch batch;
+    for (const auto& m : markers) batch.Delete(m);
+    return write(batch, "dropping collected blob markers");
+  }
+
+  // Streams `state` to blobs/step-N.blob through a temporary name, fsyncs it,
+  // renames it into place, fsyncs the directory; fills the record's blob fields.
+  StoreStatus WriteBlob(CommitRecord* r, const std::vector<NamedTensor>& state) {
+    const std::string name = "step-" + step_key(r->step) + ".blob";
+    const std::string tmp = blob_dir_ + "/" + name + ".tmp";
+    const std::string path = blob_dir_ + "/" + name;
+    {
+      std::lock_guard<std::mutex> lock(commit_mutex_);
+      in_flight_blob_ = name + ".tmp";
+    }
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return StoreStatus::IOError("create " + tmp + ": " + std::strerror(errno) + "; is --ckpt writable?");
+    // The checksum chains over the pieces in file order (file header, then each
+    // tensor's header and bytes); LoadSnapshot re-chains over the same pieces.
+    Encoder head;
+    head.u64(kBlobMagic);
+    head.u64(state.size());
+    std::vector<std::string> headers;
+    headers.reserve(state.size());
+    std::vector<std::pair<const void*, size_t>> pieces;
+    pieces.emplace_back(head.out().data(), head.out().size());
+    for (const auto& nt : state) {
+      Encoder e;
+      e.str(nt.name);
+      encode_tensor_header(e, nt.tensor);
+      headers.push_back(std::move(e.out()));
+      pieces.emplace_back(headers.back().data(), headers.back().size());
+      pieces.emplace_back(nt.tensor.data_ptr(), nt.tensor.numel() * nt.tensor.element_size());
+    }
+    StoreStatus s;
+    uint64_t total = 0, checksum = 0;
+    for (const auto& [p, n] : pieces) {
+      checksum = detail::checksum64(p, n, checksum);
+      s = write_all(fd, p, n, tmp);
+      if (!s.ok()) break;
+      total += n;
+    }
+    if (s.ok() && ::fsync(fd) != 0) s = StoreStatus::IOError("fsync " + tmp + ": " + std::strerror(errno));
+    ::close(fd);
+    if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
+      s = StoreStatus::IOError("rename " + tmp + ": " + std::strerror(errno));
+    }
+    if (s.ok()) s = fsync_dir(blob_dir_);
+    {
+      std::lock_guard<std::mutex> lock(commit_mutex_);
+      in_flight_blob_.clear();
+    }
+    if (!s.ok()) {
+      ::unlink(tmp.c_str());
+      return s;
+    }
+    r->has_snapshot = true;
+    r->blob_file = name;
+    r->blob_bytes = total;
+    r->blob_checksum = checksum;
+    return StoreStatus::OK();
+  }
+
+  CheckpointStoreOptions options_;
+  std::unique_ptr<rocksdb::DB> db_;
+  std::string blob_dir_;
+  std::mutex commit_mutex_;
+  std::string in_flight_blob_;
+  std::mutex snapshot_mutex_;
+  std::thread snapshot_thread_;
+  std::shared_future<StoreStatus> snapshot_;
+};
+
+}  // namespace
+
+uint64_t BucketLayout::signature() const {
+  const std::string bytes = encode_layout(*this);
+  return detail::checksum64(bytes.data(), bytes.size(), /*seed=*/0x1a7);
+}
+
+StoreStatus CheckpointStore::Open(const CheckpointStoreOptions& options, std::unique_ptr<CheckpointStore>* store) {
+  if (options.dir.empty()) return StoreStatus::InvalidArgument("checkpoint store: no directory given (--ckpt DIR)");
+  if (!detail::path_exists(options.dir)) {
+    if (!options.create_if_missing || options.read_only) {
+      return StoreStatus::NotFound("no checkpoint store at " + options.dir +
+                                   ": the directory does not exist. Check the path, or run a job with --ckpt " +
+                                   options.dir + " to create it");
+    }
+    std::string error;
+    if (!detail::make_dirs(options.dir, &error)) {
+      return StoreStatus::IOError("cannot create checkpoint directory " + options.dir + " (" + error +
+                                  "). Choose a writable --ckpt");
+    }
+  }
+  if (!options.read_only && ::access(options.dir.c_str(), W_OK) != 0) {
+    return StoreStatus::IOError("checkpoint directory " + options.dir + " is not writable (" + std::strerror(errno) +
+                                "). Fix its permissions or choose another --ckpt");
+  }
+  rocksdb::Options ro;
+  ro.create_if_missing = options.create_if_missing && !options.read_only;
+  ro.paranoid_checks = true;
+  ro.max_open_files = 64;
+  ro.keep_log_file_num = 2;
+  ro.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = options.read_only ? rocksdb::DB::OpenForReadOnly(ro, options.dir, &raw)
+                                        : rocksdb::DB::Open(ro, options.dir, &raw);
+  if (!s.ok()) {
+    const std::string text = s.ToString();
+    if (s.IsIOError() && text.find("lock") != std::string::npos) {
+      return StoreStatus::Busy("checkpoint store " + options.dir +
+                               " is in use by another process (its LOCK is held). Stop that process, or give this "
+                               "one its own --ckpt directory. (" + text + ")");
+    }
+    if (s.IsCorruption()) {
+      return StoreStatus::Corruption("checkpoint store " + options.dir + " is damaged: " + text +
+                                     ". Delete this rank's directory and let the job resync it from a peer, or "
+                                     "restore it from a backup");
+    }
+    if (s.IsInvalidArgument() && text.find("does not exist") != std::string::npos) {
+      return StoreStatus::NotFound("no checkpoint store in " + options.dir + " (" + text +
+                                   "). Point at a directory a job wrote with --ckpt");
+    }
+    return StoreStatus::IOError("cannot open checkpoint store " + options.dir + ": " + text);
+  }
+  auto impl = std::make_unique<RocksCheckpointStore>(options, std::unique_ptr<rocksdb::DB>(raw));
+  auto st = impl->Prepare();
+  if (!st.ok()) return st;
+  *store = std::move(impl);
+  return StoreStatus::OK();
+}
+
+}  // namespace ftcomm

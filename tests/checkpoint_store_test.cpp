@@ -1,0 +1,403 @@
+// Checkpoint store: round trips, keying, retention, the clear errors, and crash
+// safety under kill -9 during commits.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include "ftcomm/checkpoint_store.h"
+#include "fsutil.h"
+#include "support/multiprocess.h"
+
+namespace ftcomm {
+namespace {
+
+using namespace std::chrono_literals;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/ftcomm-store-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    detail::remove_tree(path_);
+  }
+  std::string sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::unique_ptr<CheckpointStore> open_store(const std::string& dir, int rank = 0, const std::string& job = "job") {
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = job;
+  o.rank = rank;
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return store;
+}
+
+BucketLayout sample_layout(int buckets) {
+  BucketLayout l;
+  for (int b = 0; b < buckets; ++b) {
+    BucketLayout::Bucket bucket;
+    bucket.parameter_indices = {2 * b, 2 * b + 1};
+    bucket.offsets = {0, 100};
+    bucket.lengths = {100, 50};
+    bucket.sizes = {{10, 10}, {50}};
+    bucket.dtype = static_cast<int>(at::kFloat);
+    bucket.device = "cpu";
+    l.buckets.push_back(bucket);
+  }
+  return l;
+}
+
+// Hook state whose values encode the step, so a reader can tell it belongs.
+std::vector<HookStateEntry> hook_state_for(int64_t step, int buckets, int rank) {
+  std::vector<HookStateEntry> entries;
+  for (int b = 0; b < buckets; ++b) {
+    entries.push_back({b, rank, true, {at::full({64, 4}, double(step)), at::full({32, 4}, double(step))}});
+    entries.push_back({b, rank, false, {at::full({150}, double(step) + 0.5)}});
+  }
+  return entries;
+}
+
+CommitRecord record_for(int64_t step, uint64_t layout) {
+  CommitRecord r;
+  r.step = step;
+  r.epoch = 1;
+  r.world_size = 4;
+  r.data_position = step * 32;
+  r.rng_state = "rng-" + std::to_string(step);
+  r.hook_digest = "d1g35t";
+  r.layout_signature = layout;
+  return r;
+}
+
+std::vector<NamedTensor> state_for(int64_t step) {
+  return {{"weight", at::full({256, 256}, float(step))}, {"bias", at::arange(256, at::kDouble) + step},
+          {"step", at::tensor({step})}};
+}
+
+TEST(CheckpointStore, RoundTripsLayoutCommitHookStateAndSnapshot) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("rank0");
+  const BucketLayout layout = sample_layout(3);
+  {
+    auto store = open_store(dir);
+    ASSERT_TRUE(store->PutLayout(layout).ok());
+    ASSERT_TRUE(store->Commit(record_for(1, layout.signature()), hook_state_for(1, 3, 0)).ok());
+    auto snap = store->CommitSnapshotAsync(record_for(2, layout.signature()), hook_state_for(2, 3, 0), state_for(2));
+    ASSERT_TRUE(snap.get().ok()) << snap.get().ToString();
+  }
+  auto store = open_store(dir);
+  BucketLayout back;
+  ASSERT_TRUE(store->GetLayout(layout.signature(), &back).ok());
+  EXPECT_EQ(back.signature(), layout.signature());
+  EXPECT_EQ(back.buckets[2].sizes, layout.buckets[2].sizes);
+
+  CommitRecord latest;
+  ASSERT_TRUE(store->LatestCommitted(&latest).ok());
+  EXPECT_EQ(latest.step, 2);
+  EXPECT_EQ(latest.rng_state, "rng-2");
+  EXPECT_TRUE(latest.has_snapshot);
+  std::vector<NamedTensor> state;
+  auto s = store->LoadSnapshot(latest, &state);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  auto want = state_for(2);
+  ASSERT_EQ(state.size(), want.size());
+  for (size_t i = 0; i < state.size(); ++i) {
+    EXPECT_EQ(state[i].name, want[i].name);
+    EXPECT_TRUE(at::equal(state[i].tensor, want[i].tensor)) << state[i].name;
+  }
+  std::vector<at::Tensor> hook;
+  ASSERT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 0, true, &hook).ok());
+  ASSERT_EQ(hook.size(), 2u);
+  EXPECT_TRUE(at::equal(hook[0], at::full({64, 4}, 1.0)));
+  ASSERT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 0, false, &hook).ok());
+  EXPECT_TRUE(at::equal(hook[0], at::full({150}, 1.5)));
+  // Keyed by hook digest x layout x bucket x rank: any other key finds nothing.
+  EXPECT_TRUE(store->GetHookState(1, "other-hook", layout.signature(), 2, 0, true, &hook).IsNotFound());
+  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature() ^ 1, 2, 0, true, &hook).IsNotFound());
+  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 3, 0, true, &hook).IsNotFound());
+  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 1, true, &hook).IsNotFound());
+  EXPECT_TRUE(store->GetLayout(sample_layout(4).signature(), &back).IsNotFound());
+}
+
+TEST(CheckpointStore, LayoutSignatureSeesEveryField) {
+  const BucketLayout base = sample_layout(2);
+  auto changed = base;
+  changed.buckets[1].lengths[0] += 1;
+  EXPECT_NE(changed.signature(), base.signature());
+  changed = base;
+  changed.buckets[0].device = "cuda:0";
+  EXPECT_NE(changed.signature(), base.signature());
+  changed = base;
+  std::swap(changed.buckets[0].parameter_indices[0], changed.buckets[0].parameter_indices[1]);
+  EXPECT_NE(changed.signature(), base.signature());
+  EXPECT_EQ(sample_layout(2).signature(), base.signature());
+}
+
+TEST(CheckpointStore, StepsMustIncrease) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  ASSERT_TRUE(store->Commit(record_for(5, 0), {}).ok());
+  auto s = store->Commit(record_for(5, 0), {});
+  EXPECT_EQ(s.code(), StoreStatus::Code::kInvalidArgument);
+  EXPECT_NE(s.message().find("not after the latest committed step 5"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStore, RetentionKeepsTheNewestSnapshotsAndCollectsBlobs) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.keep_snapshots = 2;
+  std::unique_ptr<CheckpointStore> store;
+  ASSERT_TRUE(CheckpointStore::Open(o, &store).ok());
+  for (int64_t step = 1; step <= 10; ++step) {
+    if (step % 3 == 0) {
+      ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 1, 0), state_for(step)).get().ok());
+    } else {
+      ASSERT_TRUE(store->Commit(record_for(step, 0), hook_state_for(step, 1, 0)).ok());
+    }
+  }
+  std::vector<CommitRecord> commits;
+  ASSERT_TRUE(store->ListCommits(&commits).ok());
+  // Snapshots at 3, 6, 9; keep 6 and 9 and every commit from 6 on.
+  ASSERT_EQ(commits.front().step, 6);
+  EXPECT_EQ(commits.back().step, 10);
+  EXPECT_EQ(commits.size(), 5u);
+  size_t blobs = 0;
+  for (const auto& name : detail::list_dir(dir + "/blobs")) blobs += name.size() > 5 && name.substr(name.size() - 5) == ".blob";
+  EXPECT_EQ(blobs, 2u);
+  std::vector<at::Tensor> hook;
+  EXPECT_TRUE(store->GetHookState(4, "d1g35t", 0, 0, 0, true, &hook).IsNotFound()) << "retired hook state remains";
+  CommitRecord snap;
+  ASSERT_TRUE(store->LatestSnapshot(&snap).ok());
+  EXPECT_EQ(snap.step, 9);
+}
+
+TEST(CheckpointStoreErrors, MissingDirectoryNamesItAndTheFix) {
+  CheckpointStoreOptions o;
+  o.dir = "/tmp/ftcomm-no-such-store-dir";
+  o.read_only = true;
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsNotFound());
+  EXPECT_NE(s.message().find("/tmp/ftcomm-no-such-store-dir"), std::string::npos);
+  EXPECT_NE(s.message().find("does not exist"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStoreErrors, UnwritableDirectoryIsRefused) {
+  TempDir tmp;
+  std::ofstream(tmp.sub("file")) << "x";
+  CheckpointStoreOptions o;
+  o.dir = tmp.sub("file") + "/rank0";  // a path under a regular file cannot be created
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_EQ(s.code(), StoreStatus::Code::kIOError);
+  EXPECT_NE(s.message().find("writable --ckpt"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStoreErrors, AnotherJobOrRankIsRefused) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  open_store(dir, 0, "job-a").reset();
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job-b";
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsIncompatible());
+  EXPECT_NE(s.message().find("belongs to job 'job-a' rank 0, not job 'job-b'"), std::string::npos) << s.message();
+  o.job_id = "job-a";
+  o.rank = 3;
+  s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsIncompatible()) << s.ToString();
+}
+
+TEST(CheckpointStoreErrors, NewerSchemaIsRefused) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  open_store(dir).reset();
+  {
+    rocksdb::DB* db = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), dir, &db).ok());
+    db->Put(rocksdb::WriteOptions(), "meta/schema", "99");
+    delete db;
+  }
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsIncompatible());
+  EXPECT_NE(s.message().find("schema version 99"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStoreErrors, StoreLockedByAnotherProcess) {
+  const auto outcomes = testing::run_ranks(2, 60s, [](const testing::RankContext& ctx) {
+    const std::string dir = ctx.dir + "/store", ready = ctx.dir + "/ready", done = ctx.dir + "/done";
+    if (ctx.rank == 0) {
+      auto store = open_store(dir);
+      std::ofstream(ready) << "1";
+      for (int i = 0; i < 3000 && !detail::path_exists(done); ++i) std::this_thread::sleep_for(10ms);
+      return;
+    }
+    for (int i = 0; i < 3000 && !detail::path_exists(ready); ++i) std::this_thread::sleep_for(10ms);
+    CheckpointStoreOptions o;
+    o.dir = dir;
+    o.job_id = "job";
+    std::unique_ptr<CheckpointStore> store;
+    auto s = CheckpointStore::Open(o, &store);
+    std::ofstream(done) << "1";
+    EXPECT_TRUE(s.IsBusy()) << s.ToString();
+    EXPECT_NE(s.message().find("in use by another process"), std::string::npos) << s.message();
+    // Read-only opens (ftcomm inspect) take no lock and work meanwhile.
+    o.read_only = true;
+    EXPECT_TRUE(CheckpointStore::Open(o, &store).ok());
+  });
+  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code;
+}
+
+void flip_byte(const std::string& path, double where) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(0, std::ios::end);
+  const auto size = static_cast<std::streamoff>(f.tellg());
+  const std::streamoff at = static_cast<std::streamoff>(size * where);
+  f.seekg(at);
+  char c = 0;
+  f.read(&c, 1);
+  c ^= 0x5a;
+  f.seekp(at);
+  f.write(&c, 1);
+}
+
+TEST(CheckpointStoreErrors, CorruptBlobIsReported) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  auto store = open_store(dir);
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), {}, state_for(1)).get().ok());
+  CommitRecord r;
+  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  flip_byte(dir + "/blobs/" + r.blob_file, 0.6);
+  std::vector<NamedTensor> state;
+  auto s = store->LoadSnapshot(r, &state);
+  EXPECT_TRUE(s.IsCorruption());
+  EXPECT_NE(s.message().find(r.blob_file), std::string::npos);
+  EXPECT_NE(s.message().find("fails its checksum"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStoreErrors, CorruptSstIsReported) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  {
+    auto store = open_store(dir);
+    for (int64_t step = 1; step <= 20; ++step) ASSERT_TRUE(store->Commit(record_for(step, 0), hook_state_for(step, 4, 0)).ok());
+  }  // closing flushes the memtable into an SST
+  int corrupted = 0;
+  for (const auto& name : detail::list_dir(dir)) {
+    if (name.size() > 4 && name.substr(name.size() - 4) == ".sst") {
+      flip_byte(dir + "/" + name, 0.3);
+      ++corrupted;
+    }
+  }
+  ASSERT_GT(corrupted, 0);
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  std::unique_ptr<CheckpointStore> store;
+  StoreStatus s = CheckpointStore::Open(o, &store);
+  if (s.ok()) {
+    std::vector<CommitRecord> commits;
+    s = store->ListCommits(&commits);
+    if (s.ok()) {
+      std::vector<at::Tensor> hook;
+      for (int64_t step = 1; step <= 20 && s.ok(); ++step) {
+        for (int b = 0; b < 4 && s.ok(); ++b) s = store->GetHookState(step, "d1g35t", 0, b, 0, true, &hook);
+      }
+    }
+  }
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find(dir), std::string::npos) << s.message();
+}
+
+// kill -9 a writer at random points of its commits, many times over. Each time the
+// store must reopen, LatestCommitted() must be a complete commit (its hook state
+// and snapshot present and intact) and no older than the last commit the writer
+// saw return (Durability::kSync).
+TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
+  if (auto ctx = testing::child_context()) {
+    // The writer: commit forever; every third step a snapshot.
+    auto store = open_store(ctx->dir + "/store");
+    CommitRecord last;
+    int64_t step = store->LatestCommitted(&last).ok() ? last.step + 1 : 1;
+    for (;; ++step) {
+      StoreStatus s;
+      if (step % 3 == 0) {
+        s = store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 8, 0), state_for(step)).get();
+      } else {
+        s = store->Commit(record_for(step, 0), hook_state_for(step, 8, 0));
+      }
+      if (!s.ok()) {
+        std::cerr << s.ToString() << "\n";
+        ::_exit(3);
+      }
+      std::ofstream(ctx->dir + "/progress", std::ios::trunc) << step;
+    }
+  }
+  TempDir tmp;
+  const std::string dir = tmp.sub("run");
+  ASSERT_TRUE(detail::make_dirs(dir, nullptr));
+  std::mt19937 rng(42);
+  int64_t previous = 0;
+  constexpr int kKills = 25;
+  for (int i = 0; i < kKills; ++i) {
+    const int pid = testing::spawn_child(testing::current_test_args(), testing::RankContext{0, 1, 0, dir});
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(400, 1200)(rng)));
+    ::kill(pid, SIGKILL);
+    const auto outcome = testing::wait_child(pid, 30s);
+    ASSERT_EQ(outcome.signal, SIGKILL) << "writer exited early with " << outcome.exit_code;
+    int64_t acknowledged = 0;
+    std::ifstream(dir + "/progress") >> acknowledged;
+
+    auto store = open_store(dir + "/store");
+    ASSERT_TRUE(store);
+    CommitRecord latest;
+    ASSERT_TRUE(store->LatestCommitted(&latest).ok()) << "kill " << i;
+    EXPECT_GE(latest.step, acknowledged) << "a commit that returned was lost";
+    EXPECT_GE(latest.step, previous);
+    previous = latest.step;
+    EXPECT_EQ(latest.rng_state, "rng-" + std::to_string(latest.step));
+    for (int b = 0; b < 8; ++b) {
+      std::vector<at::Tensor> hook;
+      ASSERT_TRUE(store->GetHookState(latest.step, "d1g35t", 0, b, 0, false, &hook).ok()) << "partial step " << latest.step;
+      EXPECT_TRUE(at::equal(hook[0], at::full({150}, double(latest.step) + 0.5)));
+    }
+    CommitRecord snap;
+    if (store->LatestSnapshot(&snap).ok()) {
+      std::vector<NamedTensor> state;
+      auto s = store->LoadSnapshot(snap, &state);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      EXPECT_TRUE(at::equal(state[0].tensor, at::full({256, 256}, float(snap.step))));
+    }
+    std::vector<CommitRecord> commits;
+    ASSERT_TRUE(store->ListCommits(&commits).ok());
+    for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);
+  }
+  EXPECT_GT(previous, kKills) << "the writer made too little progress to test anything";
+}
+
+}  // namespace
+}  // namespace ftcomm
