@@ -11,6 +11,7 @@
 
 #include "ftcomm/broadcast.h"
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/script_hook.h"
 #include "ftcomm/process_group.h"
 
 namespace {
@@ -28,6 +29,13 @@ Commands:
               Show a rank's checkpoint store: committed steps and their sizes, bucket
               layouts and signatures, hooks and digests, world size, retention. Opens
               read-only, so it works while a job runs. --json prints a stable form.
+  hook check FILE_OR_NAME [--world-size N] [--numel N] [--steps N] [--hook-arg k=v ...]
+              Compile or load a comm hook (a .py TorchScript file, a .pt archive, or a
+              name from hooks_ts/), check its signature and state declaration, run it
+              on synthetic buckets over a real Gloo group of N ranks (default 2), check
+              every output's shape, dtype, device and finiteness, and print its digest
+              and state spec. Exits 1 with the problem on a bad hook.
+  hook list   List the hooks in hooks_ts/.
   help        Show this text.
 
 Options of doctor:
@@ -177,6 +185,56 @@ int inspect(const std::vector<std::string>& args) {
   return 0;
 }
 
+int hook_command(const std::vector<std::string>& args) {
+  if (args.empty()) throw std::invalid_argument("hook needs a subcommand: check or list");
+  if (args[0] == "list") {
+    std::cout << "hooks in " << ftcomm::hooks_dir() << ":\n";
+    for (const auto& name : ftcomm::list_hooks()) std::cout << "  " << name << "\n";
+    return 0;
+  }
+  if (args[0] != "check") throw std::invalid_argument("unknown hook subcommand '" + args[0] + "'");
+  ftcomm::HookCheckOptions options;
+  std::string target;
+  for (size_t i = 1; i < args.size(); ++i) {
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) throw std::invalid_argument(args[i] + " needs a value");
+      return args[++i];
+    };
+    if (args[i] == "--world-size") options.world_size = std::stoi(value());
+    else if (args[i] == "--numel") options.numel = std::stoll(value());
+    else if (args[i] == "--steps") options.steps = std::stoi(value());
+    else if (args[i] == "--hook-arg") {
+      const std::string kv = value();
+      const auto eq = kv.find('=');
+      if (eq == std::string::npos) throw std::invalid_argument("--hook-arg takes k=v, got '" + kv + "'");
+      options.params.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+    } else if (!args[i].empty() && args[i][0] == '-') {
+      throw std::invalid_argument("unknown option '" + args[i] + "' for hook check");
+    } else if (target.empty()) {
+      target = args[i];
+    } else {
+      throw std::invalid_argument("hook check takes one hook, got '" + target + "' and '" + args[i] + "'");
+    }
+  }
+  if (target.empty()) throw std::invalid_argument("hook check needs a hook file or name");
+  const auto report = ftcomm::check_hook(target, options);
+  auto join = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (const auto& s : v) out += (out.empty() ? "" : ", ") + s;
+    return out.empty() ? std::string("(none)") : out;
+  };
+  std::cout << "hook " << report.name << " (" << report.path << ")\n"
+            << "  digest     sha256:" << report.digest << "\n"
+            << "  replicated " << join(report.replicated) << "\n"
+            << "  rank-local " << join(report.local) << "\n"
+            << "  params    ";
+  if (report.params.empty()) std::cout << " (none)";
+  for (const auto& [k, v] : report.params) std::cout << " " << k << "=" << v;
+  std::cout << "\n  ok: " << report.buckets_checked << " buckets over " << options.world_size
+            << " Gloo ranks, outputs of the right shape, dtype and device, all finite\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -190,6 +248,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "doctor") return doctor(args);
     if (command == "inspect") return inspect(args);
+    if (command == "hook") return hook_command(args);
     return usage_error("unknown command '" + command + "'");
   } catch (const c10::Error& e) {
     std::cerr << "ftcomm " << command << ": " << e.what_without_backtrace() << "\n";

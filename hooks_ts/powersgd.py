@@ -1,0 +1,194 @@
+# PowerSGD (Vogels et al., 2019), the algorithm of PyTorch's powerSGD_hook:
+#  - vanilla mean allreduce for the first `start_iter` iterations;
+#  - then, per gradient viewed as an n x m matrix: compressed to rank r
+#    (P = M Q, allreduce P, orthogonalize P, Q = M^T P, allreduce Q, M ~ P Q^T / N)
+#    when (n + m) r * min_compression_rate < n m, else allreduced uncompressed
+#    (so 1-D tensors always go uncompressed);
+#  - error feedback: what compression lost is added to the next step's gradient;
+#  - warm start: Q is reused (re-orthogonalized) from the previous step.
+# One difference: Q's first values come from a deterministic generator seeded by
+# the iteration and bucket (equal on every rank), not from numpy's RandomState.
+#
+# State: replicated "p", "q" (per bucket) and "iter"; rank-local "error".
+from typing import Dict, List
+import torch
+from torch import Tensor
+
+
+def spec() -> Dict[str, List[str]]:
+    replicated: List[str] = ["p", "q", "iter"]
+    local: List[str] = ["error"]
+    return {"replicated": replicated, "local": local}
+
+
+def params() -> Dict[str, float]:
+    return {
+        "rank": 1.0,
+        "start_iter": 1000.0,
+        "min_compression_rate": 2.0,
+        "error_feedback": 1.0,
+        "warm_start": 1.0,
+        "epsilon": 0.0
+    }
+
+
+def orthogonalize(matrices: Tensor, epsilon: float):
+    # Gram-Schmidt for rank <= 2 (and half types), else QR, as PyTorch's hook.
+    rank = matrices.shape[2]
+    if rank <= 2 or matrices.dtype == torch.float16 or matrices.dtype == torch.bfloat16:
+        for i in range(rank):
+            col = matrices[:, :, i : i + 1]
+            norm = torch.linalg_vector_norm(col, 2.0, [1], True)
+            if epsilon == 0.0:
+                col.div_(norm)
+            else:
+                col.div_(norm + epsilon)
+            if i + 1 < rank:
+                rest = matrices[:, :, i + 1 :]
+                rest.sub_(torch.sum(col * rest, dim=[1], keepdim=True) * col)
+    else:
+        matrices.copy_(torch.linalg_qr(matrices)[0])
+
+
+def initial_values(numel: int, seed: int, like: Tensor) -> Tensor:
+    x = torch.arange(numel, dtype=torch.float64)
+    u = torch.frac(torch.sin(x * 12.9898 + float(seed) * 78.233) * 43758.5453)
+    return u.to(like.dtype).to(like.device)
+
+
+def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:
+    buffer = bucket.buffer()
+    index = bucket.index()
+    world = group.world_size()
+    iters = state["iter"]
+    if 0 not in iters:
+        iters[0] = torch.zeros([1], dtype=torch.int64)
+    iteration = int(iters[0].item())
+
+    if iteration < int(params["start_iter"]):
+        if bucket.is_last():
+            iters[0].add_(1)
+        buffer.div_(world)
+        return group.allreduce(buffer)
+
+    errors = state["error"]
+    use_error_feedback = params["error_feedback"] != 0.0
+    input_copy = buffer
+    if use_error_feedback:
+        if index in errors:
+            buffer.add_(errors[index])
+        else:
+            errors[index] = torch.zeros([buffer.shape[0]], dtype=buffer.dtype, device=buffer.device)
+        input_copy = buffer.clone()
+
+    # I. Which gradients to compress.
+    offsets = bucket.offsets()
+    lengths = bucket.lengths()
+    sizes = bucket.sizes()
+    max_rank = int(params["rank"])
+    min_rate = params["min_compression_rate"]
+    to_compress: List[Tensor] = []
+    uncompressed: List[Tensor] = []
+    total_p = 0
+    total_q = 0
+    for i in range(len(offsets)):
+        grad = buffer.narrow(0, offsets[i], lengths[i]).view(sizes[i])
+        if len(sizes[i]) == 0:
+            uncompressed.append(grad)
+            continue
+        matrix = grad.view([sizes[i][0], -1])
+        n = matrix.shape[0]
+        m = matrix.shape[1]
+        r = min(n, m, max_rank)
+        if float((n + m) * r) * min_rate < float(n * m):
+            to_compress.append(matrix)
+            total_p += n * r
+            total_q += m * r
+        else:
+            uncompressed.append(grad)
+
+    # II. The uncompressed ones, in one contiguous buffer.
+    if len(uncompressed) > 0:
+        flat: List[Tensor] = []
+        for t in uncompressed:
+            flat.append(t.reshape([-1]))
+        uncompressed_memory = torch.cat(flat)
+    else:
+        uncompressed_memory = torch.empty([0], dtype=buffer.dtype, device=buffer.device)
+
+    # III. P and Q memory, kept across steps for warm start.
+    p_memory = state["p"]
+    q_memory = state["q"]
+    warm_start = params["warm_start"] != 0.0
+    need_random = (not warm_start) or (index not in p_memory)
+    if need_random:
+        p_memory[index] = torch.empty([total_p], dtype=buffer.dtype, device=buffer.device)
+        q_memory[index] = torch.empty([total_q], dtype=buffer.dtype, device=buffer.device)
+
+    # Matrices grouped by shape in order of first appearance, one at a time.
+    shapes: List[List[int]] = []
+    for mat in to_compress:
+        seen = False
+        for shape in shapes:
+            if shape == list(mat.shape):
+                seen = True
+        if not seen:
+            shapes.append(list(mat.shape))
+    matrices: List[Tensor] = []
+    for shape in shapes:
+        for mat in to_compress:
+            if list(mat.shape) == shape:
+                matrices.append(mat.unsqueeze(0))
+    ps: List[Tensor] = []
+    qs: List[Tensor] = []
+    p_at = 0
+    q_at = 0
+    for mat in matrices:
+        n = mat.shape[1]
+        m = mat.shape[2]
+        r = min(n, m, max_rank)
+        ps.append(p_memory[index].narrow(0, p_at, n * r).view([1, n, r]))
+        qs.append(q_memory[index].narrow(0, q_at, m * r).view([1, m, r]))
+        p_at += n * r
+        q_at += m * r
+
+    epsilon = params["epsilon"]
+    if not need_random:
+        for q in qs:
+            orthogonalize(q, epsilon)
+    else:
+        for k in range(len(qs)):
+            q = qs[k]
+            q.copy_(initial_values(q.numel(), iteration * 1000003 + index * 1009 + k, q).view(q.shape))
+            orthogonalize(q, epsilon)
+
+    for k in range(len(matrices)):
+        torch.bmm(matrices[k], qs[k], out=ps[k])
+
+    group.allreduce(uncompressed_memory)
+    uncompressed_memory.div_(world)
+    at = 0
+    for t in uncompressed:
+        t.copy_(uncompressed_memory.narrow(0, at, t.numel()).view(t.shape))
+        at += t.numel()
+
+    # Ps are orthogonalized next, so they need no division by the world size.
+    group.allreduce(p_memory[index])
+    for p in ps:
+        orthogonalize(p, epsilon)
+    for k in range(len(matrices)):
+        torch.bmm(matrices[k].transpose(1, 2), ps[k], out=qs[k])
+    group.allreduce(q_memory[index])
+    q_memory[index].div_(world)
+
+    for k in range(len(matrices)):
+        torch.bmm(ps[k], qs[k].transpose(1, 2), out=matrices[k])
+
+    if use_error_feedback:
+        errors[index] = input_copy - buffer
+    if not warm_start:
+        p_memory.clear()
+        q_memory.clear()
+    if bucket.is_last():
+        iters[0].add_(1)
+    return buffer

@@ -1,0 +1,181 @@
+// Scripted DDP communication hooks: TorchScript functions that c10d::Reducer runs
+// in C++, with no Python and no GIL. A new hook deploys by pointing at a file.
+//
+// The hook contract (hooks_ts/README.md has it in full): a hook is TorchScript that
+// provides three functions,
+//
+//   def spec() -> Dict[str, List[str]]       # {"replicated": [...], "local": [...]}
+//   def params() -> Dict[str, float]          # parameters and their defaults
+//   def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float],
+//            group: Group, bucket: Bucket) -> Tensor
+//
+// either as module-level functions in a .py file of TorchScript source (compiled
+// here, at load time), or as methods (spec, params, forward) of a module saved with
+// torch.jit.save (.pt) after torch.ops.load_library("libftcomm.so"), or by name
+// from hooks_ts/. `state` holds one Dict[int, Tensor] (keyed by bucket index) per
+// declared name; the hook mutates it in place.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/custom_class.h>
+
+namespace ftcomm {
+
+// What a hook sees of the group, as TorchScript class ftcomm.Group. Collectives
+// are synchronous inside the hook (class_ methods cannot return a Future); hooks
+// run on ScriptCommHook's worker thread, never on the autograd thread.
+class HookGroup : public torch::CustomClassHolder {
+ public:
+  explicit HookGroup(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
+  int64_t rank() const { return pg_->getRank(); }
+  int64_t world_size() const { return pg_->getSize(); }
+  at::Tensor allreduce(at::Tensor tensor);                   // sum, in place; returns it
+  std::vector<at::Tensor> allgather(at::Tensor tensor);      // one tensor per rank
+  at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+};
+
+// What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.
+class HookBucket : public torch::CustomClassHolder {
+ public:
+  HookBucket(at::Tensor buffer, int64_t index, bool is_last, std::vector<int64_t> offsets,
+             std::vector<int64_t> lengths, std::vector<std::vector<int64_t>> sizes)
+      : buffer_(std::move(buffer)), index_(index), is_last_(is_last), offsets_(std::move(offsets)),
+        lengths_(std::move(lengths)), sizes_(std::move(sizes)) {}
+  static c10::intrusive_ptr<HookBucket> from(c10d::GradBucket& bucket);
+  at::Tensor buffer() const { return buffer_; }
+  int64_t index() const { return index_; }
+  bool is_last() const { return is_last_; }
+  std::vector<int64_t> offsets() const { return offsets_; }
+  std::vector<int64_t> lengths() const { return lengths_; }
+  std::vector<std::vector<int64_t>> sizes() const { return sizes_; }
+
+ private:
+  at::Tensor buffer_;
+  int64_t index_;
+  bool is_last_;
+  std::vector<int64_t> offsets_, lengths_;
+  std::vector<std::vector<int64_t>> sizes_;
+};
+
+using HookState = c10::Dict<std::string, c10::Dict<int64_t, at::Tensor>>;
+
+// A loaded hook: its code, digest, declared state and parameters.
+class ScriptHook {
+ public:
+  // Loads `file_or_name`: a path ending in .pt or .py, or the name of a hook in
+  // hooks_dir(). Throws c10::Error naming the file and what is wrong: not found,
+  // a syntax error (with its line), a missing spec/params/hook, a wrong signature
+  // or state declaration, or a file that is not a hook.
+  static std::shared_ptr<ScriptHook> load(const std::string& file_or_name);
+
+  const std::string& name() const { return name_; }
+  const std::string& path() const { return path_; }
+  // SHA-256 (hex) of the hook file's bytes.
+  const std::string& digest() const { return digest_; }
+  const std::vector<std::string>& replicated_state() const { return replicated_; }
+  const std::vector<std::string>& local_state() const { return local_; }
+  const std::map<std::string, double>& params() const { return params_; }
+  // Sets parameter `key` from text; throws naming the known parameters.
+  void set_param(const std::string& key, const std::string& value);
+
+  // Runs the hook once, synchronously, on this thread. Not thread-safe: one
+  // caller at a time (ScriptCommHook serialises calls on its worker).
+  at::Tensor run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket);
+
+  // The hook's state: declared name -> bucket index -> tensor. Shared, not copied.
+  HookState state() const { return state_; }
+
+ private:
+  ScriptHook() = default;
+  std::string name_, path_, digest_;
+  std::vector<std::string> replicated_, local_;
+  std::map<std::string, double> params_;
+  std::function<c10::IValue(std::vector<c10::IValue>)> hook_;
+  std::function<c10::IValue()> spec_fn_, params_fn_;
+  std::shared_ptr<void> keep_alive_;  // the CompilationUnit or Module the functions live in
+  HookState state_;
+  c10::Dict<std::string, double> params_dict_;
+  friend struct ScriptHookLoader;
+};
+
+// Where named hooks are looked up: $FTCOMM_HOOKS_DIR, else the source tree's or
+// the installed hooks_ts/.
+std::string hooks_dir();
+std::vector<std::string> list_hooks();
+
+std::string sha256_hex(const std::string& bytes);
+
+enum class OnHookError { kFail, kFallback };
+
+struct ScriptCommHookOptions {
+  // After every bucket all ranks agree (one small allreduce) on whether each
+  // rank's hook ran and returned a finite tensor of the bucket's shape, dtype and
+  // device, so a bad result never leaves ranks out of step. Then either every rank
+  // fails with the same error (kFail) or every rank replaces the bucket's result
+  // with a plain mean allreduce of the original gradients (kFallback, which keeps
+  // a copy of each bucket) and logs it once.
+  bool agree_per_bucket = true;
+  OnHookError on_error = OnHookError::kFail;
+};
+
+// A ScriptHook registered with c10d::Reducer::register_comm_hook. runHook copies
+// what it needs of the bucket and returns at once; the hook runs on this object's
+// one worker thread, in bucket order, so collectives stay matched across ranks.
+class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d::ProcessGroup>> {
+ public:
+  ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,
+                 ScriptCommHookOptions options = {});
+  ~ScriptCommHook() override;
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
+  const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
+  int64_t fallbacks() const;
+
+ private:
+  struct Worker;
+  std::shared_ptr<ScriptHook> hook_;
+  ScriptCommHookOptions options_;
+  std::unique_ptr<Worker> worker_;
+};
+
+// All ranks compare the hook's digest before the first step: throws on every rank,
+// naming the ranks and both digests, on a mismatch; and when `pinned` is not
+// empty, refuses a digest that is not in it.
+void agree_on_hook(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const ScriptHook& hook,
+                   const std::vector<std::string>& pinned = {});
+
+}  // namespace ftcomm
+
+namespace ftcomm {
+
+struct HookCheckOptions {
+  int world_size = 2;
+  int64_t numel = 1 << 14;  // elements per synthetic bucket
+  int steps = 3;            // steps of 3 buckets each
+  std::vector<std::pair<std::string, std::string>> params;  // --hook-arg k=v
+};
+
+struct HookCheckReport {
+  std::string name, path, digest;
+  std::vector<std::string> replicated, local;
+  std::map<std::string, double> params;
+  int64_t buckets_checked = 0;
+};
+
+// `ftcomm hook check`: loads the hook (signature and state declaration checked),
+// then runs it on synthetic buckets over a real Gloo group of `world_size` ranks
+// (threads of this process) and checks every output's shape, dtype, device and
+// finiteness. Throws c10::Error naming the hook and the first problem found.
+HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptions& options);
+
+}  // namespace ftcomm

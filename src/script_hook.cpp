@@ -1,0 +1,467 @@
+#include "ftcomm/script_hook.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <cstdlib>
+#include <deque>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/jit/api/compilation_unit.h>
+#include <torch/csrc/jit/frontend/resolver.h>
+#include <torch/csrc/jit/frontend/sugared_value.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#include "fsutil.h"
+
+#ifndef FTCOMM_SOURCE_HOOKS_DIR
+#define FTCOMM_SOURCE_HOOKS_DIR ""
+#endif
+#ifndef FTCOMM_INSTALL_HOOKS_DIR
+#define FTCOMM_INSTALL_HOOKS_DIR ""
+#endif
+
+namespace ftcomm {
+
+// --- the TorchScript-visible classes -----------------------------------------
+
+at::Tensor HookGroup::allreduce(at::Tensor tensor) {
+  std::vector<at::Tensor> list{tensor};
+  pg_->allreduce(list)->wait();
+  return tensor;
+}
+
+std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(at::empty_like(tensor));
+  std::vector<at::Tensor> in{tensor};
+  pg_->allgather(out, in)->wait();
+  return out[0];
+}
+
+at::Tensor HookGroup::broadcast(at::Tensor tensor, int64_t root) {
+  TORCH_CHECK(root >= 0 && root < world_size(), "Group.broadcast: root ", root, " is not a rank of a group of ",
+              world_size());
+  std::vector<at::Tensor> list{tensor};
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
+  pg_->broadcast(list, options)->wait();
+  return tensor;
+}
+
+c10::intrusive_ptr<HookBucket> HookBucket::from(c10d::GradBucket& bucket) {
+  // GradBucket keeps offsets, lengths and sizes private; each gradient is a view
+  // of the buffer, which gives them back.
+  const at::Tensor& buffer = bucket.getBuffer();
+  std::vector<int64_t> offsets, lengths;
+  std::vector<std::vector<int64_t>> sizes;
+  for (const at::Tensor& grad : bucket.getGradients()) {
+    offsets.push_back(grad.storage_offset() - buffer.storage_offset());
+    lengths.push_back(grad.numel());
+    sizes.push_back(grad.sizes().vec());
+  }
+  return c10::make_intrusive<HookBucket>(bucket.getBufferRef(), static_cast<int64_t>(bucket.getIndex()),
+                                         bucket.isLast(), std::move(offsets), std::move(lengths), std::move(sizes));
+}
+
+TORCH_LIBRARY(ftcomm, m) {
+  m.class_<HookGroup>("Group")
+      .def("rank", &HookGroup::rank)
+      .def("world_size", &HookGroup::world_size)
+      .def("allreduce", &HookGroup::allreduce)
+      .def("allgather", &HookGroup::allgather)
+      .def("broadcast", &HookGroup::broadcast);
+  m.class_<HookBucket>("Bucket")
+      .def("buffer", &HookBucket::buffer)
+      .def("index", &HookBucket::index)
+      .def("is_last", &HookBucket::is_last)
+      .def("offsets", &HookBucket::offsets)
+      .def("lengths", &HookBucket::lengths)
+      .def("sizes", &HookBucket::sizes);
+}
+
+// --- loading -------------------------------------------------------------------
+
+namespace {
+
+// `torch` for hook sources: torch's operators, as the native resolver gives them,
+// plus the dtype constants (torch.float16, ...), which it does not know.
+struct TorchNamespace : torch::jit::BuiltinModule {
+  TorchNamespace() : torch::jit::BuiltinModule("aten") {}
+  std::shared_ptr<torch::jit::SugaredValue> attr(const torch::jit::SourceRange& loc, torch::jit::GraphFunction& m,
+                                                 const std::string& field) override {
+    static const std::map<std::string, at::ScalarType> dtypes = {
+        {"float16", at::kHalf},   {"half", at::kHalf},         {"bfloat16", at::kBFloat16}, {"float32", at::kFloat},
+        {"float", at::kFloat},    {"float64", at::kDouble},    {"double", at::kDouble},     {"int8", at::kChar},
+        {"uint8", at::kByte},     {"int16", at::kShort},       {"int32", at::kInt},         {"int", at::kInt},
+        {"int64", at::kLong},     {"long", at::kLong},         {"bool", at::kBool}};
+    auto it = dtypes.find(field);
+    if (it != dtypes.end()) {
+      return std::make_shared<torch::jit::SimpleValue>(m.graph()->insertConstant(c10::IValue(it->second), loc));
+    }
+    return torch::jit::BuiltinModule::attr(loc, m, field);
+  }
+};
+
+// TorchScript compiled from C++ knows only torch's builtins; this adds the names
+// Group and Bucket (and their qualified spellings) and torch's dtypes.
+struct HookResolver : torch::jit::Resolver {
+  std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
+                                                         const torch::jit::SourceRange& loc) override {
+    if (name == "torch") return std::make_shared<TorchNamespace>();
+    return torch::jit::nativeResolver()->resolveValue(name, m, loc);
+  }
+  c10::TypePtr resolveType(const std::string& name, const torch::jit::SourceRange&) override {
+    if (name == "Group" || name == "ftcomm.Group") return c10::getCustomClassType<c10::intrusive_ptr<HookGroup>>();
+    if (name == "Bucket" || name == "ftcomm.Bucket") return c10::getCustomClassType<c10::intrusive_ptr<HookBucket>>();
+    return nullptr;
+  }
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in, "hook: cannot read '", path, "'");
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
+// Blanks top-level `import` and `from ... import` lines (keeping line numbers for
+// error messages): hook files stay importable Python for editors and linters,
+// while the C++ TorchScript compiler takes no imports.
+std::string without_imports(const std::string& source) {
+  std::istringstream in(source);
+  std::string line, out;
+  while (std::getline(in, line)) {
+    if (line.rfind("import ", 0) == 0 || line.rfind("from ", 0) == 0) line.clear();
+    out += line + "\n";
+  }
+  return out;
+}
+
+// Checks `schema` against hook(state, params, group, bucket) -> Tensor.
+void check_hook_schema(const c10::FunctionSchema& schema, const std::string& where, size_t skip_self) {
+  const auto& args = schema.arguments();
+  const std::string want =
+      "hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor";
+  auto fail = [&](const std::string& why) {
+    TORCH_CHECK(false, "hook ", where, ": wrong signature (", why, "): found ", schema, "; a hook must be ", want);
+  };
+  if (args.size() != 4 + skip_self) fail("it takes " + std::to_string(args.size() - skip_self) + " arguments, not 4");
+  const auto state_t = c10::DictType::create(
+      c10::StringType::get(), c10::DictType::create(c10::IntType::get(), c10::TensorType::get()));
+  const auto params_t = c10::DictType::create(c10::StringType::get(), c10::FloatType::get());
+  if (*args[skip_self].type() != *state_t) fail("argument 1 must be Dict[str, Dict[int, Tensor]]");
+  if (*args[skip_self + 1].type() != *params_t) fail("argument 2 must be Dict[str, float]");
+  if (*args[skip_self + 2].type() != *c10::getCustomClassType<c10::intrusive_ptr<HookGroup>>()) {
+    fail("argument 3 must be Group");
+  }
+  if (*args[skip_self + 3].type() != *c10::getCustomClassType<c10::intrusive_ptr<HookBucket>>()) {
+    fail("argument 4 must be Bucket");
+  }
+  if (schema.returns().size() != 1 || *schema.returns()[0].type() != *c10::TensorType::get()) {
+    fail("it must return Tensor");
+  }
+}
+
+}  // namespace
+
+struct ScriptHookLoader {
+  static std::shared_ptr<ScriptHook> load(const std::string& file_or_name) {
+    std::string path = file_or_name;
+    if (!ends_with(path, ".py") && !ends_with(path, ".pt")) {
+      TORCH_CHECK(path.find('/') == std::string::npos, "hook '", path,
+                  "': a hook file must end in .py (TorchScript source) or .pt (torch.jit.save)");
+      const std::string dir = hooks_dir();
+      path = dir + "/" + file_or_name + ".py";
+      if (!detail::path_exists(path)) {
+        std::string known;
+        for (const auto& n : list_hooks()) known += (known.empty() ? "" : ", ") + n;
+        TORCH_CHECK(false, "unknown hook '", file_or_name, "'; the hooks in ", dir, " are: ", known,
+                    ". Or pass a path to a .py or .pt hook file");
+      }
+    }
+    TORCH_CHECK(detail::path_exists(path), "hook file '", path, "' does not exist");
+    auto hook = std::shared_ptr<ScriptHook>(new ScriptHook());
+    hook->path_ = path;
+    const std::string bytes = read_file(path);
+    hook->digest_ = sha256_hex(bytes);
+    const auto slash = path.find_last_of('/');
+    hook->name_ = path.substr(slash == std::string::npos ? 0 : slash + 1);
+    hook->name_ = hook->name_.substr(0, hook->name_.size() - 3);
+
+    if (ends_with(path, ".py")) {
+      auto cu = std::make_shared<torch::jit::CompilationUnit>();
+      try {
+        cu->define(std::nullopt, without_imports(bytes), std::make_shared<HookResolver>(), nullptr);
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "hook ", path, " does not compile as TorchScript:\n", e.what());
+      }
+      for (const char* fn : {"spec", "params", "hook"}) {
+        TORCH_CHECK(cu->find_function(fn) != nullptr, "hook ", path, " is not a hook: it defines no '", fn,
+                    "' function (a hook defines spec(), params() and hook(state, params, group, bucket))");
+      }
+      check_hook_schema(cu->get_function("hook").getSchema(), path, 0);
+      hook->spec_fn_ = [cu] { return cu->get_function("spec")({}); };
+      hook->params_fn_ = [cu] { return cu->get_function("params")({}); };
+      hook->hook_ = [cu](std::vector<c10::IValue> args) { return cu->get_function("hook")(std::move(args)); };
+      hook->keep_alive_ = cu;
+    } else {
+      std::shared_ptr<torch::jit::Module> module;
+      try {
+        module = std::make_shared<torch::jit::Module>(torch::jit::load(path));
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "hook ", path, " is not a TorchScript archive torch.jit.load can read (",
+                    first_line(e.what()), ")");
+      }
+      for (const char* fn : {"spec", "params", "forward"}) {
+        TORCH_CHECK(module->find_method(fn).has_value(), "hook ", path, " is not a hook: the module has no '", fn,
+                    "' method (export spec and params with @torch.jit.export)");
+      }
+      check_hook_schema(module->get_method("forward").function().getSchema(), path, 1);
+      hook->spec_fn_ = [module] { return module->get_method("spec")({}); };
+      hook->params_fn_ = [module] { return module->get_method("params")({}); };
+      hook->hook_ = [module](std::vector<c10::IValue> args) { return module->get_method("forward")(std::move(args)); };
+      hook->keep_alive_ = module;
+    }
+
+    // The state declaration and the parameters.
+    c10::IValue spec;
+    try {
+      spec = hook->spec_fn_();
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "hook ", path, ": spec() failed: ", first_line(e.what()));
+    }
+    TORCH_CHECK(spec.isGenericDict(), "hook ", path,
+                ": spec() must return Dict[str, List[str]] with keys 'replicated' and 'local'");
+    auto spec_dict = spec.toGenericDict();
+    for (const char* key : {"replicated", "local"}) {
+      TORCH_CHECK(spec_dict.contains(key), "hook ", path, ": missing state declaration: spec() has no '", key,
+                  "' entry; declare it, even as an empty list");
+      auto names = spec_dict.at(key);
+      TORCH_CHECK(names.isList(), "hook ", path, ": spec()['", key, "'] must be a List[str]");
+      for (const auto& n : names.toListRef()) {
+        auto& list = std::string(key) == "replicated" ? hook->replicated_ : hook->local_;
+        list.push_back(n.toStringRef());
+        hook->state_.insert(n.toStringRef(), c10::Dict<int64_t, at::Tensor>());
+      }
+    }
+    for (const auto& entry : spec_dict) {
+      const std::string key = entry.key().toStringRef();
+      TORCH_CHECK(key == "replicated" || key == "local", "hook ", path, ": spec() has an unknown entry '", key,
+                  "'; only 'replicated' and 'local'");
+    }
+    c10::IValue params;
+    try {
+      params = hook->params_fn_();
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "hook ", path, ": params() failed: ", first_line(e.what()));
+    }
+    TORCH_CHECK(params.isGenericDict(), "hook ", path, ": params() must return Dict[str, float]");
+    for (const auto& entry : params.toGenericDict()) {
+      hook->params_[entry.key().toStringRef()] = entry.value().toDouble();
+      hook->params_dict_.insert(entry.key().toStringRef(), entry.value().toDouble());
+    }
+    return hook;
+  }
+};
+
+std::shared_ptr<ScriptHook> ScriptHook::load(const std::string& file_or_name) {
+  return ScriptHookLoader::load(file_or_name);
+}
+
+void ScriptHook::set_param(const std::string& key, const std::string& value) {
+  if (params_.find(key) == params_.end()) {
+    std::string known;
+    for (const auto& [k, v] : params_) known += (known.empty() ? "" : ", ") + k;
+    TORCH_CHECK(false, "hook ", name_, " has no parameter '", key, "'; its parameters are: ",
+                known.empty() ? "(none)" : known);
+  }
+  char* end = nullptr;
+  const double v = std::strtod(value.c_str(), &end);
+  TORCH_CHECK(end != value.c_str() && *end == '\0', "hook ", name_, ": parameter ", key, "='", value,
+              "' is not a number");
+  params_[key] = v;
+  params_dict_.insert_or_assign(key, v);
+}
+
+at::Tensor ScriptHook::run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket) {
+  c10::IValue out = hook_({c10::IValue(state_), c10::IValue(params_dict_), c10::IValue(group), c10::IValue(bucket)});
+  TORCH_CHECK(out.isTensor(), "hook ", name_, " returned ", out.tagKind(), ", not a Tensor");
+  return out.toTensor();
+}
+
+std::string hooks_dir() {
+  if (const char* env = std::getenv("FTCOMM_HOOKS_DIR")) return env;
+  for (const char* dir : {FTCOMM_SOURCE_HOOKS_DIR, FTCOMM_INSTALL_HOOKS_DIR}) {
+    if (*dir != '\0' && detail::path_exists(dir)) return dir;
+  }
+  return "hooks_ts";
+}
+
+std::vector<std::string> list_hooks() {
+  std::vector<std::string> names;
+  for (const auto& f : detail::list_dir(hooks_dir())) {
+    if (ends_with(f, ".py")) names.push_back(f.substr(0, f.size() - 3));
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// --- running inside the Reducer ------------------------------------------------
+
+struct ScriptCommHook::Worker {
+  struct Task {
+    c10::intrusive_ptr<HookBucket> bucket;
+    at::Tensor original;  // a copy for kFallback
+    c10::intrusive_ptr<c10::ivalue::Future> future;
+  };
+  std::mutex mutex;
+  std::condition_variable ready;
+  std::deque<Task> queue;
+  bool stop = false;
+  int64_t fallbacks = 0;
+  std::thread thread;
+};
+
+ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,
+                               ScriptCommHookOptions options)
+    : CppCommHookInterface(std::move(pg)), hook_(std::move(hook)), options_(options),
+      worker_(std::make_unique<Worker>()) {
+  auto group = c10::make_intrusive<HookGroup>(state_);
+  worker_->thread = std::thread([this, group] {
+    Worker& w = *worker_;
+    while (true) {
+      Worker::Task task;
+      {
+        std::unique_lock<std::mutex> lock(w.mutex);
+        w.ready.wait(lock, [&] { return w.stop || !w.queue.empty(); });
+        if (w.queue.empty()) return;
+        task = std::move(w.queue.front());
+        w.queue.pop_front();
+      }
+      const at::Tensor buffer = task.bucket->buffer();
+      std::string error;
+      at::Tensor result;
+      try {
+        result = hook_->run(group, task.bucket);
+        if (result.sizes() != buffer.sizes() || result.scalar_type() != buffer.scalar_type() ||
+            result.device() != buffer.device()) {
+          std::ostringstream why;
+          why << "returned " << result.scalar_type() << result.sizes() << " on " << result.device() << " for a "
+              << buffer.scalar_type() << buffer.sizes() << " bucket on " << buffer.device();
+          error = why.str();
+        } else if (options_.agree_per_bucket && !at::isfinite(result).all().item<bool>()) {
+          error = "returned non-finite values (NaN or Inf)";
+        }
+      } catch (const std::exception& e) {
+        error = std::string("threw: ") + first_line(e.what());
+      }
+      if (options_.agree_per_bucket) {
+        // One rank's bad result must not leave the others out of step: all
+        // decide together.
+        std::vector<at::Tensor> flag{at::tensor({error.empty() ? int64_t(0) : group->rank() + 1})};
+        c10d::AllreduceOptions max;
+        max.reduceOp = c10d::ReduceOp::MAX;
+        try {
+          state_->allreduce(flag, max)->wait();
+        } catch (const std::exception& e) {
+          task.future->setError(std::make_exception_ptr(
+              std::runtime_error("hook " + hook_->name() + ": ranks could not agree on bucket " +
+                             std::to_string(task.bucket->index()) + ": " + first_line(e.what()))));
+          continue;
+        }
+        const int64_t bad = flag[0].item<int64_t>();
+        if (bad != 0) {
+          const std::string who = error.empty() ? "rank " + std::to_string(bad - 1)
+                                                : "rank " + std::to_string(group->rank()) + " (" + error + ")";
+          if (options_.on_error == OnHookError::kFallback) {
+            std::vector<at::Tensor> plain{task.original};
+            state_->allreduce(plain)->wait();
+            plain[0].div_(group->world_size());
+            if (w.fallbacks++ == 0 && group->rank() == 0) {
+              std::cerr << "ftcomm: hook " << hook_->name() << " failed on " << who << " in bucket "
+                        << task.bucket->index() << "; every rank falls back to allreduce for such buckets\n";
+            }
+            task.future->markCompleted(c10::IValue(plain[0]));
+          } else {
+            task.future->setError(std::make_exception_ptr(std::runtime_error(
+                "hook " + hook_->name() + " failed on " + who + " in bucket " + std::to_string(task.bucket->index()) +
+                    "; every rank stops here (the ranks agreed). Fix the hook, or run with the fallback policy")));
+          }
+          continue;
+        }
+      } else if (!error.empty()) {
+        task.future->setError(std::make_exception_ptr(
+            std::runtime_error("hook " + hook_->name() + " in bucket " + std::to_string(task.bucket->index()) + ": " + error)));
+        continue;
+      }
+      task.future->markCompleted(c10::IValue(result));
+    }
+  });
+}
+
+ScriptCommHook::~ScriptCommHook() {
+  {
+    std::lock_guard<std::mutex> lock(worker_->mutex);
+    worker_->stop = true;
+  }
+  worker_->ready.notify_all();
+  worker_->thread.join();
+}
+
+int64_t ScriptCommHook::fallbacks() const {
+  std::lock_guard<std::mutex> lock(worker_->mutex);
+  return worker_->fallbacks;
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket& bucket) {
+  Worker::Task task;
+  task.bucket = HookBucket::from(bucket);
+  if (options_.on_error == OnHookError::kFallback) task.original = bucket.getBufferRef().clone();
+  task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
+  auto future = task.future;
+  {
+    std::lock_guard<std::mutex> lock(worker_->mutex);
+    worker_->queue.push_back(std::move(task));
+  }
+  worker_->ready.notify_one();
+  return future;
+}
+
+void agree_on_hook(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const ScriptHook& hook,
+                   const std::vector<std::string>& pinned) {
+  if (!pinned.empty()) {
+    TORCH_CHECK(std::find(pinned.begin(), pinned.end(), hook.digest()) != pinned.end(), "hook ", hook.name(),
+                " (", hook.path(), ") has digest ", hook.digest(),
+                ", which is not pinned; pin it with --hook-digest ", hook.digest(), " if it is trusted");
+  }
+  const std::string& mine = hook.digest();
+  at::Tensor local = at::empty({64}, at::kByte);
+  std::memcpy(local.data_ptr(), mine.data(), 64);
+  std::vector<std::vector<at::Tensor>> all(1);
+  for (int r = 0; r < pg->getSize(); ++r) all[0].push_back(at::empty({64}, at::kByte));
+  std::vector<at::Tensor> in{local};
+  pg->allgather(all, in)->wait();
+  const std::string first(static_cast<const char*>(all[0][0].data_ptr()), 64);
+  for (int r = 1; r < pg->getSize(); ++r) {
+    const std::string theirs(static_cast<const char*>(all[0][r].data_ptr()), 64);
+    TORCH_CHECK(theirs == first, "hook digests differ: rank 0 has ", first, ", rank ", r, " has ", theirs,
+                ". Every rank must load the same hook file (this rank, ", pg->getRank(), ", loaded ", hook.path(), ")");
+  }
+}
+
+}  // namespace ftcomm
