@@ -1,6 +1,6 @@
 # FP16 compression: bit-for-bit what c10d's built-in FP16_COMPRESS hook computes.
-# Like the built-in, it rounds each gradient to fp16 precision, divides by the
-# world size and sums in the bucket's dtype; the rounding, not the wire, is fp16.
+# The bucket travels as float16 (half the bytes), is divided by the world size in
+# float16 before the sum (against overflow), and is written back into the bucket.
 from typing import Dict, List
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ def params() -> Dict[str, float]:
 
 def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:
     buffer = bucket.buffer()
-    buffer.copy_(buffer.to(torch.float16))
-    buffer.div_(group.world_size())
-    group.allreduce(buffer)
+    compressed = buffer.to(torch.float16)
+    compressed.div_(group.world_size())
+    group.allreduce(compressed)
+    buffer.copy_(compressed)
     return buffer

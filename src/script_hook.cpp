@@ -30,13 +30,46 @@ namespace ftcomm {
 
 // --- the TorchScript-visible classes -----------------------------------------
 
+int64_t HookGroup::exchange(int64_t value) {
+  std::vector<at::Tensor> flag{at::tensor({value})};
+  c10d::AllreduceOptions max;
+  max.reduceOp = c10d::ReduceOp::MAX;
+  pg_->allreduce(flag, max)->wait();
+  return flag[0].item<int64_t>();
+}
+
+void HookGroup::begin_guarded() {
+  guarded_ = true;
+  decision_ = -1;
+  stopped_by_peer_ = false;
+}
+
+void HookGroup::control_before_collective() {
+  if (!guarded_) return;
+  TORCH_CHECK(decision_ < 0, "hook bucket already decided; no further collectives");
+  const int64_t got = exchange(0);
+  if (got != 0) {
+    decision_ = got;
+    stopped_by_peer_ = true;
+    TORCH_CHECK(false, "the hook failed on rank ", got - 1, "; stopping this bucket on every rank");
+  }
+}
+
+int64_t HookGroup::conclude(int64_t verdict) {
+  if (decision_ < 0) decision_ = exchange(verdict);
+  guarded_ = false;
+  return decision_;
+}
+
 at::Tensor HookGroup::allreduce(at::Tensor tensor) {
+  control_before_collective();
   std::vector<at::Tensor> list{tensor};
   pg_->allreduce(list)->wait();
   return tensor;
 }
 
 std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
+  control_before_collective();
   std::vector<std::vector<at::Tensor>> out(1);
   for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> in{tensor};
@@ -47,6 +80,7 @@ std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
 at::Tensor HookGroup::broadcast(at::Tensor tensor, int64_t root) {
   TORCH_CHECK(root >= 0 && root < world_size(), "Group.broadcast: root ", root, " is not a rank of a group of ",
               world_size());
+  control_before_collective();
   std::vector<at::Tensor> list{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
@@ -109,11 +143,15 @@ struct TorchNamespace : torch::jit::BuiltinModule {
 };
 
 // TorchScript compiled from C++ knows only torch's builtins; this adds the names
-// Group and Bucket (and their qualified spellings) and torch's dtypes.
+// Group and Bucket (and their qualified spellings), torch's dtypes and the
+// exceptions a hook may raise.
 struct HookResolver : torch::jit::Resolver {
   std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
                                                          const torch::jit::SourceRange& loc) override {
     if (name == "torch") return std::make_shared<TorchNamespace>();
+    if (name == "Exception" || name == "RuntimeError" || name == "ValueError") {
+      return std::make_shared<torch::jit::ExceptionValue>(name);
+    }
     return torch::jit::nativeResolver()->resolveValue(name, m, loc);
   }
   c10::TypePtr resolveType(const std::string& name, const torch::jit::SourceRange&) override {
@@ -129,6 +167,17 @@ std::string read_file(const std::string& path) {
   std::ostringstream out;
   out << in.rdbuf();
   return out.str();
+}
+
+// The line that says what went wrong in a TorchScript exception: the
+// interpreter puts the raised message last ("builtins.Exception: boom").
+std::string script_error(const std::string& what) {
+  std::istringstream in(what.substr(0, what.find("\nException raised from")));
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t") != std::string::npos) last = line;
+  }
+  return last.empty() ? what : last;
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -356,6 +405,7 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
       const at::Tensor buffer = task.bucket->buffer();
       std::string error;
       at::Tensor result;
+      if (options_.agree_per_bucket) group->begin_guarded();
       try {
         result = hook_->run(group, task.bucket);
         if (result.sizes() != buffer.sizes() || result.scalar_type() != buffer.scalar_type() ||
@@ -368,48 +418,51 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
           error = "returned non-finite values (NaN or Inf)";
         }
       } catch (const std::exception& e) {
-        error = std::string("threw: ") + first_line(e.what());
+        error = std::string("threw: ") + script_error(e.what());
       }
-      if (options_.agree_per_bucket) {
-        // One rank's bad result must not leave the others out of step: all
-        // decide together.
-        std::vector<at::Tensor> flag{at::tensor({error.empty() ? int64_t(0) : group->rank() + 1})};
-        c10d::AllreduceOptions max;
-        max.reduceOp = c10d::ReduceOp::MAX;
-        try {
-          state_->allreduce(flag, max)->wait();
-        } catch (const std::exception& e) {
-          task.future->setError(std::make_exception_ptr(
-              std::runtime_error("hook " + hook_->name() + ": ranks could not agree on bucket " +
-                             std::to_string(task.bucket->index()) + ": " + first_line(e.what()))));
-          continue;
+      if (!options_.agree_per_bucket) {
+        if (error.empty()) {
+          task.future->markCompleted(c10::IValue(result));
+        } else {
+          task.future->setError(std::make_exception_ptr(std::runtime_error(
+              "hook " + hook_->name() + " in bucket " + std::to_string(task.bucket->index()) + ": " + error)));
         }
-        const int64_t bad = flag[0].item<int64_t>();
-        if (bad != 0) {
-          const std::string who = error.empty() ? "rank " + std::to_string(bad - 1)
-                                                : "rank " + std::to_string(group->rank()) + " (" + error + ")";
-          if (options_.on_error == OnHookError::kFallback) {
-            std::vector<at::Tensor> plain{task.original};
-            state_->allreduce(plain)->wait();
-            plain[0].div_(group->world_size());
-            if (w.fallbacks++ == 0 && group->rank() == 0) {
-              std::cerr << "ftcomm: hook " << hook_->name() << " failed on " << who << " in bucket "
-                        << task.bucket->index() << "; every rank falls back to allreduce for such buckets\n";
-            }
-            task.future->markCompleted(c10::IValue(plain[0]));
-          } else {
-            task.future->setError(std::make_exception_ptr(std::runtime_error(
-                "hook " + hook_->name() + " failed on " + who + " in bucket " + std::to_string(task.bucket->index()) +
-                    "; every rank stops here (the ranks agreed). Fix the hook, or run with the fallback policy")));
-          }
-          continue;
-        }
-      } else if (!error.empty()) {
-        task.future->setError(std::make_exception_ptr(
-            std::runtime_error("hook " + hook_->name() + " in bucket " + std::to_string(task.bucket->index()) + ": " + error)));
         continue;
       }
-      task.future->markCompleted(c10::IValue(result));
+      // One rank's failure must not leave the others out of step: all decide
+      // together (see HookGroup's guarded mode).
+      int64_t bad = 0;
+      try {
+        bad = group->conclude(error.empty() ? 0 : group->rank() + 1);
+      } catch (const std::exception& e) {
+        task.future->setError(std::make_exception_ptr(std::runtime_error(
+            "hook " + hook_->name() + ": ranks could not agree on bucket " + std::to_string(task.bucket->index()) +
+            ": " + first_line(e.what()))));
+        continue;
+      }
+      if (bad == 0) {
+        task.future->markCompleted(c10::IValue(result));
+        continue;
+      }
+      // Name this rank's own failure when it has one, else the rank that failed.
+      const bool mine = !error.empty() && !group->stopped_by_peer();
+      const std::string who = mine ? "rank " + std::to_string(group->rank()) + " (" + error + ")"
+                                   : "rank " + std::to_string(bad - 1);
+      if (options_.on_error == OnHookError::kFallback) {
+        std::vector<at::Tensor> plain{task.original};
+        state_->allreduce(plain)->wait();
+        plain[0].div_(group->world_size());
+        if (w.fallbacks++ == 0 && (mine || group->rank() == 0)) {
+          std::cerr << ("ftcomm: hook " + hook_->name() + " failed on " + who + " in bucket " +
+                        std::to_string(task.bucket->index()) +
+                        "; every rank falls back to a mean allreduce for such buckets\n");
+        }
+        task.future->markCompleted(c10::IValue(plain[0]));
+      } else {
+        task.future->setError(std::make_exception_ptr(std::runtime_error(
+            "hook " + hook_->name() + " failed on " + who + " in bucket " + std::to_string(task.bucket->index()) +
+            "; every rank stops here (the ranks agreed). Fix the hook, or run with the fallback policy")));
+      }
     }
   });
 }

@@ -32,6 +32,12 @@ namespace ftcomm {
 // What a hook sees of the group, as TorchScript class ftcomm.Group. Collectives
 // are synchronous inside the hook (class_ methods cannot return a Future); hooks
 // run on ScriptCommHook's worker thread, never on the autograd thread.
+//
+// Guarded mode (ScriptCommHook's per-bucket agreement): before each collective the
+// ranks exchange one control value (a 1-element MAX allreduce), and a rank whose
+// hook failed sends its failure there instead. So when a hook fails on some ranks
+// only, at any point, every rank learns it at the same control exchange and no
+// rank is left waiting in a collective the others never join.
 class HookGroup : public torch::CustomClassHolder {
  public:
   explicit HookGroup(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
@@ -41,8 +47,22 @@ class HookGroup : public torch::CustomClassHolder {
   std::vector<at::Tensor> allgather(at::Tensor tensor);      // one tensor per rank
   at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
 
+  // For ScriptCommHook: start a bucket in guarded mode; exchange this rank's
+  // verdict (0 = ok, else rank + 1) unless the bucket is already decided; and the
+  // decision: 0 when every rank was fine, else 1 + a failing rank.
+  void begin_guarded();
+  int64_t conclude(int64_t verdict);
+  // Whether this bucket was stopped at a control exchange because another rank
+  // had failed (this rank's hook then saw an error it did not cause).
+  bool stopped_by_peer() const { return stopped_by_peer_; }
+
  private:
+  void control_before_collective();
+  int64_t exchange(int64_t value);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  bool guarded_ = false;
+  int64_t decision_ = -1;  // -1: undecided
+  bool stopped_by_peer_ = false;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.

@@ -1,0 +1,460 @@
+// Scripted comm hooks: numerics against c10d's built-ins and references, the
+// Reducer path, bad hooks, digests, collective failure decisions, the .pt route.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "fsutil.h"
+#include "ftcomm/process_group.h"
+#include "ftcomm/script_hook.h"
+#include "support/multiprocess.h"
+#include "support/reducer_model.h"
+
+namespace ftcomm {
+namespace {
+
+using Store = c10::intrusive_ptr<c10d::Store>;
+
+// A bucket over `buffer` with gradients of `shapes`, packed back to back.
+struct TestBucket {
+  TestBucket(at::Tensor buffer, std::vector<std::vector<int64_t>> shapes, size_t index = 0, size_t count = 1)
+      : shapes_(std::move(shapes)) {
+    size_t at = 0;
+    for (const auto& s : shapes_) {
+      offsets.push_back(at);
+      lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
+      at += lengths.back();
+    }
+    std::vector<c10::IntArrayRef> sizes(shapes_.begin(), shapes_.end());
+    bucket = std::make_unique<c10d::GradBucket>(index, count, buffer, offsets, lengths, sizes,
+                                                std::vector<at::Tensor>(shapes_.size()), std::nullopt);
+  }
+  std::vector<std::vector<int64_t>> shapes_;
+  std::vector<size_t> offsets, lengths;
+  std::unique_ptr<c10d::GradBucket> bucket;
+};
+
+at::Tensor run(c10d::CommHookInterface& hook, c10d::GradBucket& bucket) {
+  auto future = hook.runHook(bucket);
+  future->wait();
+  if (future->hasError()) std::rethrow_exception(future->exception_ptr());
+  return hook.parseHookResult(future->value());
+}
+
+at::Tensor rank_values(int rank, int64_t numel, double scale = 1000.0) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(100 + rank);
+  return at::randn({numel}, gen) * scale;
+}
+
+bool bit_equal(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+      std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(), a.nbytes()) == 0;
+}
+
+c10::intrusive_ptr<c10d::ProcessGroup> group(int rank, int world, const Store& store) {
+  return make_process_group(testing::thread_options(rank, world, store));
+}
+
+// c10d's built-in hooks are reachable only through the Reducer (their classes are
+// not exported from libtorch), so the comparison runs whole training steps.
+TEST(ScriptHookNumerics, ThroughTheReducerGradientsEqualTheBuiltins) {
+  testing::run_threads(2, [](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    for (auto [kind, name] : {std::pair{testing::HookKind::kBuiltinAllreduce, "allreduce"},
+                              std::pair{testing::HookKind::kBuiltinFp16, "fp16_compress"}}) {
+      testing::ReducerModel builtin(pg, {64, 128, 128, 8}, 1 << 15);
+      testing::ReducerModel scripted(pg, {64, 128, 128, 8}, 1 << 15);
+      builtin.set_hook(kind);
+      scripted.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, ScriptHook::load(name)));
+      for (int step = 0; step < 3; ++step) {
+        builtin.step(16, step);
+        scripted.step(16, step);
+        const auto want = builtin.gradients(), got = scripted.gradients();
+        for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(bit_equal(got[i], want[i])) << name << " grad " << i;
+      }
+    }
+  });
+}
+
+// PowerSGD at full rank reconstructs each matrix exactly: the result must be the
+// plain mean, an independent check of the whole pipeline (P, Q, orthogonalization,
+// the uncompressed path, the division by the world size).
+TEST(ScriptHookNumerics, PowerSgdAtFullRankEqualsTheMean) {
+  testing::run_threads(2, [](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    const std::vector<std::vector<int64_t>> shapes{{48, 6}, {6}, {40, 5}};
+    auto hook = ScriptHook::load("powersgd");
+    hook->set_param("start_iter", "0");
+    hook->set_param("rank", "6");
+    hook->set_param("min_compression_rate", "0");  // compress even where it does not pay
+    ScriptCommHook comm(pg, hook);
+    const int64_t numel = 48 * 6 + 6 + 40 * 5;
+    const at::Tensor mine = rank_values(rank, numel, 1.0);
+    const at::Tensor mean = (rank_values(0, numel, 1.0) + rank_values(1, numel, 1.0)) / 2;
+    TestBucket b(mine.clone(), shapes);
+    const at::Tensor got = run(comm, *b.bucket);
+    EXPECT_LT((got - mean).abs().max().item<double>(), 1e-5 * mean.abs().max().item<double>());
+  });
+}
+
+// An independent C++ implementation of PyTorch's powerSGD_hook algorithm (with
+// ftcomm's deterministic initial Q), against which the TorchScript hook must agree
+// to ~1e-6 relative over several steps with warm start and error feedback.
+struct PowerSgdReference {
+  int rank = 2;
+  int start_iter = 1;
+  int64_t iteration = 0;
+  std::map<int64_t, at::Tensor> p, q, error;
+
+  static void orthogonalize(at::Tensor m) {
+    const int64_t r = m.size(2);
+    if (r <= 2) {
+      for (int64_t i = 0; i < r; ++i) {
+        at::Tensor col = m.narrow(2, i, 1);
+        col.div_(at::linalg_vector_norm(col, 2, at::IntArrayRef{1}, true));
+        if (i + 1 < r) {
+          at::Tensor rest = m.narrow(2, i + 1, r - i - 1);
+          rest.sub_(at::sum(col * rest, {1}, true) * col);
+        }
+      }
+    } else {
+      m.copy_(std::get<0>(at::linalg_qr(m)));
+    }
+  }
+
+  at::Tensor run(c10d::ProcessGroup& pg, at::Tensor buffer, int64_t index, bool last,
+                 const std::vector<std::vector<int64_t>>& shapes) {
+    auto allreduce = [&](at::Tensor t) {
+      std::vector<at::Tensor> v{t};
+      pg.allreduce(v)->wait();
+    };
+    const int world = pg.getSize();
+    if (iteration < start_iter) {
+      buffer.div_(world);
+      allreduce(buffer);
+      iteration += last;
+      return buffer;
+    }
+    if (error.count(index)) buffer.add_(error[index]);
+    const at::Tensor input = buffer.clone();
+    std::vector<at::Tensor> compress, plain;
+    int64_t at = 0, total_p = 0, total_q = 0;
+    for (const auto& s : shapes) {
+      const int64_t numel = c10::multiply_integers(s);
+      at::Tensor g = buffer.narrow(0, at, numel).view(s);
+      at += numel;
+      at::Tensor m = g.view({s[0], -1});
+      const int64_t r = std::min({m.size(0), m.size(1), int64_t(rank)});
+      if ((m.size(0) + m.size(1)) * r * 2 < m.size(0) * m.size(1)) {
+        compress.push_back(m);
+        total_p += m.size(0) * r;
+        total_q += m.size(1) * r;
+      } else {
+        plain.push_back(g);
+      }
+    }
+    std::vector<at::Tensor> flat;
+    for (auto& g : plain) flat.push_back(g.reshape({-1}));
+    at::Tensor plain_memory = flat.empty() ? at::empty({0}) : at::cat(flat);
+    const bool fresh = !p.count(index);
+    if (fresh) {
+      p[index] = at::empty({total_p});
+      q[index] = at::empty({total_q});
+    }
+    // Matrices in order of first appearance of their shape.
+    std::vector<at::Tensor> ordered;
+    std::vector<std::vector<int64_t>> seen;
+    for (auto& m : compress) {
+      if (std::find(seen.begin(), seen.end(), m.sizes().vec()) == seen.end()) seen.push_back(m.sizes().vec());
+    }
+    for (auto& s : seen) {
+      for (auto& m : compress) {
+        if (m.sizes().vec() == s) ordered.push_back(m.unsqueeze(0));
+      }
+    }
+    std::vector<at::Tensor> ps, qs;
+    int64_t pa = 0, qa = 0;
+    for (auto& m : ordered) {
+      const int64_t n = m.size(1), k = m.size(2), r = std::min({n, k, int64_t(rank)});
+      ps.push_back(p[index].narrow(0, pa, n * r).view({1, n, r}));
+      qs.push_back(q[index].narrow(0, qa, k * r).view({1, k, r}));
+      pa += n * r;
+      qa += k * r;
+    }
+    for (size_t k = 0; k < qs.size(); ++k) {
+      if (fresh) {
+        const double seed = double(iteration * 1000003 + index * 1009 + int64_t(k));
+        at::Tensor x = at::arange(qs[k].numel(), at::kDouble);
+        qs[k].copy_(at::frac(at::sin(x * 12.9898 + seed * 78.233) * 43758.5453).to(at::kFloat).view(qs[k].sizes()));
+      }
+      orthogonalize(qs[k]);
+    }
+    for (size_t k = 0; k < ordered.size(); ++k) ps[k].copy_(at::bmm(ordered[k], qs[k]));
+    allreduce(plain_memory);
+    plain_memory.div_(world);
+    int64_t off = 0;
+    for (auto& g : plain) {
+      g.copy_(plain_memory.narrow(0, off, g.numel()).view(g.sizes()));
+      off += g.numel();
+    }
+    allreduce(p[index]);
+    for (auto& pk : ps) orthogonalize(pk);
+    for (size_t k = 0; k < ordered.size(); ++k) qs[k].copy_(at::bmm(ordered[k].transpose(1, 2), ps[k]));
+    allreduce(q[index]);
+    q[index].div_(world);
+    for (size_t k = 0; k < ordered.size(); ++k) ordered[k].copy_(at::bmm(ps[k], qs[k].transpose(1, 2)));
+    error[index] = input - buffer;
+    iteration += last;
+    return buffer;
+  }
+};
+
+class PowerSgdMatchesReference : public ::testing::TestWithParam<int> {};
+
+TEST_P(PowerSgdMatchesReference, OverStepsWithWarmStartAndErrorFeedback) {
+  const int rank_param = GetParam();
+  testing::run_threads(2, [rank_param](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    const std::vector<std::vector<int64_t>> shapes0{{64, 32}, {32}, {16, 16, 3}, {64, 32}};
+    const std::vector<std::vector<int64_t>> shapes1{{100, 20}, {20}};
+    auto hook = ScriptHook::load("powersgd");
+    hook->set_param("start_iter", "1");
+    hook->set_param("rank", std::to_string(rank_param));
+    ScriptCommHook comm(pg, hook);
+    PowerSgdReference ref;
+    ref.rank = rank_param;
+    for (int step = 0; step < 4; ++step) {
+      for (int b = 0; b < 2; ++b) {
+        const auto& shapes = b == 0 ? shapes0 : shapes1;
+        int64_t numel = 0;
+        for (const auto& s : shapes) numel += c10::multiply_integers(s);
+        const at::Tensor values = rank_values(rank * 10 + step * 100 + b, numel, 1.0);
+        TestBucket mine(values.clone(), shapes, b, 2);
+        const at::Tensor got = run(comm, *mine.bucket);
+        const at::Tensor want = ref.run(*pg, values.clone(), b, b == 1, shapes);
+        const double scale = want.abs().max().item<double>();
+        EXPECT_LE((got - want).abs().max().item<double>(), 1e-6 * scale) << "step " << step << " bucket " << b;
+        if (step > 0) {
+          const at::Tensor err = hook->state().at("error").at(b);
+          EXPECT_LE((err - ref.error[b]).abs().max().item<double>(), 1e-6 * scale) << "error feedback differs";
+        }
+      }
+    }
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, PowerSgdMatchesReference, ::testing::Values(1, 2, 4));
+
+TEST(ScriptHookNumerics, Int8StaysWithinItsErrorBound) {
+  testing::run_threads(3, [](int rank, const Store& store) {
+    auto pg = group(rank, 3, store);
+    ScriptCommHook comm(pg, ScriptHook::load("int8_quantize"));
+    const int64_t n = 5000;
+    TestBucket b(rank_values(rank, n), {{n}});
+    const at::Tensor got = run(comm, *b.bucket);
+    const at::Tensor all = at::stack({rank_values(0, n), rank_values(1, n), rank_values(2, n)});
+    const at::Tensor mean = all.mean(0);
+    const double scale = all.abs().max().item<double>() / 127.0;
+    const double worst = (got - mean).abs().max().item<double>();
+    EXPECT_LE(worst, scale / 2 * (1 + 1e-5)) << "scale " << scale;
+    EXPECT_GT(worst, 0.0) << "quantization must show";
+  });
+}
+
+TEST(ScriptHookNumerics, TopkCarriesWhatItDidNotSend) {
+  testing::run_threads(2, [](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    auto hook = ScriptHook::load("topk");
+    hook->set_param("ratio", "0.1");
+    ScriptCommHook comm(pg, hook);
+    const int64_t n = 1000;
+    const at::Tensor values = rank_values(rank, n);
+    TestBucket b(values.clone(), {{n}});
+    run(comm, *b.bucket);
+    const at::Tensor error = hook->state().at("error").at(0);
+    EXPECT_EQ(at::count_nonzero(values - error).item<int64_t>(), 100) << "exactly k entries were sent";
+    // With ratio 1 nothing is held back: the plain mean.
+    hook->set_param("ratio", "1");
+    EXPECT_EQ(hook->state().at("error").erase(0), 1u);
+    TestBucket all(values.clone(), {{n}});
+    const at::Tensor mean = (rank_values(0, n) + rank_values(1, n)) / 2;
+    EXPECT_LE((run(comm, *all.bucket) - mean).abs().max().item<double>(), 1e-3);
+  });
+}
+
+TEST(ScriptHookNumerics, Bf16IsCloseToTheMean) {
+  testing::run_threads(2, [](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    ScriptCommHook comm(pg, ScriptHook::load("bf16_compress"));
+    TestBucket b(rank_values(rank, 777), {{777}});
+    const at::Tensor mean = (rank_values(0, 777) + rank_values(1, 777)) / 2;
+    const at::Tensor got = run(comm, *b.bucket);
+    EXPECT_LE((got - mean).abs().max().item<double>(), 2 * 1000 * 4 / 256.0);  // bf16 keeps 8 bits
+  });
+}
+
+// --- bad hooks --------------------------------------------------------------
+
+class HookFiles : public ::testing::Test {
+ protected:
+  HookFiles() {
+    char tmpl[] = "/tmp/ftcomm-hooks-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+  }
+  ~HookFiles() override { detail::remove_tree(dir_); }
+  std::string write(const std::string& name, const std::string& body, bool with_header = true) {
+    const std::string header =
+        "from typing import Dict, List\nimport torch\nfrom torch import Tensor\n\n"
+        "def spec() -> Dict[str, List[str]]:\n    none: List[str] = []\n    return {'replicated': none, 'local': none}\n\n"
+        "def params() -> Dict[str, float]:\n    p: Dict[str, float] = {}\n    return p\n\n";
+    const std::string path = dir_ + "/" + name;
+    std::ofstream(path) << (with_header ? header : "") << body;
+    return path;
+  }
+  static std::string hook_body(const std::string& lines) {
+    return "def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) "
+           "-> Tensor:\n" + lines;
+  }
+  void expect_check_error(const std::string& path, std::initializer_list<const char*> parts) {
+    try {
+      check_hook(path, HookCheckOptions{});
+      ADD_FAILURE() << "hook check passed " << path;
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      for (const char* part : parts) EXPECT_NE(what.find(part), std::string::npos) << "missing '" << part << "' in:\n" << what;
+    }
+  }
+  std::string dir_;
+};
+
+TEST_F(HookFiles, ANewHookFileDeploysByPathWithNoRebuild) {
+  const auto path = write("double_mean.py", hook_body("    b = bucket.buffer()\n    b.mul_(2.0 / group.world_size())\n    return group.allreduce(b)\n"));
+  const auto report = check_hook(path, HookCheckOptions{});
+  EXPECT_EQ(report.name, "double_mean");
+  EXPECT_EQ(report.digest.size(), 64u);
+  EXPECT_EQ(report.buckets_checked, 18);
+}
+
+TEST_F(HookFiles, EachKindOfBadHookGetsAClearError) {
+  expect_check_error(write("syntax.py", hook_body("    b = bucket.buffer(\n    return b\n")), {"does not compile", "line"});
+  expect_check_error(write("signature.py", "def hook(x: Tensor) -> Tensor:\n    return x\n"), {"wrong signature", "takes 1 arguments"});
+  expect_check_error(write("nostate.py",
+                           "from typing import Dict, List\nfrom torch import Tensor\n"
+                           "def spec() -> Dict[str, List[str]]:\n    l: List[str] = []\n    return {'local': l}\n"
+                           "def params() -> Dict[str, float]:\n    p: Dict[str, float] = {}\n    return p\n" +
+                               hook_body("    return bucket.buffer()\n"),
+                           false),
+                     {"missing state declaration", "replicated"});
+  expect_check_error(write("shape.py", hook_body("    return bucket.buffer()[:10]\n")), {"returned", "bucket"});
+  expect_check_error(write("dtype.py", hook_body("    return bucket.buffer().to(torch.float64)\n")), {"returned Double"});
+  expect_check_error(write("nan.py", hook_body("    return bucket.buffer() * float('nan')\n")), {"non-finite"});
+  expect_check_error(write("throws.py", hook_body("    raise Exception('boom')\n")), {"threw", "boom"});
+  expect_check_error(write("nothook.py", "def hello() -> int:\n    return 1\n", false), {"is not a hook", "spec"});
+  expect_check_error(write("junk.pt", "not an archive"), {"not a TorchScript archive"});
+  expect_check_error("no_such_hook_name", {"unknown hook 'no_such_hook_name'", "powersgd"});
+}
+
+TEST_F(HookFiles, UnknownParameterNamesTheKnownOnes) {
+  auto hook = ScriptHook::load("powersgd");
+  try {
+    hook->set_param("rnak", "4");
+    ADD_FAILURE();
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("no parameter 'rnak'"), std::string::npos);
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("rank"), std::string::npos);
+  }
+}
+
+// A hook that fails on one rank only: the ranks decide together, so either all
+// fail with the same error or all fall back to a plain mean allreduce.
+TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
+  const auto path = write("rank1_fails.py", hook_body("    if group.rank() == 1:\n        raise Exception('rank one is unhappy')\n"
+                                                      "    b = bucket.buffer()\n    b.div_(group.world_size())\n    return group.allreduce(b)\n"));
+  for (OnHookError policy : {OnHookError::kFail, OnHookError::kFallback}) {
+    testing::run_threads(2, [&, policy](int rank, const Store& store) {
+      auto pg = group(rank, 2, store);
+      ScriptCommHookOptions options;
+      options.on_error = policy;
+      ScriptCommHook comm(pg, ScriptHook::load(path), options);
+      TestBucket b(rank_values(rank, 100), {{100}});
+      if (policy == OnHookError::kFail) {
+        try {
+          run(comm, *b.bucket);
+          ADD_FAILURE() << "rank " << rank << " did not fail";
+        } catch (const std::exception& e) {
+          EXPECT_NE(std::string(e.what()).find("failed on rank 1"), std::string::npos) << e.what();
+        }
+      } else {
+        const at::Tensor mean = (rank_values(0, 100) + rank_values(1, 100)) / 2;
+        EXPECT_LE((run(comm, *b.bucket) - mean).abs().max().item<double>(), 1e-3);
+        EXPECT_EQ(comm.fallbacks(), 1);
+      }
+    });
+  }
+}
+
+TEST_F(HookFiles, RanksMustAgreeOnTheDigestAndPinsAreEnforced) {
+  const auto other = write("other.py", hook_body("    return bucket.buffer()\n"));
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    auto hook = ScriptHook::load(rank == 0 ? std::string("noop") : other);
+    try {
+      agree_on_hook(pg, *hook);
+      ADD_FAILURE() << "digests differ but agree_on_hook passed";
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      EXPECT_NE(what.find("hook digests differ"), std::string::npos) << what;
+      EXPECT_NE(what.find(ScriptHook::load("noop")->digest()), std::string::npos) << what;
+      EXPECT_NE(what.find(ScriptHook::load(other)->digest()), std::string::npos) << what;
+    }
+  });
+  auto hook = ScriptHook::load("noop");
+  testing::run_threads(1, [&](int rank, const Store& store) {
+    auto pg = group(rank, 1, store);
+    agree_on_hook(pg, *hook, {hook->digest()});
+    EXPECT_THROW(agree_on_hook(pg, *hook, {std::string(64, 'a')}), c10::Error);
+  });
+}
+
+// The .pt route: a module scripted in Python against ftcomm.Group and
+// ftcomm.Bucket after torch.ops.load_library, saved with torch.jit.save.
+TEST_F(HookFiles, APtArchiveFromPythonLoadsAndRuns) {
+  if (std::system("python3 -c 'import torch' >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3 with torch";
+  const std::string script = write("make_hook.py",
+                                   "import sys, torch\n"
+                                   "from typing import Dict, List\n"
+                                   "torch.ops.load_library(sys.argv[1])\n"
+                                   "class Mean(torch.nn.Module):\n"
+                                   "    @torch.jit.export\n"
+                                   "    def spec(self) -> Dict[str, List[str]]:\n"
+                                   "        none: List[str] = []\n"
+                                   "        return {'replicated': none, 'local': none}\n"
+                                   "    @torch.jit.export\n"
+                                   "    def params(self) -> Dict[str, float]:\n"
+                                   "        return {'scale': 1.0}\n"
+                                   "    def forward(self, state: Dict[str, Dict[int, torch.Tensor]], params: Dict[str, float],\n"
+                                   "                group: torch.classes.ftcomm.Group, bucket: torch.classes.ftcomm.Bucket) -> torch.Tensor:\n"
+                                   "        b = bucket.buffer()\n"
+                                   "        b.mul_(params['scale'] / group.world_size())\n"
+                                   "        return group.allreduce(b)\n"
+                                   "torch.jit.save(torch.jit.script(Mean()), sys.argv[2])\n",
+                                   false);
+  const std::string pt = dir_ + "/mean.pt";
+  const std::string cmd = "python3 -W ignore " + script + " " + FTCOMM_LIBRARY_PATH + " " + pt;
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const auto report = check_hook(pt, HookCheckOptions{});
+  EXPECT_EQ(report.params.at("scale"), 1.0);
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    ScriptCommHook comm(pg, ScriptHook::load(pt));
+    TestBucket b(rank_values(rank, 64), {{64}});
+    const at::Tensor mean = (rank_values(0, 64) + rank_values(1, 64)) / 2;
+    EXPECT_LE((run(comm, *b.bucket) - mean).abs().max().item<double>(), 1e-3);
+  });
+}
+
+}  // namespace
+}  // namespace ftcomm

@@ -1,0 +1,38 @@
+// A small MLP trained through c10d::Reducer, driven from C++ as DDP does
+// (rebuild_buckets, prepare_for_forward, forward, prepare_for_backward, backward),
+// for hook tests and the hook benchmark.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/default_comm_hooks.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
+namespace ftcomm::testing {
+
+enum class HookKind { kNone, kBuiltinAllreduce, kBuiltinFp16, kCustom };
+
+class ReducerModel {
+ public:
+  // `widths` = layer sizes, e.g. {512, 1024, 1024, 10}; same init on every rank.
+  ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
+               int64_t bucket_bytes = 4 << 20);
+  ~ReducerModel();
+  void set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterface> custom = nullptr);
+  // One forward/backward of a batch whose values depend on `seed` and the rank;
+  // returns the loss. Gradients are reduced into the parameters' .grad().
+  double step(int64_t batch, int64_t seed);
+  std::vector<at::Tensor> gradients() const;
+  const std::vector<at::Tensor>& parameters() const { return params_; }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::vector<at::Tensor> params_;
+  std::unique_ptr<c10d::Reducer> reducer_;
+};
+
+}  // namespace ftcomm::testing
