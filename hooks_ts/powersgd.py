@@ -72,6 +72,12 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
         return group.allreduce(buffer)
 
     errors = state["error"]
+    # DDP rebuilds its buckets after the first iteration; state kept for an index
+    # whose bucket changed size no longer fits, so it starts over for that bucket.
+    if index in errors and errors[index].numel() != buffer.numel():
+        errors.pop(index)
+        state["p"].pop(index)
+        state["q"].pop(index)
     use_error_feedback = params["error_feedback"] != 0.0
     input_copy = buffer
     if use_error_feedback:

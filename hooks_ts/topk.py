@@ -21,7 +21,7 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
     buffer = bucket.buffer()
     index = bucket.index()
     errors = state["error"]
-    if index in errors:
+    if index in errors and errors[index].numel() == buffer.numel():
         buffer.add_(errors[index])
     n = buffer.numel()
     k = max(1, min(n, int(torch.ceil(torch.tensor(params["ratio"] * n)).item())))

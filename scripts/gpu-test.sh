@@ -67,6 +67,14 @@ if [ "${GPU_BENCH:-1}" != 0 ]; then
   fi
 fi
 
+if [ "${GPU_BENCH:-1}" != 0 ]; then
+  step "PowerSGD per bucket on cuda:0: ftcomm's TorchScript hook vs PyTorch's Python powerSGD_hook"
+  "$build/tests/ftcomm_bench_hooks" --bucket-timing cuda --backend nccl 2>&1 | tee "$results/powersgd-buckets.txt" | tail -1 \
+    || failed+=(powersgd-ts)
+  python3 -W ignore tests/bench/powersgd_python_bench.py cuda nccl 2>&1 | tee -a "$results/powersgd-buckets.txt" | tail -1 \
+    || failed+=(powersgd-python)
+fi
+
 echo
 if ((${#failed[@]})); then
   echo "gpu-test: FAILED: ${failed[*]}"

@@ -46,7 +46,9 @@ HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptio
         auto pg = make_process_group(o);
         auto mine = ScriptHook::load(report.path);
         for (const auto& [k, v] : options.params) mine->set_param(k, v);
-        ScriptCommHook comm(pg, mine);
+        ScriptCommHookOptions checks;
+        checks.check_finite = true;
+        ScriptCommHook comm(pg, mine, checks);
         // Three buckets a step: a matrix, a vector and the rest, like a layer.
         const int64_t rows = 32, cols = std::max<int64_t>(1, options.numel / 64);
         std::vector<std::vector<int64_t>> shapes = {{rows, cols}, {cols}, {options.numel - rows * cols - cols}};

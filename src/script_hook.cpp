@@ -414,7 +414,7 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
           why << "returned " << result.scalar_type() << result.sizes() << " on " << result.device() << " for a "
               << buffer.scalar_type() << buffer.sizes() << " bucket on " << buffer.device();
           error = why.str();
-        } else if (options_.agree_per_bucket && !at::isfinite(result).all().item<bool>()) {
+        } else if (options_.check_finite && !at::isfinite(result).all().item<bool>()) {
           error = "returned non-finite values (NaN or Inf)";
         }
       } catch (const std::exception& e) {

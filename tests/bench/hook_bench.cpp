@@ -1,0 +1,258 @@
+// Step time of DDP training through c10d::Reducer with TorchScript hooks against
+// c10d's built-in hooks and no hook, same model, group and batches in one run,
+// methods interleaved round by round. Correctness is checked on what was timed:
+// the scripted allreduce/fp16 gradients must equal the built-ins' bit for bit.
+// With --bucket-timing, also the time of each PowerSGD bucket (runHook to result).
+//
+//   ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,c] [--batch B]
+//                      [--bucket-mb M] [--device cpu|cuda] [--backend gloo|nccl|auto] [--json FILE]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include "ftcomm/process_group.h"
+#include "ftcomm/script_hook.h"
+#include "support/multiprocess.h"
+#include "support/reducer_model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  int world = 2, steps = 5, rounds = 5, batch = 64;
+  double bucket_mb = 25;
+  std::vector<int64_t> widths{1024, 2048, 2048, 2048, 1024};
+  std::string json;
+  bool no_agree = false;  // measure without the per-bucket agreement
+  std::string bucket_timing;  // "cpu" or "cuda": per-bucket PowerSGD timing, world 1
+  std::string backend = "auto";
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto v = [&] {
+      if (i + 1 >= argc) {
+        std::cerr << k << " needs a value\n";
+        std::exit(2);
+      }
+      return std::string(argv[++i]);
+    };
+    if (k == "--world") a.world = std::stoi(v());
+    else if (k == "--steps") a.steps = std::stoi(v());
+    else if (k == "--rounds") a.rounds = std::stoi(v());
+    else if (k == "--batch") a.batch = std::stoi(v());
+    else if (k == "--bucket-mb") a.bucket_mb = std::stod(v());
+    else if (k == "--json") a.json = v();
+    else if (k == "--no-agree") a.no_agree = true;
+    else if (k == "--bucket-timing") a.bucket_timing = v();
+    else if (k == "--backend") a.backend = v();
+    else if (k == "--widths") {
+      a.widths.clear();
+      std::stringstream in(v());
+      std::string w;
+      while (std::getline(in, w, ',')) a.widths.push_back(std::stoll(w));
+    } else {
+      std::cerr << "Usage: ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,...] [--batch B]\n"
+                   "                          [--bucket-mb M] [--json FILE]\n";
+      std::exit(k == "--help" ? 0 : 2);
+    }
+  }
+  return a;
+}
+
+double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double v) {
+  std::vector<at::Tensor> t{at::tensor({v}, at::kDouble)};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::MAX;
+  pg->allreduce(t, o)->wait();
+  return t[0].item<double>();
+}
+
+int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
+  at::set_num_threads(1);  // as torchrun does for several ranks on one host
+  auto options = ftcomm::testing::spawned_options(ctx, ftcomm::StoreKind::kTcp, std::chrono::seconds(300));
+  auto pg = ftcomm::make_process_group(options);
+  const int64_t cap = static_cast<int64_t>(args.bucket_mb * (1 << 20));
+  using ftcomm::testing::HookKind;
+  struct Method {
+    std::string name;
+    HookKind kind;
+    std::string script;
+    std::unique_ptr<ftcomm::testing::ReducerModel> model;
+    std::vector<double> step_ms;
+  };
+  std::vector<Method> methods;
+  methods.push_back({"no hook", HookKind::kNone, "", nullptr, {}});
+  methods.push_back({"builtin ALLREDUCE", HookKind::kBuiltinAllreduce, "", nullptr, {}});
+  methods.push_back({"ts allreduce", HookKind::kCustom, "allreduce", nullptr, {}});
+  methods.push_back({"builtin FP16_COMPRESS", HookKind::kBuiltinFp16, "", nullptr, {}});
+  methods.push_back({"ts fp16_compress", HookKind::kCustom, "fp16_compress", nullptr, {}});
+  methods.push_back({"ts powersgd r4", HookKind::kCustom, "powersgd", nullptr, {}});
+  methods.push_back({"ts noop", HookKind::kCustom, "noop", nullptr, {}});
+  int64_t numel = 0;
+  for (auto& m : methods) {
+    m.model = std::make_unique<ftcomm::testing::ReducerModel>(pg, args.widths, cap);
+    if (m.kind == HookKind::kCustom) {
+      auto hook = ftcomm::ScriptHook::load(m.script);
+      if (m.script == "powersgd") {
+        hook->set_param("rank", "4");
+        hook->set_param("start_iter", "2");  // after DDP's bucket rebuild, as PyTorch requires
+      }
+      ftcomm::ScriptCommHookOptions hook_options;
+      hook_options.agree_per_bucket = !args.no_agree;
+      m.model->set_hook(m.kind, std::make_unique<ftcomm::ScriptCommHook>(pg, hook, hook_options));
+    } else {
+      m.model->set_hook(m.kind);
+    }
+    m.model->step(args.batch, 0);  // warm up; the first step also rebuilds buckets
+    m.model->step(args.batch, 1);
+  }
+  for (const auto& p : methods[0].model->parameters()) numel += p.numel();
+  for (int round = 0; round < args.rounds; ++round) {
+    for (auto& m : methods) {
+      for (int s = 0; s < args.steps; ++s) {
+        pg->barrier()->wait();
+        const auto start = Clock::now();
+        m.model->step(args.batch, 100 + s);
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        m.step_ms.push_back(max_over_ranks(pg, ms));
+      }
+    }
+  }
+  // Correctness of what was timed: the last step (same seed for all) of each pair.
+  auto equal = [&](size_t a, size_t b) {
+    const auto ga = methods[a].model->gradients(), gb = methods[b].model->gradients();
+    bool same = true;
+    for (size_t i = 0; i < ga.size(); ++i) same = same && at::equal(ga[i], gb[i]);
+    return max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
+  };
+  const bool allreduce_equal = equal(1, 2), fp16_equal = equal(3, 4);
+  if (ctx.rank != 0) return 0;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::printf("\nReducer step time, world %d, cpu/gloo, model %lld params (%.1f MB grads), batch %d, bucket %.0f MB,\n"
+              "%d rounds x %d steps per method, interleaved; median of the slowest rank per step\n",
+              ctx.world, static_cast<long long>(numel), numel * 4 / 1e6, args.batch, args.bucket_mb, args.rounds,
+              args.steps);
+  std::map<std::string, double> med;
+  for (auto& m : methods) med[m.name] = median(m.step_ms);
+  std::printf("%-22s %10s %12s\n", "method", "step ms", "vs builtin");
+  for (auto& m : methods) {
+    const std::string base = m.name.find("fp16") != std::string::npos ? "builtin FP16_COMPRESS" : "builtin ALLREDUCE";
+    std::printf("%-22s %10.2f %11.3fx\n", m.name.c_str(), med[m.name], med[m.name] / med[base]);
+  }
+  const double r_all = med["ts allreduce"] / med["builtin ALLREDUCE"];
+  const double r_fp16 = med["ts fp16_compress"] / med["builtin FP16_COMPRESS"];
+  std::printf("\ntargets: ts allreduce / builtin %.3fx (<= 1.05x %s), ts fp16 / builtin %.3fx (<= 1.05x %s)\n", r_all,
+              r_all <= 1.05 ? "met" : "MISSED", r_fp16, r_fp16 <= 1.05 ? "met" : "MISSED");
+  std::printf("correctness of what was timed: allreduce grads bit-equal %s, fp16 grads bit-equal %s\n",
+              allreduce_equal ? "yes" : "NO", fp16_equal ? "yes" : "NO");
+  if (!args.json.empty()) {
+    std::ofstream out(args.json);
+    out << "{\"world\": " << ctx.world << ", \"params\": " << numel << ", \"batch\": " << args.batch
+        << ", \"bucket_mb\": " << args.bucket_mb << ", \"median_step_ms\": {";
+    bool first = true;
+    for (auto& [k, v] : med) {
+      out << (first ? "" : ", ") << "\"" << k << "\": " << v;
+      first = false;
+    }
+    out << "}, \"allreduce_bit_equal\": " << (allreduce_equal ? "true" : "false")
+        << ", \"fp16_bit_equal\": " << (fp16_equal ? "true" : "false") << "}\n";
+  }
+  return allreduce_equal && fp16_equal ? 0 : 1;
+}
+
+// Per-bucket time of the TorchScript powersgd hook (rank 4, warm start, error
+// feedback), from runHook to a result on the device, at world size 1. The buckets
+// are the ones tests/bench/powersgd_python_bench.py gives PyTorch's powerSGD_hook.
+int bucket_timing(const Args& args) {
+  const at::Device device = args.bucket_timing == "cuda" ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  ftcomm::ProcessGroupOptions o;
+  o.store = ftcomm::StoreKind::kCustom;
+  o.custom_store = c10::make_intrusive<c10d::HashStore>();
+  o.backend = ftcomm::parse_backend(args.backend);
+  auto pg = ftcomm::make_process_group(o);
+  auto hook = ftcomm::ScriptHook::load("powersgd");
+  hook->set_param("rank", "4");
+  hook->set_param("start_iter", "2");
+  ftcomm::ScriptCommHook comm(pg, hook);
+  const std::vector<std::vector<std::vector<int64_t>>> buckets = {
+      {{1024, 2048}, {2048}, {2048, 2048}, {2048}}, {{2048, 2048}, {2048}, {2048, 1024}, {1024}}};
+  std::vector<at::Tensor> sources;
+  for (const auto& shapes : buckets) {
+    int64_t n = 0;
+    for (const auto& s : shapes) n += c10::multiply_integers(s);
+    sources.push_back(at::randn({n}).to(device));
+  }
+  c10::impl::VirtualGuardImpl guard(device.type());
+  std::vector<std::vector<double>> times(buckets.size());
+  for (int it = 0; it < 25; ++it) {
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      at::Tensor buffer = sources[b].clone();
+      std::vector<size_t> offsets, lengths;
+      std::vector<c10::IntArrayRef> sizes;
+      size_t at = 0;
+      for (const auto& s : buckets[b]) {
+        offsets.push_back(at);
+        lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
+        sizes.emplace_back(s);
+        at += lengths.back();
+      }
+      c10d::GradBucket bucket(b, buckets.size(), buffer, offsets, lengths, sizes,
+                              std::vector<at::Tensor>(buckets[b].size()), std::nullopt);
+      if (device.is_cuda()) guard.getStream(device).synchronize();
+      const auto start = Clock::now();
+      auto future = comm.runHook(bucket);
+      future->wait();
+      if (future->hasError()) std::rethrow_exception(future->exception_ptr());
+      if (device.is_cuda()) guard.getStream(device).synchronize();
+      if (it >= 5) times[b].push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    }
+  }
+  std::printf("powersgd (TorchScript, C++) per-bucket time on %s, rank 4, median of 20 after 5 warm-up:", device.str().c_str());
+  for (auto& t : times) {
+    std::sort(t.begin(), t.end());
+    std::printf(" %.3f ms", t[t.size() / 2]);
+  }
+  std::printf("\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = parse(argc, argv);
+  try {
+    if (!args.bucket_timing.empty()) return bucket_timing(args);
+    if (auto ctx = ftcomm::testing::child_context()) return run_rank(args, *ctx);
+    auto outcomes = ftcomm::testing::spawn_self(args.world, std::chrono::minutes(30),
+                                                std::vector<std::string>(argv + 1, argv + argc));
+    int status = 0;
+    for (const auto& o : outcomes) {
+      if (!o.ok()) {
+        std::cerr << "rank " << o.rank << " failed: exit " << o.exit_code << " signal " << o.signal << "\n";
+        status = 1;
+      }
+    }
+    return status;
+  } catch (const std::exception& e) {
+    std::cerr << "ftcomm_bench_hooks: " << e.what() << "\n";
+    return 1;
+  }
+}
