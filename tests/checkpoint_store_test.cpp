@@ -172,6 +172,8 @@ TEST(CheckpointStore, RetentionKeepsTheNewestSnapshotsAndCollectsBlobs) {
       ASSERT_TRUE(store->Commit(record_for(step, 0), hook_state_for(step, 1, 0)).ok());
     }
   }
+  // Retention runs after a snapshot's commit is reported; wait for it.
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
   std::vector<CommitRecord> commits;
   ASSERT_TRUE(store->ListCommits(&commits).ok());
   // Snapshots at 3, 6, 9; keep 6 and 9 and every commit from 6 on.

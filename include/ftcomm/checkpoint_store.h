@@ -140,7 +140,8 @@ class CheckpointStore {
   virtual std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
                                                               const std::vector<HookStateEntry>& hook_state,
                                                               const std::vector<NamedTensor>& state) = 0;
-  // Waits for a snapshot in flight, if any.
+  // Waits for a snapshot in flight, if any, and for the retention pass that
+  // follows its commit.
   virtual StoreStatus WaitForSnapshot() = 0;
 
   // The newest complete commit; NotFound in an empty store.
