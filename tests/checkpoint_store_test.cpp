@@ -12,9 +12,12 @@
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
+#include "ftcomm/bucket_layout.h"
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/process_group.h"
 #include "fsutil.h"
 #include "support/multiprocess.h"
+#include "support/reducer_model.h"
 
 namespace ftcomm {
 namespace {
@@ -146,6 +149,48 @@ TEST(CheckpointStore, LayoutSignatureSeesEveryField) {
   std::swap(changed.buckets[0].parameter_indices[0], changed.buckets[0].parameter_indices[1]);
   EXPECT_NE(changed.signature(), base.signature());
   EXPECT_EQ(sample_layout(2).signature(), base.signature());
+}
+
+// A resumed job rebuilds exactly the stored buckets, after c10d's first-iteration
+// rebuild too; a layout that does not fit the model, or that this configuration
+// would not produce (another bucket cap), is detected.
+TEST(CheckpointStoreLayout, AResumedReducerRebuildsTheStoredBuckets) {
+  TempDir tmp;
+  testing::run_threads(1, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 1, store));
+    const std::vector<int64_t> widths{32, 64, 64, 16};
+    testing::ReducerModel first(pg, widths, 8 << 10);
+    first.step(4, 0);
+    first.step(4, 1);  // after the rebuild
+    const BucketLayout layout = bucket_layout_of(first.reducer(), first.parameters());
+    ASSERT_GT(layout.buckets.size(), 1u);
+    {
+      auto ckpt = open_store(tmp.sub("r"));
+      ASSERT_TRUE(ckpt->PutLayout(layout).ok());
+    }
+    auto ckpt = open_store(tmp.sub("r"));
+    BucketLayout stored;
+    ASSERT_TRUE(ckpt->GetLayout(layout.signature(), &stored).ok());
+
+    testing::ReducerModel resumed(pg, widths, 8 << 10, bucket_indices(stored));
+    EXPECT_EQ(layout_mismatch(stored, resumed.parameters()), "");
+    EXPECT_EQ(bucket_layout_of(resumed.reducer(), resumed.parameters()).signature(), stored.signature());
+    resumed.step(4, 0);
+    resumed.step(4, 1);
+    EXPECT_EQ(bucket_layout_of(resumed.reducer(), resumed.parameters()).signature(), stored.signature())
+        << "c10d's rebuild changed the stored layout";
+
+    testing::ReducerModel other_model(pg, {32, 48, 16}, 8 << 10);
+    const std::string why = layout_mismatch(stored, other_model.parameters());
+    EXPECT_FALSE(why.empty());
+    EXPECT_TRUE(why.find("shape") != std::string::npos || why.find("names parameter") != std::string::npos) << why;
+
+    testing::ReducerModel other_cap(pg, widths, 64 << 10);
+    other_cap.step(4, 0);
+    other_cap.step(4, 1);
+    EXPECT_NE(bucket_layout_of(other_cap.reducer(), other_cap.parameters()).signature(), stored.signature())
+        << "a different bucket cap must show as a different layout signature";
+  });
 }
 
 TEST(CheckpointStore, StepsMustIncrease) {

@@ -3,7 +3,7 @@
 namespace ftcomm::testing {
 
 ReducerModel::ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
-                           int64_t bucket_bytes)
+                           int64_t bucket_bytes, std::vector<std::vector<size_t>> buckets)
     : pg_(pg) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
   for (size_t i = 0; i + 1 < widths.size(); ++i) {
@@ -11,7 +11,9 @@ ReducerModel::ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std
     params_.push_back(at::zeros({widths[i + 1]}).requires_grad_());
   }
   std::vector<bool> sparse(params_.size(), false);
-  auto [buckets, limits] = c10d::compute_bucket_assignment_by_size(params_, {static_cast<size_t>(bucket_bytes)}, sparse);
+  if (buckets.empty()) {
+    buckets = std::get<0>(c10d::compute_bucket_assignment_by_size(params_, {static_cast<size_t>(bucket_bytes)}, sparse));
+  }
   reducer_ = std::make_unique<c10d::Reducer>(params_, buckets, pg_, sparse, bucket_bytes,
                                              /*find_unused_parameters=*/false, /*gradient_as_bucket_view=*/false,
                                              std::unordered_map<size_t, std::string>(), bucket_bytes,

@@ -19,8 +19,9 @@ enum class HookKind { kNone, kBuiltinAllreduce, kBuiltinFp16, kCustom };
 class ReducerModel {
  public:
   // `widths` = layer sizes, e.g. {512, 1024, 1024, 10}; same init on every rank.
+  // `buckets`, when given, is the initial bucket assignment (a stored layout).
   ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
-               int64_t bucket_bytes = 4 << 20);
+               int64_t bucket_bytes = 4 << 20, std::vector<std::vector<size_t>> buckets = {});
   ~ReducerModel();
   void set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterface> custom = nullptr);
   // One forward/backward of a batch whose values depend on `seed` and the rank;
@@ -28,6 +29,7 @@ class ReducerModel {
   double step(int64_t batch, int64_t seed);
   std::vector<at::Tensor> gradients() const;
   const std::vector<at::Tensor>& parameters() const { return params_; }
+  const c10d::Reducer& reducer() const { return *reducer_; }
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
