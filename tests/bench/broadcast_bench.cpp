@@ -107,14 +107,6 @@ struct Result {
   bool correct = true;
 };
 
-double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double v) {
-  std::vector<at::Tensor> t{at::tensor({v}, at::kDouble)};
-  c10d::AllreduceOptions o;
-  o.reduceOp = c10d::ReduceOp::MAX;
-  pg->allreduce(t, o)->wait();
-  return t[0].item<double>();
-}
-
 int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   options.backend = ftcomm::parse_backend(args.backend);
   options.announce = true;
@@ -183,10 +175,10 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
         fn();
         if (device.is_cuda()) flat.sum().item<float>();  // drains the stream
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-        const double slowest = max_over_ranks(pg, ms);
+        const double slowest = ftcomm::testing::max_over_ranks(pg, ms);
         bool ok = is_flat ? at::equal(flat, flat_expected) : true;
         for (size_t i = 0; !is_flat && i < tensors.size() && ok; ++i) ok = at::equal(tensors[i], expected[i]);
-        correct = correct && max_over_ranks(pg, ok ? 0.0 : 1.0) == 0.0;
+        correct = correct && ftcomm::testing::max_over_ranks(pg, ok ? 0.0 : 1.0) == 0.0;
         if (it > 0) times.push_back(slowest);
       }
       std::sort(times.begin(), times.end());

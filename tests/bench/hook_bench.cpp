@@ -74,14 +74,6 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double v) {
-  std::vector<at::Tensor> t{at::tensor({v}, at::kDouble)};
-  c10d::AllreduceOptions o;
-  o.reduceOp = c10d::ReduceOp::MAX;
-  pg->allreduce(t, o)->wait();
-  return t[0].item<double>();
-}
-
 int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
   at::set_num_threads(1);  // as torchrun does for several ranks on one host
   auto options = ftcomm::testing::spawned_options(ctx, ftcomm::StoreKind::kTcp, std::chrono::seconds(300));
@@ -129,7 +121,7 @@ int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
         const auto start = Clock::now();
         m.model->step(args.batch, 100 + s);
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-        m.step_ms.push_back(max_over_ranks(pg, ms));
+        m.step_ms.push_back(ftcomm::testing::max_over_ranks(pg, ms));
       }
     }
   }
@@ -138,7 +130,7 @@ int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
     const auto ga = methods[a].model->gradients(), gb = methods[b].model->gradients();
     bool same = true;
     for (size_t i = 0; i < ga.size(); ++i) same = same && at::equal(ga[i], gb[i]);
-    return max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
+    return ftcomm::testing::max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
   };
   const bool allreduce_equal = equal(1, 2), fp16_equal = equal(3, 4);
   if (ctx.rank != 0) return 0;

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <thread>
 
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
@@ -41,6 +42,14 @@ const bool kFlightRecorderOff = [] {
 
 std::string store_name(StoreKind kind) {
   return kind == StoreKind::kTcp ? "tcp" : kind == StoreKind::kFile ? "file" : "custom";
+}
+
+double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double value) {
+  std::vector<at::Tensor> t{at::tensor({value}, at::kDouble)};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp::MAX;
+  pg->allreduce(t, options)->wait();
+  return t[0].item<double>();
 }
 
 int free_port() {

@@ -73,6 +73,9 @@ ProcessGroupOptions thread_options(int rank, int world, const c10::intrusive_ptr
 // "tcp" or "file", for test names.
 std::string store_name(StoreKind kind);
 
+// The largest `value` over the ranks of `pg` (for benchmarks: slowest rank, any failure).
+double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double value);
+
 // A TCP port nothing listens on right now.
 int free_port();
 
