@@ -21,6 +21,8 @@ constexpr const char* kUsage = R"(Usage: ftcomm <command> [options]
 Fault-tolerant gradient communication for PyTorch data-parallel training (C++).
 
 Commands:
+  train       Run one rank of fault-tolerant data-parallel training (see ftcomm train --help):
+                torchrun --no-python --nproc-per-node=4 --max-restarts=3 ftcomm train --ckpt DIR
   doctor      Form a process group and check it: backend choice, an allreduce and
               a verified broadcast_coalesced on CPU (and CUDA when a GPU is present).
               Runs as one rank, or as every rank under torchrun:
@@ -237,6 +239,8 @@ int hook_command(const std::vector<std::string>& args) {
 
 }  // namespace
 
+int train_main(const std::vector<std::string>& args);
+
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -247,6 +251,7 @@ int main(int argc, char** argv) {
   args.erase(args.begin());
   try {
     if (command == "doctor") return doctor(args);
+    if (command == "train") return train_main(args);
     if (command == "inspect") return inspect(args);
     if (command == "hook") return hook_command(args);
     return usage_error("unknown command '" + command + "'");

@@ -1,0 +1,80 @@
+// Fault-tolerant data parallelism driven from C++: c10d::Reducer with a scripted
+// comm hook, snapshots to the rank's checkpoint store every K steps, and recovery
+// at start-up (agree on the newest resumable step, resync ranks that lack it with
+// broadcast_coalesced, check hook digests and bucket layouts).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "ftcomm/checkpoint_store.h"
+#include "ftcomm/script_hook.h"
+
+namespace c10d {
+class Reducer;
+}
+
+namespace ftcomm {
+
+struct DdpOptions {
+  int64_t bucket_bytes = int64_t(25) << 20;
+  std::string hook = "allreduce";                               // name or file
+  std::vector<std::pair<std::string, std::string>> hook_args;  // k=v
+  std::string ckpt_dir;                                         // this rank's store; empty: none
+  std::string job_id;
+  int commit_every = 10;
+  int keep_snapshots = 2;
+  ScriptCommHookOptions hook_options;
+};
+
+struct RecoveryReport {
+  int64_t resumed_from_step = -1;  // -1: fresh start
+  double agreement_ms = 0, load_ms = 0, resync_ms = 0;
+  int64_t resync_bytes = 0;
+  std::vector<int> resynced_ranks;  // ranks that lacked the step
+  std::string local_state;          // what happened to rank-local hook state
+};
+
+class DistributedDataParallel {
+ public:
+  // `params` require grad; `extra_state` (e.g. optimizer momentum) is snapshotted
+  // and resynced with them. Same shapes and order on every rank.
+  DistributedDataParallel(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::vector<at::Tensor> params,
+                          std::vector<at::Tensor> extra_state, DdpOptions options);
+  ~DistributedDataParallel();
+
+  // Collective. Restores the newest step every rank can resume from (own store,
+  // else a peer's copy through broadcast_coalesced); returns what it did.
+  RecoveryReport recover();
+
+  // Around each step, as DDP does.
+  void before_forward();
+  void before_backward(const at::Tensor& loss);
+  // After the optimizer step `step`: snapshots every commit_every steps (in the
+  // background; the previous snapshot is waited for first).
+  void after_step(int64_t step, int64_t data_position);
+  // Waits for a snapshot in flight.
+  void flush();
+
+  const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
+  CheckpointStore* store() { return store_.get(); }
+
+ private:
+  std::vector<NamedTensor> snapshot_state() const;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::vector<at::Tensor> params_, extra_;
+  DdpOptions options_;
+  std::shared_ptr<ScriptHook> hook_;
+  std::unique_ptr<c10d::Reducer> reducer_;
+  std::unique_ptr<CheckpointStore> store_;
+};
+
+// SHA-256 of the tensors' bytes, in order (the run's parameter digest).
+std::string tensors_digest(const std::vector<at::Tensor>& tensors);
+
+}  // namespace ftcomm
