@@ -210,6 +210,7 @@ RecoveryReport DistributedDataParallel::recover() {
   report.load_ms = ms_since(start);
 
   // 3. Resync the ranks that lack it, from the first rank that has it.
+  if (options_.on_phase) options_.on_phase("resync");
   start = Clock::now();
   if (step >= 0 && !report.resynced_ranks.empty()) {
     std::vector<NamedTensor> replicated;

@@ -4,6 +4,7 @@
 // broadcast_coalesced, check hook digests and bucket layouts).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -30,6 +31,9 @@ struct DdpOptions {
   int commit_every = 10;
   int keep_snapshots = 2;
   ScriptCommHookOptions hook_options;
+  // Called at named points of recover() ("resync": after the agreement, before
+  // any state moves); for fault injection in tests and demos.
+  std::function<void(const std::string& phase)> on_phase;
 };
 
 struct RecoveryReport {

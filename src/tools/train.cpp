@@ -33,9 +33,13 @@ struct TrainArgs {
   int commit_every = 10;
   std::string backend = "auto";
   double bucket_mb = 1;
-  int fail_rank = -1;
-  int64_t fail_step = -1;
-  std::string fail_phase = "backward";
+  struct Failure {
+    int rank;
+    int64_t step;
+    std::string phase;
+    int64_t attempt;
+  };
+  std::vector<Failure> failures;
   std::string summary;
   int log_every = 10;
 };
@@ -48,8 +52,10 @@ constexpr const char* kTrainUsage = R"(Usage: ftcomm train [options]
   --ckpt DIR              checkpoint stores, one per rank under DIR/rank<R>
   --commit-every K        snapshot every K steps (default 10)
   --backend auto|gloo|nccl  --bucket-mb X
-  --fail-at RANK:STEP[:PHASE]  SIGKILL that rank at that step, first attempt only;
-                          PHASE is forward, backward (default), hook or commit
+  --fail-at RANK:STEP[:PHASE][@ATTEMPT]
+                          SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0,
+                          the first); PHASE is forward, backward (default), hook, commit, or
+                          resync (during recovery at start-up; STEP is ignored). Repeatable.
   --summary-json FILE     written by rank 0 at the end
 )";
 
@@ -79,16 +85,25 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
     else if (k == "--summary-json") a.summary = v();
     else if (k == "--log-every") a.log_every = std::stoi(v());
     else if (k == "--fail-at") {
-      const std::string spec = v();
-      const auto c1 = spec.find(':');
-      if (c1 == std::string::npos) throw std::invalid_argument("--fail-at takes RANK:STEP[:PHASE], got '" + spec + "'");
-      const auto c2 = spec.find(':', c1 + 1);
-      a.fail_rank = std::stoi(spec.substr(0, c1));
-      a.fail_step = std::stoll(spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
-      if (c2 != std::string::npos) a.fail_phase = spec.substr(c2 + 1);
-      if (a.fail_phase != "forward" && a.fail_phase != "backward" && a.fail_phase != "hook" && a.fail_phase != "commit") {
-        throw std::invalid_argument("--fail-at phase '" + a.fail_phase + "' is not one of forward, backward, hook, commit");
+      // RANK:STEP[:PHASE][@ATTEMPT]; the attempt is torchrun's restart count (default 0).
+      std::string spec = v();
+      TrainArgs::Failure f{0, 0, "backward", 0};
+      const auto at = spec.find('@');
+      if (at != std::string::npos) {
+        f.attempt = std::stoll(spec.substr(at + 1));
+        spec = spec.substr(0, at);
       }
+      const auto c1 = spec.find(':');
+      if (c1 == std::string::npos) throw std::invalid_argument("--fail-at takes RANK:STEP[:PHASE][@ATTEMPT], got '" + spec + "'");
+      const auto c2 = spec.find(':', c1 + 1);
+      f.rank = std::stoi(spec.substr(0, c1));
+      f.step = std::stoll(spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
+      if (c2 != std::string::npos) f.phase = spec.substr(c2 + 1);
+      if (f.phase != "forward" && f.phase != "backward" && f.phase != "hook" && f.phase != "commit" &&
+          f.phase != "resync") {
+        throw std::invalid_argument("--fail-at phase '" + f.phase + "' is not one of forward, backward, hook, commit, resync");
+      }
+      a.failures.push_back(f);
     } else if (k == "--help" || k == "-h") {
       std::cout << kTrainUsage;
       std::exit(0);
@@ -114,11 +129,13 @@ int train_main(const std::vector<std::string>& argv) {
   at::set_num_threads(1);
   auto pg = ftcomm::make_process_group(pgo);
   const int rank = pg->getRank(), world = pg->getSize();
-  const bool first_attempt = pgo.restart_count == 0;
-  auto maybe_fail = [&](int64_t step, const char* phase) {
-    if (first_attempt && rank == args.fail_rank && step == args.fail_step && args.fail_phase == phase) {
-      std::cerr << "ftcomm train: rank " << rank << ": injected failure at step " << step << " (" << phase << ")\n";
-      ::kill(::getpid(), SIGKILL);
+  auto maybe_fail = [&](int64_t step, const std::string& phase) {
+    for (const auto& f : args.failures) {
+      if (f.attempt == pgo.restart_count && f.rank == rank && f.phase == phase && (phase == "resync" || f.step == step)) {
+        std::cerr << "ftcomm train: rank " << rank << ": injected failure at step " << step << " (" << phase
+                  << ", attempt " << pgo.restart_count << ")\n";
+        ::kill(::getpid(), SIGKILL);
+      }
     }
   };
 
@@ -140,6 +157,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.commit_every = args.commit_every;
   options.job_id = "train-mlp-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty()) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
+  options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   const auto restart_t0 = Clock::now();
   const auto report = ddp.recover();
