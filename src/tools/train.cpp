@@ -176,6 +176,7 @@ int train_main(const std::vector<std::string>& argv) {
   }
   double loss_last = 0;
   double first_step_ms = 0;
+  const auto train_t0 = Clock::now();
   auto t_log = Clock::now();
   for (int64_t step = start; step < args.steps; ++step) {
     const auto t_step = Clock::now();
@@ -226,7 +227,8 @@ int train_main(const std::vector<std::string>& argv) {
         << ", \"load\": " << report.load_ms << ", \"resync\": " << report.resync_ms
         << ", \"first_step\": " << first_step_ms << ", \"since_start\": "
         << std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()
-        << "}, \"resync_bytes\": " << report.resync_bytes << ", \"hook\": \"" << ddp.hook()->name() << "\"}\n";
+        << "}, \"train_ms\": " << std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()
+        << ", \"resync_bytes\": " << report.resync_bytes << ", \"hook\": \"" << ddp.hook()->name() << "\"}\n";
   }
   if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
   return 0;
