@@ -1,4 +1,4 @@
-"""The ftcomm demo: 4 ranks of `ftcomm train` under torchrun on the embedded default
+"""The ftcomm demo: 4 ranks of `ftcomm train --model charlm` under torchrun on the embedded default
 (CPU, Gloo, local stores under a temp dir) with the powersgd hook. One run has a rank
 killed mid-training and recovers; the same run is repeated without a failure. Prints
 a table (steps, failure and recovery times by phase, resync bytes, digest equal) and
@@ -26,10 +26,11 @@ def free_port():
 def run(ftcomm, workdir, name, steps, extra):
     summary = os.path.join(workdir, name + ".json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc-per-node=4", "--max-restarts=2",
-           "--monitor-interval=0.2", f"--master-port={free_port()}", ftcomm, "train", "--steps", str(steps),
+           "--monitor-interval=0.2", f"--master-port={free_port()}", ftcomm, "train", "--model", "charlm", "--steps", str(steps),
            "--hook", "powersgd", "--hook-arg", "start_iter=5", "--hook-arg", "rank=2", "--commit-every", "10",
            "--log-every", "1", "--ckpt", os.path.join(workdir, name), "--summary-json", summary] + extra
-    print(f"demo: {name}: torchrun --nproc-per-node=4 ftcomm train --hook powersgd " + " ".join(extra), flush=True)
+    print(f"demo: {name}: torchrun --nproc-per-node=4 ftcomm train --model charlm --hook powersgd " + " ".join(extra),
+          flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
     losses, events, start = [], {}, time.time()
@@ -59,8 +60,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ftcomm", required=True)
     parser.add_argument("--out", default=".")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--fail-step", type=int, default=33)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--fail-step", type=int, default=47)
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="ftcomm-demo-")
     print(f"demo: stores under {workdir}", flush=True)
@@ -98,7 +99,7 @@ def main():
         ax.axvline(failed["resumed_from_step"], color="gray", ls=":", label=f"resumed from step {failed['resumed_from_step']}")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (rank 0)")
-        ax.set_title("ftcomm train, 4 ranks, powersgd: loss with and without a failure")
+        ax.set_title("ftcomm train, charlm, 4 ranks, powersgd: loss with and without a failure")
         ax.legend()
         fig.tight_layout()
         fig.savefig(picture, dpi=110)

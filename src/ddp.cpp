@@ -302,7 +302,9 @@ RecoveryReport DistributedDataParallel::recover() {
   reducer_ = std::make_unique<c10d::Reducer>(params_, buckets, pg_, sparse, options_.bucket_bytes, false, false,
                                              std::unordered_map<size_t, std::string>(), options_.bucket_bytes, false,
                                              false, std::vector<int64_t>());
-  reducer_->register_comm_hook(std::make_unique<ScriptCommHook>(pg_, hook_, options_.hook_options));
+  auto comm = std::make_unique<ScriptCommHook>(pg_, hook_, options_.hook_options);
+  comm_ = comm.get();
+  reducer_->register_comm_hook(std::move(comm));
   return report;
 }
 
@@ -330,6 +332,10 @@ void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {
   record.layout_signature = layout.signature();
   check(store_->WaitForSnapshot());
   store_->CommitSnapshotAsync(record, {}, snapshot_state());
+}
+
+double DistributedDataParallel::comm_seconds() const {
+  return comm_ ? comm_->busy_seconds() : 0.0;
 }
 
 void DistributedDataParallel::flush() {

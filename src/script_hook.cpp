@@ -1,6 +1,8 @@
 #include "ftcomm/script_hook.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <cstdlib>
@@ -383,6 +385,7 @@ struct ScriptCommHook::Worker {
   std::deque<Task> queue;
   bool stop = false;
   int64_t fallbacks = 0;
+  std::atomic<int64_t> busy_ns{0};
   std::thread thread;
 };
 
@@ -402,6 +405,14 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
         task = std::move(w.queue.front());
         w.queue.pop_front();
       }
+      const auto started = std::chrono::steady_clock::now();
+      struct Busy {
+        std::chrono::steady_clock::time_point start;
+        std::atomic<int64_t>& total;
+        ~Busy() {
+          total += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+        }
+      } busy{started, w.busy_ns};
       const at::Tensor buffer = task.bucket->buffer();
       std::string error;
       at::Tensor result;
@@ -474,6 +485,10 @@ ScriptCommHook::~ScriptCommHook() {
   }
   worker_->ready.notify_all();
   worker_->thread.join();
+}
+
+double ScriptCommHook::busy_seconds() const {
+  return static_cast<double>(worker_->busy_ns.load()) * 1e-9;
 }
 
 int64_t ScriptCommHook::fallbacks() const {

@@ -66,6 +66,8 @@ class DistributedDataParallel {
   void flush();
 
   const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
+  // Seconds spent in the comm hook so far (its compute and collectives).
+  double comm_seconds() const;
   CheckpointStore* store() { return store_.get(); }
 
  private:
@@ -75,6 +77,7 @@ class DistributedDataParallel {
   DdpOptions options_;
   std::shared_ptr<ScriptHook> hook_;
   std::unique_ptr<c10d::Reducer> reducer_;
+  const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
   std::unique_ptr<CheckpointStore> store_;
 };
 

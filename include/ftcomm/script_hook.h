@@ -165,6 +165,8 @@ class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
   int64_t fallbacks() const;
+  // Seconds the worker has spent running the hook (its compute and collectives).
+  double busy_seconds() const;
 
  private:
   struct Worker;

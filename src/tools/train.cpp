@@ -8,6 +8,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -25,6 +28,7 @@ using Clock = std::chrono::steady_clock;
 
 struct TrainArgs {
   std::string model = "mlp";
+  std::string data;
   int64_t steps = 100, batch = 32, seed = 0;
   double lr = 0.05, momentum = 0.9;
   std::string hook = "allreduce";
@@ -45,7 +49,8 @@ struct TrainArgs {
 };
 
 constexpr const char* kTrainUsage = R"(Usage: ftcomm train [options]
-  --model mlp             the model (an MLP on a synthetic regression task)
+  --model mlp|charlm      an MLP on a synthetic regression task, or a small character-level
+                          transformer trained on --data FILE (default /usr/share/common-licenses/GPL-3)
   --steps N               total step target; a restarted job resumes from its newest commit (default 100)
   --batch B --lr X --seed S
   --hook NAME|FILE        comm hook (default allreduce); --hook-arg k=v sets its parameters
@@ -68,6 +73,7 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
       return args[++i];
     };
     if (k == "--model") a.model = v();
+    else if (k == "--data") a.data = v();
     else if (k == "--steps") a.steps = std::stoll(v());
     else if (k == "--batch") a.batch = std::stoll(v());
     else if (k == "--seed") a.seed = std::stoll(v());
@@ -111,10 +117,121 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
       throw std::invalid_argument("unknown option '" + k + "' for train");
     }
   }
-  if (a.model != "mlp") throw std::invalid_argument("unknown --model '" + a.model + "'; this build has: mlp");
+  if (a.model != "mlp" && a.model != "charlm") {
+    throw std::invalid_argument("unknown --model '" + a.model + "'; use mlp or charlm");
+  }
   if (a.steps < 1 || a.batch < 1) throw std::invalid_argument("--steps and --batch must be at least 1");
   return a;
 }
+
+// A model: its parameters and the loss of one step's batch on one rank. The
+// batch depends only on (seed, step, rank), so a resumed run sees the same data.
+class Model {
+ public:
+  virtual ~Model() = default;
+  std::vector<at::Tensor>& params() { return params_; }
+  virtual at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) = 0;
+
+ protected:
+  at::Tensor param(at::Tensor init) {
+    params_.push_back(init.requires_grad_());
+    return params_.back();
+  }
+  std::vector<at::Tensor> params_;
+};
+
+// An MLP fitting a fixed random teacher network on synthetic inputs.
+class Mlp : public Model {
+ public:
+  explicit Mlp(int64_t seed) {
+    auto init = at::make_generator<at::CPUGeneratorImpl>(1000 + seed);
+    for (size_t i = 0; i + 1 < widths_.size(); ++i) {
+      param(at::randn({widths_[i], widths_[i + 1]}, init) / std::sqrt(double(widths_[i])));
+      param(at::zeros({widths_[i + 1]}));
+    }
+    teacher_ = at::randn({widths_.front(), widths_.back()}, init);
+  }
+  at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
+    const at::Tensor x = at::randn({batch, widths_.front()}, gen);
+    const at::Tensor y = at::tanh(at::mm(x, teacher_) / 8.0);
+    at::Tensor h = x;
+    for (size_t i = 0; i < params_.size(); i += 2) {
+      h = at::addmm(params_[i + 1], h, params_[i]);
+      if (i + 2 < params_.size()) h = at::relu(h);
+    }
+    return (h - y).pow(2).mean();
+  }
+
+ private:
+  std::vector<int64_t> widths_{64, 256, 256, 16};
+  at::Tensor teacher_;
+};
+
+// A small character-level transformer (bytes as tokens; 2 pre-LN blocks, d=64,
+// 4 heads, context 32) trained to predict the next byte of a text file.
+class CharLm : public Model {
+ public:
+  CharLm(int64_t seed, const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    TORCH_CHECK(in, "--data '", path, "' cannot be read; give a text file (the default is ", kDefaultData, ")");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    TORCH_CHECK(static_cast<int64_t>(text.size()) > kContext + 1, "--data '", path, "' is too short to train on");
+    data_ = at::empty({static_cast<int64_t>(text.size())}, at::kLong);
+    for (size_t i = 0; i < text.size(); ++i) data_[i] = static_cast<int64_t>(static_cast<unsigned char>(text[i]));
+    auto init = at::make_generator<at::CPUGeneratorImpl>(2000 + seed);
+    auto w = [&](std::vector<int64_t> shape, double fan_in) { return param(at::randn(shape, init) / std::sqrt(fan_in)); };
+    embed_ = w({kVocab, kDim}, 1.0 / 0.02 / 0.02);
+    pos_ = w({kContext, kDim}, 1.0 / 0.02 / 0.02);
+    for (int l = 0; l < kLayers; ++l) {
+      Block b;
+      b.ln1_w = param(at::ones({kDim}));
+      b.ln1_b = param(at::zeros({kDim}));
+      b.qkv = w({kDim, 3 * kDim}, kDim);
+      b.proj = w({kDim, kDim}, kDim);
+      b.ln2_w = param(at::ones({kDim}));
+      b.ln2_b = param(at::zeros({kDim}));
+      b.fc1 = w({kDim, 4 * kDim}, kDim);
+      b.fc1_b = param(at::zeros({4 * kDim}));
+      b.fc2 = w({4 * kDim, kDim}, 4 * kDim);
+      b.fc2_b = param(at::zeros({kDim}));
+      blocks_.push_back(b);
+    }
+    lnf_w_ = param(at::ones({kDim}));
+    lnf_b_ = param(at::zeros({kDim}));
+    head_ = w({kDim, kVocab}, kDim);
+    mask_ = at::full({kContext, kContext}, -std::numeric_limits<float>::infinity()).triu(1);
+  }
+  at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
+    const at::Tensor starts = at::randint(0, data_.numel() - kContext - 1, {batch, 1}, gen, at::kLong);
+    const at::Tensor index = starts + at::arange(kContext + 1, at::kLong);
+    const at::Tensor window = data_.index_select(0, index.reshape({-1})).view({batch, kContext + 1});
+    const at::Tensor tokens = window.narrow(1, 0, kContext), targets = window.narrow(1, 1, kContext);
+    at::Tensor x = embed_.index_select(0, tokens.reshape({-1})).view({batch, kContext, kDim}) + pos_;
+    const int64_t dh = kDim / kHeads;
+    for (const auto& b : blocks_) {
+      at::Tensor h = at::layer_norm(x, {kDim}, b.ln1_w, b.ln1_b);
+      auto qkv = at::matmul(h, b.qkv).view({batch, kContext, 3, kHeads, dh}).permute({2, 0, 3, 1, 4});
+      at::Tensor att = at::matmul(qkv[0], qkv[1].transpose(-2, -1)) / std::sqrt(double(dh)) + mask_;
+      at::Tensor y = at::matmul(at::softmax(att, -1), qkv[2]).transpose(1, 2).reshape({batch, kContext, kDim});
+      x = x + at::matmul(y, b.proj);
+      h = at::layer_norm(x, {kDim}, b.ln2_w, b.ln2_b);
+      x = x + at::matmul(at::gelu(at::matmul(h, b.fc1) + b.fc1_b), b.fc2) + b.fc2_b;
+    }
+    const at::Tensor logits = at::matmul(at::layer_norm(x, {kDim}, lnf_w_, lnf_b_), head_);
+    return at::nll_loss(at::log_softmax(logits.view({-1, kVocab}), -1), targets.reshape({-1}));
+  }
+  static constexpr const char* kDefaultData = "/usr/share/common-licenses/GPL-3";
+
+ private:
+  static constexpr int64_t kVocab = 256, kDim = 64, kHeads = 4, kContext = 32, kLayers = 2;
+  struct Block {
+    at::Tensor ln1_w, ln1_b, qkv, proj, ln2_w, ln2_b, fc1, fc1_b, fc2, fc2_b;
+  };
+  at::Tensor data_, embed_, pos_, lnf_w_, lnf_b_, head_, mask_;
+  std::vector<Block> blocks_;
+};
 
 }  // namespace
 
@@ -139,23 +256,22 @@ int train_main(const std::vector<std::string>& argv) {
     }
   };
 
-  // The model: an MLP; its teacher is a fixed random network (same on every rank).
-  const std::vector<int64_t> widths{64, 256, 256, 16};
-  std::vector<at::Tensor> params, momentum;
-  auto init = at::make_generator<at::CPUGeneratorImpl>(1000 + args.seed);
-  for (size_t i = 0; i + 1 < widths.size(); ++i) {
-    params.push_back((at::randn({widths[i], widths[i + 1]}, init) / std::sqrt(double(widths[i]))).requires_grad_());
-    params.push_back(at::zeros({widths[i + 1]}).requires_grad_());
+  std::unique_ptr<Model> model;
+  if (args.model == "mlp") {
+    model = std::make_unique<Mlp>(args.seed);
+  } else {
+    model = std::make_unique<CharLm>(args.seed, args.data.empty() ? CharLm::kDefaultData : args.data);
   }
+  std::vector<at::Tensor>& params = model->params();
+  std::vector<at::Tensor> momentum;
   for (const auto& p : params) momentum.push_back(at::zeros_like(p));
-  const at::Tensor teacher = at::randn({widths.front(), widths.back()}, init);
 
   ftcomm::DdpOptions options;
   options.bucket_bytes = static_cast<int64_t>(args.bucket_mb * (1 << 20));
   options.hook = args.hook;
   options.hook_args = args.hook_args;
   options.commit_every = args.commit_every;
-  options.job_id = "train-mlp-seed" + std::to_string(args.seed);
+  options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty()) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
   options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
@@ -178,22 +294,16 @@ int train_main(const std::vector<std::string>& argv) {
   double first_step_ms = 0;
   const auto train_t0 = Clock::now();
   auto t_log = Clock::now();
+  double comm_at_log = 0;
+  int64_t steps_since_log = 0;
   for (int64_t step = start; step < args.steps; ++step) {
     const auto t_step = Clock::now();
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(args.seed * 1000003 + step * 131 + rank);
-    const at::Tensor x = at::randn({args.batch, widths.front()}, gen);
-    const at::Tensor y = at::tanh(at::mm(x, teacher) / 8.0);
     for (auto& p : params) {
       if (p.grad().defined()) p.mutable_grad().zero_();
     }
     maybe_fail(step + 1, "forward");
     ddp.before_forward();
-    at::Tensor h = x;
-    for (size_t i = 0; i < params.size(); i += 2) {
-      h = at::addmm(params[i + 1], h, params[i]);
-      if (i + 2 < params.size()) h = at::relu(h);
-    }
-    const at::Tensor loss = (h - y).pow(2).mean();
+    const at::Tensor loss = model->loss(step, rank, args.batch, args.seed);
     maybe_fail(step + 1, "backward");
     ddp.before_backward(loss);
     maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
@@ -209,12 +319,17 @@ int train_main(const std::vector<std::string>& argv) {
     ddp.after_step(step + 1, (step + 1) * args.batch * world);
     maybe_fail(step + 1, "commit");
     if (step == start) first_step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
+    ++steps_since_log;
     if (rank == 0 && args.log_every > 0 && ((step + 1) % args.log_every == 0 || step + 1 == args.steps)) {
       const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
-      std::printf("step %lld/%lld loss %.6f samples/s %.0f\n", static_cast<long long>(step + 1),
-                  static_cast<long long>(args.steps), loss_last, args.log_every * args.batch * world / std::max(s, 1e-9));
+      const double comm = ddp.comm_seconds();
+      std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
+                  static_cast<long long>(args.steps), loss_last,
+                  steps_since_log * args.batch * world / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
       std::fflush(stdout);
       t_log = Clock::now();
+      comm_at_log = comm;
+      steps_since_log = 0;
     }
   }
   ddp.flush();

@@ -83,15 +83,15 @@ class Runner:
         result["output"] = "".join(output)
         return result
 
-    def reference(self, world, hook):
-        key = (world, hook)
+    def reference(self, world, hook, model=()):
+        key = (world, hook, tuple(model))
         if key not in self.references:
-            self.references[key] = self.train(world, hook, [], restarts=0)["param_digest"]
+            self.references[key] = self.train(world, hook, list(model), restarts=0)["param_digest"]
         return self.references[key]
 
 
-def expect_equal(runner, world, hook, result, min_restarts=1):
-    want = runner.reference(world, hook)
+def expect_equal(runner, world, hook, result, min_restarts=1, model=()):
+    want = runner.reference(world, hook, model)
     assert result["param_digest"] == want, f"digest {result['param_digest'][:16]} != uninterrupted {want[:16]}"
     assert result["restarts"] >= min_restarts, f"expected a restart, got {result['restarts']}"
 
@@ -110,6 +110,15 @@ def cases(runner, workdir):
                 expect_equal(runner, world, hook, r)
 
             out.append((f"kill w{world} {hook} rank {rank} step {step} {phase}", run))
+
+    charlm = ("--model", "charlm")
+
+    def charlm_kill(world, hook, spec):
+        r = runner.train(world, hook, list(charlm) + ["--fail-at", spec])
+        expect_equal(runner, world, hook, r, model=charlm)
+
+    out += [("charlm w3 powersgd kill", lambda: charlm_kill(3, "powersgd", "1:27:hook")),
+            ("charlm w4 allreduce kill", lambda: charlm_kill(4, "allreduce", "3:20:commit"))]
 
     def external():
         r = runner.train(2, "powersgd", [], external_kill_at=20)
