@@ -63,29 +63,42 @@ void broadcast_manifest(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int ro
   }
 }
 
-// Hook state <-> named tensors: "hook_r/<name>/<bucket>", "hook_l/<name>/<bucket>".
+// Hook state <-> named tensors: "hook_r/<name>/<bucket>[@cuda]" and "hook_l/...".
+// Snapshots and resync carry them on the host; "@cuda" says where they go back to
+// (this rank's own GPU, whatever its index was on the rank that wrote them).
 void add_hook_state(const ScriptHook& hook, bool replicated, std::vector<NamedTensor>* out) {
   const auto state = hook.state();
   for (const auto& name : replicated ? hook.replicated_state() : hook.local_state()) {
     for (const auto& entry : state.at(name)) {
-      out->push_back({std::string(replicated ? "hook_r/" : "hook_l/") + name + "/" + std::to_string(entry.key()),
-                      entry.value()});
+      const at::Tensor& t = entry.value();
+      out->push_back({std::string(replicated ? "hook_r/" : "hook_l/") + name + "/" + std::to_string(entry.key()) +
+                          (t.is_cuda() ? "@cuda" : ""),
+                      t});
     }
   }
 }
 
-void restore_hook_state(const ScriptHook& hook, const std::vector<NamedTensor>& items, bool local_too) {
+void restore_hook_state(const ScriptHook& hook, const std::vector<NamedTensor>& items, bool local_too,
+                        at::Device gpu) {
   auto state = hook.state();
   for (const auto& nt : items) {
     const bool r = nt.name.rfind("hook_r/", 0) == 0, l = nt.name.rfind("hook_l/", 0) == 0;
     if (!r && !(l && local_too)) continue;
-    const std::string rest = nt.name.substr(7);
+    std::string rest = nt.name.substr(7);
+    const bool on_gpu = rest.size() > 5 && rest.compare(rest.size() - 5, 5, "@cuda") == 0;
+    if (on_gpu) rest.resize(rest.size() - 5);
     const auto slash = rest.rfind('/');
     const std::string name = rest.substr(0, slash);
     TORCH_CHECK(state.contains(name), "snapshot holds hook state '", name, "' that hook ", hook.name(),
                 " does not declare; was it written by another hook?");
-    state.at(name).insert_or_assign(std::stoll(rest.substr(slash + 1)), nt.tensor.clone());
+    state.at(name).insert_or_assign(std::stoll(rest.substr(slash + 1)),
+                                    on_gpu ? nt.tensor.to(gpu, /*non_blocking=*/false, /*copy=*/true) : nt.tensor.clone());
   }
+}
+
+std::vector<NamedTensor> on_host(std::vector<NamedTensor> items) {
+  for (auto& nt : items) nt.tensor = nt.tensor.to(at::kCPU);
+  return items;
 }
 
 }  // namespace
@@ -156,6 +169,14 @@ RecoveryReport DistributedDataParallel::recover() {
   at::NoGradGuard no_grad;
   const int rank = pg_->getRank(), world = pg_->getSize();
 
+  // Where this rank's GPU state lives, for hook state restored onto a GPU.
+  at::Device gpu(at::kCUDA, 0);
+  for (const auto& p : params_) {
+    if (p.is_cuda()) {
+      gpu = p.device();
+      break;
+    }
+  }
   // 1. Agree on the newest step some rank can resume from.
   auto start = Clock::now();
   CommitRecord mine;
@@ -198,7 +219,7 @@ RecoveryReport DistributedDataParallel::recover() {
     TORCH_CHECK(mine.hook_digest == hook_->digest(), "checkpoint ", options_.ckpt_dir, " of step ", step,
                 " was written with hook digest ", mine.hook_digest, ", this run's hook ", hook_->name(), " has ",
                 hook_->digest(), ". Resume with the same hook, or point --ckpt elsewhere");
-    restore_hook_state(*hook_, loaded, /*local_too=*/true);
+    restore_hook_state(*hook_, loaded, /*local_too=*/true, gpu);
     BucketLayout stored;
     if (store_->GetLayout(mine.layout_signature, &stored).ok()) {
       const std::string why = layout_mismatch(stored, params_);
@@ -214,7 +235,10 @@ RecoveryReport DistributedDataParallel::recover() {
   start = Clock::now();
   if (step >= 0 && !report.resynced_ranks.empty()) {
     std::vector<NamedTensor> replicated;
-    if (rank == root) add_hook_state(*hook_, true, &replicated);
+    if (rank == root) {
+      add_hook_state(*hook_, true, &replicated);
+      replicated = on_host(std::move(replicated));
+    }
     broadcast_manifest(pg_, root, &replicated);
     std::vector<at::Tensor> all;
     for (auto& p : params_) all.push_back(p.detach());
@@ -224,7 +248,7 @@ RecoveryReport DistributedDataParallel::recover() {
     bo.root = root;
     bo.buffer_bytes = size_t(32) << 20;
     report.resync_bytes = broadcast_coalesced(pg_, all, bo).bytes;
-    if (my_step != step) restore_hook_state(*hook_, replicated, /*local_too=*/false);
+    if (my_step != step) restore_hook_state(*hook_, replicated, /*local_too=*/false, gpu);
     // Rank-local hook state of each rank that lacks the step: from its buddy
     // (rank r + 1 keeps r's copy), else reset under a logged policy.
     for (int lost : report.resynced_ranks) {
@@ -251,7 +275,7 @@ RecoveryReport DistributedDataParallel::recover() {
       bo.root = buddy;
       report.resync_bytes += broadcast_coalesced(pg_, tensors, bo).bytes;
       if (rank == lost) {
-        restore_hook_state(*hook_, copy, /*local_too=*/true);
+        restore_hook_state(*hook_, copy, /*local_too=*/true, gpu);
         report.local_state = "restored from rank " + std::to_string(buddy) + "'s buddy copy";
       }
     }

@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <torch/serialize.h>
+
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -29,6 +31,8 @@ using Clock = std::chrono::steady_clock;
 struct TrainArgs {
   std::string model = "mlp";
   std::string data;
+  std::string device = "cpu";
+  int torch_save_every = 0;  // benchmark baseline: torch::save every K steps, no ftcomm store
   int64_t steps = 100, batch = 32, seed = 0;
   double lr = 0.05, momentum = 0.9;
   std::string hook = "allreduce";
@@ -56,7 +60,10 @@ constexpr const char* kTrainUsage = R"(Usage: ftcomm train [options]
   --hook NAME|FILE        comm hook (default allreduce); --hook-arg k=v sets its parameters
   --ckpt DIR              checkpoint stores, one per rank under DIR/rank<R>
   --commit-every K        snapshot every K steps (default 10)
-  --backend auto|gloo|nccl  --bucket-mb X
+  --backend auto|gloo|nccl  --device cpu|cuda  --bucket-mb X
+  --baseline-torch-save-every K
+                          benchmark baseline: torch::save params and optimizer state every K
+                          steps into --ckpt (synchronously), instead of ftcomm's store
   --fail-at RANK:STEP[:PHASE][@ATTEMPT]
                           SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0,
                           the first); PHASE is forward, backward (default), hook, commit, or
@@ -74,6 +81,8 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
     };
     if (k == "--model") a.model = v();
     else if (k == "--data") a.data = v();
+    else if (k == "--device") a.device = v();
+    else if (k == "--baseline-torch-save-every") a.torch_save_every = std::stoi(v());
     else if (k == "--steps") a.steps = std::stoll(v());
     else if (k == "--batch") a.batch = std::stoll(v());
     else if (k == "--seed") a.seed = std::stoll(v());
@@ -128,32 +137,34 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
 // batch depends only on (seed, step, rank), so a resumed run sees the same data.
 class Model {
  public:
+  explicit Model(at::Device device) : device_(device) {}
   virtual ~Model() = default;
   std::vector<at::Tensor>& params() { return params_; }
   virtual at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) = 0;
 
  protected:
   at::Tensor param(at::Tensor init) {
-    params_.push_back(init.requires_grad_());
+    params_.push_back(init.to(device_).requires_grad_());
     return params_.back();
   }
+  at::Device device_;
   std::vector<at::Tensor> params_;
 };
 
 // An MLP fitting a fixed random teacher network on synthetic inputs.
 class Mlp : public Model {
  public:
-  explicit Mlp(int64_t seed) {
+  Mlp(int64_t seed, at::Device device) : Model(device) {
     auto init = at::make_generator<at::CPUGeneratorImpl>(1000 + seed);
     for (size_t i = 0; i + 1 < widths_.size(); ++i) {
       param(at::randn({widths_[i], widths_[i + 1]}, init) / std::sqrt(double(widths_[i])));
       param(at::zeros({widths_[i + 1]}));
     }
-    teacher_ = at::randn({widths_.front(), widths_.back()}, init);
+    teacher_ = at::randn({widths_.front(), widths_.back()}, init).to(device);
   }
   at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
-    const at::Tensor x = at::randn({batch, widths_.front()}, gen);
+    const at::Tensor x = at::randn({batch, widths_.front()}, gen).to(device_);
     const at::Tensor y = at::tanh(at::mm(x, teacher_) / 8.0);
     at::Tensor h = x;
     for (size_t i = 0; i < params_.size(); i += 2) {
@@ -172,7 +183,7 @@ class Mlp : public Model {
 // 4 heads, context 32) trained to predict the next byte of a text file.
 class CharLm : public Model {
  public:
-  CharLm(int64_t seed, const std::string& path) {
+  CharLm(int64_t seed, const std::string& path, at::Device device) : Model(device) {
     std::ifstream in(path, std::ios::binary);
     TORCH_CHECK(in, "--data '", path, "' cannot be read; give a text file (the default is ", kDefaultData, ")");
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -200,15 +211,17 @@ class CharLm : public Model {
     lnf_w_ = param(at::ones({kDim}));
     lnf_b_ = param(at::zeros({kDim}));
     head_ = w({kDim, kVocab}, kDim);
-    mask_ = at::full({kContext, kContext}, -std::numeric_limits<float>::infinity()).triu(1);
+    mask_ = at::full({kContext, kContext}, -std::numeric_limits<float>::infinity()).triu(1).to(device);
   }
   at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
     const at::Tensor starts = at::randint(0, data_.numel() - kContext - 1, {batch, 1}, gen, at::kLong);
     const at::Tensor index = starts + at::arange(kContext + 1, at::kLong);
-    const at::Tensor window = data_.index_select(0, index.reshape({-1})).view({batch, kContext + 1});
+    const at::Tensor window = data_.index_select(0, index.reshape({-1})).view({batch, kContext + 1}).to(device_);
     const at::Tensor tokens = window.narrow(1, 0, kContext), targets = window.narrow(1, 1, kContext);
-    at::Tensor x = embed_.index_select(0, tokens.reshape({-1})).view({batch, kContext, kDim}) + pos_;
+    // The embedding as a one-hot matmul: its backward has no atomic adds, so CUDA
+    // runs are bit-reproducible (index_select's backward is not).
+    at::Tensor x = at::matmul(at::one_hot(tokens, kVocab).to(embed_.scalar_type()), embed_) + pos_;
     const int64_t dh = kDim / kHeads;
     for (const auto& b : blocks_) {
       at::Tensor h = at::layer_norm(x, {kDim}, b.ln1_w, b.ln1_b);
@@ -244,6 +257,9 @@ int train_main(const std::vector<std::string>& argv) {
     pgo.custom_store = c10::make_intrusive<c10d::HashStore>();
   }
   at::set_num_threads(1);
+  // A resumed run must repeat the uninterrupted one bit for bit; cuBLAS needs a
+  // fixed workspace for that, set before CUDA starts (the group may start it).
+  if (args.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
   auto pg = ftcomm::make_process_group(pgo);
   const int rank = pg->getRank(), world = pg->getSize();
   auto maybe_fail = [&](int64_t step, const std::string& phase) {
@@ -256,11 +272,16 @@ int train_main(const std::vector<std::string>& argv) {
     }
   };
 
+  TORCH_CHECK(args.device == "cpu" || args.device == "cuda", "--device must be cpu or cuda, not '", args.device, "'");
+  TORCH_CHECK(args.device == "cpu" || at::hasCUDA(), "--device cuda asked for, but rank ", rank,
+              " sees no GPU; use --device cpu");
+  const at::Device device = args.device == "cuda" ? at::Device(at::kCUDA, std::max(0, pgo.local_rank)) : at::Device(at::kCPU);
+  if (device.is_cuda()) at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
   std::unique_ptr<Model> model;
   if (args.model == "mlp") {
-    model = std::make_unique<Mlp>(args.seed);
+    model = std::make_unique<Mlp>(args.seed, device);
   } else {
-    model = std::make_unique<CharLm>(args.seed, args.data.empty() ? CharLm::kDefaultData : args.data);
+    model = std::make_unique<CharLm>(args.seed, args.data.empty() ? CharLm::kDefaultData : args.data, device);
   }
   std::vector<at::Tensor>& params = model->params();
   std::vector<at::Tensor> momentum;
@@ -272,7 +293,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.hook_args = args.hook_args;
   options.commit_every = args.commit_every;
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
-  if (!args.ckpt.empty()) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
+  if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
   options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   const auto restart_t0 = Clock::now();
@@ -317,6 +338,12 @@ int train_main(const std::vector<std::string>& argv) {
     }
     loss_last = loss.item<double>();
     ddp.after_step(step + 1, (step + 1) * args.batch * world);
+    if (args.torch_save_every > 0 && (step + 1) % args.torch_save_every == 0 && !args.ckpt.empty()) {
+      std::vector<at::Tensor> state;
+      for (const auto& p : params) state.push_back(p.detach());
+      state.insert(state.end(), momentum.begin(), momentum.end());
+      torch::save(state, args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt");
+    }
     maybe_fail(step + 1, "commit");
     if (step == start) first_step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
     ++steps_since_log;
