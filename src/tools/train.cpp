@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <torch/serialize.h>
 
@@ -275,7 +276,13 @@ int train_main(const std::vector<std::string>& argv) {
   TORCH_CHECK(args.device == "cpu" || args.device == "cuda", "--device must be cpu or cuda, not '", args.device, "'");
   TORCH_CHECK(args.device == "cpu" || at::hasCUDA(), "--device cuda asked for, but rank ", rank,
               " sees no GPU; use --device cpu");
-  const at::Device device = args.device == "cuda" ? at::Device(at::kCUDA, std::max(0, pgo.local_rank)) : at::Device(at::kCPU);
+  // Ranks share the GPUs round-robin when there are fewer GPUs than local ranks.
+  const at::Device device =
+      args.device == "cuda"
+          ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
+                                      std::max(0, pgo.local_rank) %
+                                      std::max<int>(1, c10::impl::getDeviceGuardImpl(at::kCUDA)->deviceCount())))
+          : at::Device(at::kCPU);
   if (device.is_cuda()) at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
   std::unique_ptr<Model> model;
   if (args.model == "mlp") {
