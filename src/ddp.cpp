@@ -118,7 +118,7 @@ DistributedDataParallel::DistributedDataParallel(c10::intrusive_ptr<c10d::Proces
     : pg_(std::move(pg)), params_(std::move(params)), extra_(std::move(extra_state)), options_(std::move(options)) {
   hook_ = ScriptHook::load(options_.hook);
   for (const auto& [k, v] : options_.hook_args) hook_->set_param(k, v);
-  agree_on_hook(pg_, *hook_);
+  agree_on_hook(pg_, *hook_, options_.pinned_digests);
   if (!options_.ckpt_dir.empty()) {
     CheckpointStoreOptions so;
     so.dir = options_.ckpt_dir;

@@ -26,6 +26,7 @@ struct DdpOptions {
   int64_t bucket_bytes = int64_t(25) << 20;
   std::string hook = "allreduce";                               // name or file
   std::vector<std::pair<std::string, std::string>> hook_args;  // k=v
+  std::vector<std::string> pinned_digests;                      // when set, the hook's must be one
   std::string ckpt_dir;                                         // this rank's store; empty: none
   std::string job_id;
   int commit_every = 10;

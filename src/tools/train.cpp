@@ -38,6 +38,7 @@ struct TrainArgs {
   double lr = 0.05, momentum = 0.9;
   std::string hook = "allreduce";
   std::vector<std::pair<std::string, std::string>> hook_args;
+  std::vector<std::string> hook_digests;
   std::string ckpt;
   int commit_every = 10;
   std::string backend = "auto";
@@ -59,6 +60,7 @@ constexpr const char* kTrainUsage = R"(Usage: ftcomm train [options]
   --steps N               total step target; a restarted job resumes from its newest commit (default 100)
   --batch B --lr X --seed S
   --hook NAME|FILE        comm hook (default allreduce); --hook-arg k=v sets its parameters
+  --hook-digest SHA256    accept only a hook with this digest (repeatable; see ftcomm hook check)
   --ckpt DIR              checkpoint stores, one per rank under DIR/rank<R>
   --commit-every K        snapshot every K steps (default 10)
   --backend auto|gloo|nccl  --device cpu|cuda  --bucket-mb X
@@ -94,7 +96,8 @@ TrainArgs parse_train(const std::vector<std::string>& args) {
       const auto eq = kv.find('=');
       if (eq == std::string::npos) throw std::invalid_argument("--hook-arg takes k=v, got '" + kv + "'");
       a.hook_args.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-    } else if (k == "--ckpt") a.ckpt = v();
+    } else if (k == "--hook-digest") a.hook_digests.push_back(v());
+    else if (k == "--ckpt") a.ckpt = v();
     else if (k == "--commit-every") a.commit_every = std::stoi(v());
     else if (k == "--backend") a.backend = v();
     else if (k == "--bucket-mb") a.bucket_mb = std::stod(v());
@@ -298,6 +301,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.bucket_bytes = static_cast<int64_t>(args.bucket_mb * (1 << 20));
   options.hook = args.hook;
   options.hook_args = args.hook_args;
+  options.pinned_digests = args.hook_digests;
   options.commit_every = args.commit_every;
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
