@@ -11,6 +11,24 @@
 
 namespace ftcomm {
 
+SyntheticBucket::SyntheticBucket(at::Tensor buffer, std::vector<std::vector<int64_t>> shapes_in, size_t index,
+                                 size_t count)
+    : shapes(std::move(shapes_in)) {
+  std::vector<size_t> offsets, lengths;
+  std::vector<c10::IntArrayRef> sizes;
+  size_t at = 0;
+  for (const auto& s : shapes) {
+    offsets.push_back(at);
+    lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
+    sizes.emplace_back(s);
+    at += lengths.back();
+  }
+  TORCH_CHECK(static_cast<int64_t>(at) <= buffer.numel(), "SyntheticBucket: shapes need ", at,
+              " elements, the buffer has ", buffer.numel());
+  bucket = std::make_unique<c10d::GradBucket>(index, count, std::move(buffer), offsets, lengths, sizes,
+                                              std::vector<at::Tensor>(shapes.size()), std::nullopt);
+}
+
 HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptions& options) {
   TORCH_CHECK(options.world_size >= 1 && options.world_size <= 16, "hook check: --world-size must be in [1, 16]");
   TORCH_CHECK(options.numel >= 64, "hook check: --numel must be at least 64");
@@ -56,19 +74,8 @@ HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptio
         auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + rank);
         for (int step = 0; step < options.steps; ++step) {
           for (int b = 0; b < 3; ++b) {
-            at::Tensor buffer = at::randn({options.numel}, gen);
-            std::vector<size_t> offsets, lengths;
-            std::vector<c10::IntArrayRef> sizes;
-            size_t at = 0;
-            for (const auto& s : shapes) {
-              offsets.push_back(at);
-              lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
-              sizes.emplace_back(s);
-              at += lengths.back();
-            }
-            c10d::GradBucket bucket(b, 3, buffer, offsets, lengths, sizes,
-                                    std::vector<at::Tensor>(shapes.size()), std::nullopt);
-            auto future = comm.runHook(bucket);
+            SyntheticBucket synthetic(at::randn({options.numel}, gen), shapes, b, 3);
+            auto future = comm.runHook(*synthetic.bucket);
             future->wait();
             if (future->hasError()) std::rethrow_exception(future->exception_ptr());
             std::lock_guard<std::mutex> lock(mutex);

@@ -18,24 +18,7 @@ namespace {
 
 using Store = c10::intrusive_ptr<c10d::Store>;
 
-// A bucket over `buffer` with gradients of `shapes`, packed back to back.
-struct TestBucket {
-  TestBucket(at::Tensor buffer, std::vector<std::vector<int64_t>> shapes, size_t index = 0, size_t count = 1)
-      : shapes_(std::move(shapes)) {
-    size_t at = 0;
-    for (const auto& s : shapes_) {
-      offsets.push_back(at);
-      lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
-      at += lengths.back();
-    }
-    std::vector<c10::IntArrayRef> sizes(shapes_.begin(), shapes_.end());
-    bucket = std::make_unique<c10d::GradBucket>(index, count, buffer, offsets, lengths, sizes,
-                                                std::vector<at::Tensor>(shapes_.size()), std::nullopt);
-  }
-  std::vector<std::vector<int64_t>> shapes_;
-  std::vector<size_t> offsets, lengths;
-  std::unique_ptr<c10d::GradBucket> bucket;
-};
+using TestBucket = SyntheticBucket;
 
 at::Tensor run(c10d::CommHookInterface& hook, c10d::GradBucket& bucket) {
   auto future = hook.runHook(bucket);

@@ -185,6 +185,16 @@ void agree_on_hook(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const Scrip
 
 namespace ftcomm {
 
+// A c10d::GradBucket over `buffer` holding gradients of `shapes` back to back, for
+// hook checks, benchmarks and tests. Owns the sizes GradBucket only refers to.
+struct SyntheticBucket {
+  SyntheticBucket(at::Tensor buffer, std::vector<std::vector<int64_t>> shapes, size_t index = 0, size_t count = 1);
+  SyntheticBucket(const SyntheticBucket&) = delete;
+  SyntheticBucket& operator=(const SyntheticBucket&) = delete;
+  std::vector<std::vector<int64_t>> shapes;
+  std::unique_ptr<c10d::GradBucket> bucket;
+};
+
 struct HookCheckOptions {
   int world_size = 2;
   int64_t numel = 1 << 14;  // elements per synthetic bucket

@@ -196,18 +196,8 @@ int bucket_timing(const Args& args) {
   std::vector<std::vector<double>> times(buckets.size());
   for (int it = 0; it < 25; ++it) {
     for (size_t b = 0; b < buckets.size(); ++b) {
-      at::Tensor buffer = sources[b].clone();
-      std::vector<size_t> offsets, lengths;
-      std::vector<c10::IntArrayRef> sizes;
-      size_t at = 0;
-      for (const auto& s : buckets[b]) {
-        offsets.push_back(at);
-        lengths.push_back(static_cast<size_t>(c10::multiply_integers(s)));
-        sizes.emplace_back(s);
-        at += lengths.back();
-      }
-      c10d::GradBucket bucket(b, buckets.size(), buffer, offsets, lengths, sizes,
-                              std::vector<at::Tensor>(buckets[b].size()), std::nullopt);
+      ftcomm::SyntheticBucket synthetic(sources[b].clone(), buckets[b], b, buckets.size());
+      c10d::GradBucket& bucket = *synthetic.bucket;
       if (device.is_cuda()) guard.getStream(device).synchronize();
       const auto start = Clock::now();
       auto future = comm.runHook(bucket);
