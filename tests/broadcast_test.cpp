@@ -253,6 +253,44 @@ TEST(Broadcast, NcclWorldOne) {
   });
 }
 
+// Several GPUs: one process per GPU, NCCL at world size = GPU count (2 to 8).
+// Every layout case of make_list on each rank's own GPU plus a CPU part (served by
+// the group's Gloo side) in one call, 2,000 small tensors (the staged path) and
+// the large in-place one, from every root, with verification on.
+TEST(BroadcastMultiGpu, NcclBitIdenticalFromEveryRoot) {
+  const int world = testing::gpu_count();
+  if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
+  auto outcomes = testing::run_ranks(world, 300s, [world](const testing::RankContext& ctx) {
+    ProcessGroupChoice choice;
+    auto pg = make_process_group(testing::nccl_options(ctx), &choice);
+    ASSERT_EQ(choice.cuda_backend, Backend::kNccl);
+    const at::Device gpu(at::kCUDA, ctx.rank);
+    auto mixed = [&](int64_t seed) {
+      auto list = make_list(at::kBFloat16, 300000, seed, gpu);
+      for (auto& t : make_list(at::kHalf, 2000, seed, at::kCPU)) list.push_back(t);
+      for (int i = 0; i < 2000; ++i) list.push_back(make_values(i % 2 ? at::kFloat : at::kLong, {256}, seed * 7919 + i, gpu));
+      return list;
+    };
+    for (int root = 0; root < world; ++root) {
+      auto list = mixed(ctx.rank + 1);
+      BroadcastCoalescedOptions o;
+      o.root = root;
+      o.buffer_bytes = 1 << 18;
+      o.verify = true;
+      const auto stats = ftcomm::broadcast_coalesced(pg, list, o);
+      EXPECT_GT(stats.direct_tensors, 0);
+      EXPECT_GT(stats.staged_tensors, 2000);
+      expect_bit_equal(list, mixed(root + 1), ctx.rank);
+    }
+    // The seed signature over NCCL.
+    auto list = make_list(at::kFloat, 50000, ctx.rank + 1, gpu);
+    ftcomm::broadcast_coalesced(pg, list, 1 << 16, world - 1);
+    expect_bit_equal(list, make_list(at::kFloat, 50000, world, gpu), ctx.rank);
+  });
+  ASSERT_EQ(outcomes.size(), static_cast<size_t>(world));
+  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code << " signal " << o.signal;
+}
+
 // Tier 2: forked processes over TCP and file stores, with verification on.
 class BroadcastForked : public ::testing::TestWithParam<std::tuple<StoreKind, int>> {};
 

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "fsutil.h"
+#include "ftcomm/broadcast.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/script_hook.h"
 #include "support/multiprocess.h"
@@ -16,6 +17,7 @@
 namespace ftcomm {
 namespace {
 
+using namespace std::chrono_literals;
 using Store = c10::intrusive_ptr<c10d::Store>;
 
 using TestBucket = SyntheticBucket;
@@ -279,6 +281,76 @@ TEST(ScriptHookNumerics, Bf16IsCloseToTheMean) {
   });
 }
 
+// --- several GPUs: one process per GPU, NCCL at world size = GPU count ------
+
+// Rank 0's copy of `grads` (sent with our broadcast_coalesced over the group's Gloo
+// side) must equal this rank's bit for bit.
+void expect_same_on_every_rank(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::vector<at::Tensor>& grads,
+                               const std::string& what) {
+  std::vector<at::Tensor> root;
+  for (const auto& g : grads) root.push_back(g.clone());
+  ftcomm::broadcast_coalesced(pg, root, BroadcastCoalescedOptions{});
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(bit_equal(grads[i], root[i])) << what << ": grad " << i << " on rank " << pg->getRank()
+                                              << " differs from rank 0's";
+  }
+}
+
+void expect_ranks_ok(const std::vector<testing::RankOutcome>& outcomes, int world) {
+  ASSERT_EQ(outcomes.size(), static_cast<size_t>(world));
+  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code << " signal " << o.signal;
+}
+
+TEST(ScriptHookMultiGpu, ThroughTheReducerGradientsEqualTheBuiltins) {
+  const int world = testing::gpu_count();
+  if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
+  expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
+    auto pg = make_process_group(testing::nccl_options(ctx));
+    const at::Device gpu(at::kCUDA, ctx.rank);
+    for (auto [kind, name] : {std::pair{testing::HookKind::kBuiltinAllreduce, "allreduce"},
+                              std::pair{testing::HookKind::kBuiltinFp16, "fp16_compress"}}) {
+      testing::ReducerModel builtin(pg, {256, 512, 512, 64}, 1 << 18, {}, gpu);
+      testing::ReducerModel scripted(pg, {256, 512, 512, 64}, 1 << 18, {}, gpu);
+      builtin.set_hook(kind);
+      scripted.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, ScriptHook::load(name)));
+      for (int step = 0; step < 3; ++step) {
+        builtin.step(32, step);
+        scripted.step(32, step);
+        const auto want = builtin.gradients(), got = scripted.gradients();
+        for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(bit_equal(got[i], want[i])) << name << " grad " << i;
+      }
+    }
+  }), world);
+}
+
+// Every hook of the library, on CUDA over NCCL through the Reducer: after each
+// step all ranks hold the same finite gradients (noop, which sends nothing, is
+// only checked for finiteness). PowerSGD compresses from step 2 on.
+TEST(ScriptHookMultiGpu, EveryLibraryHookKeepsRanksInStep) {
+  const int world = testing::gpu_count();
+  if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
+  expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
+    auto pg = make_process_group(testing::nccl_options(ctx));
+    const at::Device gpu(at::kCUDA, ctx.rank);
+    const auto names = list_hooks();
+    EXPECT_GE(names.size(), 7u);
+    for (const auto& name : names) {
+      auto hook = ScriptHook::load(name);
+      if (name == "powersgd") hook->set_param("start_iter", "2");
+      testing::ReducerModel model(pg, {256, 512, 512, 64}, 1 << 18, {}, gpu);
+      model.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, hook));
+      for (int step = 0; step < 4; ++step) {
+        model.step(32, step);
+        const auto grads = model.gradients();
+        for (size_t i = 0; i < grads.size(); ++i) {
+          EXPECT_TRUE(at::isfinite(grads[i]).all().item<bool>()) << name << " step " << step << " grad " << i;
+        }
+        if (name != "noop") expect_same_on_every_rank(pg, grads, name + " step " + std::to_string(step));
+      }
+    }
+  }), world);
+}
+
 // --- bad hooks --------------------------------------------------------------
 
 class HookFiles : public ::testing::Test {
@@ -377,6 +449,42 @@ TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
       }
     });
   }
+}
+
+// The same decision over NCCL with CUDA buckets, one process per GPU.
+TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
+  const int world = testing::gpu_count();
+  if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
+  const auto path = write("rank1_fails.py", hook_body("    if group.rank() == 1:\n        raise Exception('rank one is unhappy')\n"
+                                                      "    b = bucket.buffer()\n    b.div_(group.world_size())\n    return group.allreduce(b)\n"));
+  expect_ranks_ok(testing::run_ranks(world, 300s, [&](const testing::RankContext& ctx) {
+    auto pg = make_process_group(testing::nccl_options(ctx));
+    const at::Device gpu(at::kCUDA, ctx.rank);
+    at::Tensor mean = at::zeros({1000});
+    for (int r = 0; r < ctx.world; ++r) mean += rank_values(r, 1000);
+    mean /= ctx.world;
+    for (OnHookError policy : {OnHookError::kFail, OnHookError::kFallback}) {
+      ScriptCommHookOptions options;
+      options.on_error = policy;
+      ScriptCommHook comm(pg, ScriptHook::load(path), options);
+      for (int step = 0; step < 2; ++step) {
+        TestBucket b(rank_values(ctx.rank, 1000).to(gpu), {{1000}});
+        if (policy == OnHookError::kFail) {
+          try {
+            run(comm, *b.bucket);
+            ADD_FAILURE() << "rank " << ctx.rank << " did not fail";
+          } catch (const std::exception& e) {
+            EXPECT_NE(std::string(e.what()).find("failed on rank 1"), std::string::npos) << e.what();
+          }
+        } else {
+          const at::Tensor got = run(comm, *b.bucket);
+          EXPECT_EQ(got.device(), gpu);
+          EXPECT_LE((got.cpu() - mean).abs().max().item<double>(), 1e-3);
+        }
+      }
+      if (policy == OnHookError::kFallback) EXPECT_EQ(comm.fallbacks(), 2);
+    }
+  }), world);
 }
 
 TEST_F(HookFiles, RanksMustAgreeOnTheDigestAndPinsAreEnforced) {

@@ -3,6 +3,8 @@
 // methods interleaved round by round. Correctness is checked on what was timed:
 // the scripted allreduce/fp16 gradients must equal the built-ins' bit for bit.
 // With --bucket-timing, also the time of each PowerSGD bucket (runHook to result).
+// Spawns --world local CPU ranks, or runs as one rank under torchrun (with
+// --device cuda: one GPU per rank, cuda:LOCAL_RANK, NCCL unless --backend says).
 //
 //   ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,c] [--batch B]
 //                      [--bucket-mb M] [--device cpu|cuda] [--backend gloo|nccl|auto] [--json FILE]
@@ -38,7 +40,15 @@ struct Args {
   bool no_agree = false;  // measure without the per-bucket agreement
   std::string bucket_timing;  // "cpu" or "cuda": per-bucket PowerSGD timing, world 1
   std::string backend = "auto";
+  std::string device = "cpu";
 };
+
+constexpr const char* kUsage =
+    "Usage: ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,...] [--batch B]\n"
+    "                          [--bucket-mb M] [--device cpu|cuda] [--backend auto|gloo|nccl] [--json FILE]\n"
+    "                          [--no-agree] [--bucket-timing cpu|cuda]\n"
+    "CPU: spawns --world ranks on this host. CUDA: run one rank per GPU under torchrun, e.g.\n"
+    "  torchrun --no-python --nproc-per-node=2 ftcomm_bench_hooks --device cuda\n";
 
 Args parse(int argc, char** argv) {
   Args a;
@@ -46,7 +56,7 @@ Args parse(int argc, char** argv) {
     const std::string k = argv[i];
     auto v = [&] {
       if (i + 1 >= argc) {
-        std::cerr << k << " needs a value\n";
+        std::cerr << k << " needs a value\n" << kUsage;
         std::exit(2);
       }
       return std::string(argv[++i]);
@@ -60,24 +70,40 @@ Args parse(int argc, char** argv) {
     else if (k == "--no-agree") a.no_agree = true;
     else if (k == "--bucket-timing") a.bucket_timing = v();
     else if (k == "--backend") a.backend = v();
+    else if (k == "--device") a.device = v();
     else if (k == "--widths") {
       a.widths.clear();
       std::stringstream in(v());
       std::string w;
       while (std::getline(in, w, ',')) a.widths.push_back(std::stoll(w));
+    } else if (k == "--help" || k == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
     } else {
-      std::cerr << "Usage: ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,...] [--batch B]\n"
-                   "                          [--bucket-mb M] [--json FILE]\n";
-      std::exit(k == "--help" ? 0 : 2);
+      std::cerr << "unknown option " << k << "\n" << kUsage;
+      std::exit(2);
     }
+  }
+  if (a.device != "cpu" && a.device != "cuda") {
+    std::cerr << "--device must be cpu or cuda, not '" << a.device << "'\n";
+    std::exit(2);
+  }
+  if (a.device == "cuda" && !ftcomm::launched_by_torchrun()) {
+    std::cerr << "--device cuda runs one rank per GPU: start it under torchrun --nproc-per-node=<GPUs>\n" << kUsage;
+    std::exit(2);
   }
   return a;
 }
 
-int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
+int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   at::set_num_threads(1);  // as torchrun does for several ranks on one host
-  auto options = ftcomm::testing::spawned_options(ctx, ftcomm::StoreKind::kTcp, std::chrono::seconds(300));
-  auto pg = ftcomm::make_process_group(options);
+  options.timeout = std::chrono::seconds(300);
+  const bool cuda = args.device == "cuda";
+  options.backend = cuda ? ftcomm::parse_backend(args.backend) : ftcomm::Backend::kGloo;
+  const at::Device device = cuda ? at::Device(at::kCUDA, std::max(0, options.local_rank)) : at::Device(at::kCPU);
+  ftcomm::ProcessGroupChoice choice;
+  auto pg = ftcomm::make_process_group(options, &choice);
+  const std::string backend = cuda ? ftcomm::backend_name(choice.cuda_backend) : "gloo";
   const int64_t cap = static_cast<int64_t>(args.bucket_mb * (1 << 20));
   using ftcomm::testing::HookKind;
   struct Method {
@@ -97,7 +123,8 @@ int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
   methods.push_back({"ts noop", HookKind::kCustom, "noop", nullptr, {}});
   int64_t numel = 0;
   for (auto& m : methods) {
-    m.model = std::make_unique<ftcomm::testing::ReducerModel>(pg, args.widths, cap);
+    m.model = std::make_unique<ftcomm::testing::ReducerModel>(pg, args.widths, cap,
+                                                              std::vector<std::vector<size_t>>{}, device);
     if (m.kind == HookKind::kCustom) {
       auto hook = ftcomm::ScriptHook::load(m.script);
       if (m.script == "powersgd") {
@@ -133,14 +160,14 @@ int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
     return ftcomm::testing::max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
   };
   const bool allreduce_equal = equal(1, 2), fp16_equal = equal(3, 4);
-  if (ctx.rank != 0) return 0;
+  if (pg->getRank() != 0) return 0;
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  std::printf("\nReducer step time, world %d, cpu/gloo, model %lld params (%.1f MB grads), batch %d, bucket %.0f MB,\n"
+  std::printf("\nReducer step time, world %d, %s/%s, model %lld params (%.1f MB grads), batch %d, bucket %.0f MB,\n"
               "%d rounds x %d steps per method, interleaved; median of the slowest rank per step\n",
-              ctx.world, static_cast<long long>(numel), numel * 4 / 1e6, args.batch, args.bucket_mb, args.rounds,
+              pg->getSize(), device.str().c_str(), backend.c_str(), static_cast<long long>(numel), numel * 4 / 1e6, args.batch, args.bucket_mb, args.rounds,
               args.steps);
   std::map<std::string, double> med;
   for (auto& m : methods) med[m.name] = median(m.step_ms);
@@ -157,7 +184,8 @@ int run_rank(const Args& args, const ftcomm::testing::RankContext& ctx) {
               allreduce_equal ? "yes" : "NO", fp16_equal ? "yes" : "NO");
   if (!args.json.empty()) {
     std::ofstream out(args.json);
-    out << "{\"world\": " << ctx.world << ", \"params\": " << numel << ", \"batch\": " << args.batch
+    out << "{\"world\": " << pg->getSize() << ", \"device\": \"" << device.str() << "\", \"backend\": \"" << backend
+        << "\", \"params\": " << numel << ", \"batch\": " << args.batch
         << ", \"bucket_mb\": " << args.bucket_mb << ", \"median_step_ms\": {";
     bool first = true;
     for (auto& [k, v] : med) {
@@ -222,7 +250,10 @@ int main(int argc, char** argv) {
   const Args args = parse(argc, argv);
   try {
     if (!args.bucket_timing.empty()) return bucket_timing(args);
-    if (auto ctx = ftcomm::testing::child_context()) return run_rank(args, *ctx);
+    if (ftcomm::launched_by_torchrun()) return run_rank(args, ftcomm::process_group_options_from_env());
+    if (auto ctx = ftcomm::testing::child_context()) {
+      return run_rank(args, ftcomm::testing::spawned_options(*ctx, ftcomm::StoreKind::kTcp));
+    }
     auto outcomes = ftcomm::testing::spawn_self(args.world, std::chrono::minutes(30),
                                                 std::vector<std::string>(argv + 1, argv + argc));
     int status = 0;

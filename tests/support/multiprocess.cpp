@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -206,6 +207,20 @@ ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store, std
   o.backend = Backend::kGloo;  // CPU tests; the CUDA ones ask for their backend
   o.timeout = timeout;
   o.announce = false;
+  return o;
+}
+
+int gpu_count() {
+  return at::hasCUDA() ? std::min<int>(8, static_cast<int>(at::getNumGPUs())) : 0;
+}
+
+ProcessGroupOptions nccl_options(const RankContext& ctx, std::chrono::milliseconds timeout) {
+  for (const char* var : {"NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"}) {
+    ::setenv(var, std::strcmp(var, "NCCL_NVLS_ENABLE") == 0 ? "0" : "1", /*overwrite=*/1);
+  }
+  ProcessGroupOptions o = spawned_options(ctx, StoreKind::kTcp, timeout);
+  o.backend = Backend::kNccl;
+  o.local_rank = ctx.rank;
   return o;
 }
 

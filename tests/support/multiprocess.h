@@ -56,6 +56,14 @@ std::vector<std::string> current_test_args();
 ProcessGroupOptions spawned_options(const RankContext& ctx, StoreKind store,
                                     std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
+// GPUs of this host a one-process-per-GPU test can use (at most 8); 0 without CUDA.
+int gpu_count();
+
+// Options for rank ctx.rank of a one-process-per-GPU run: NCCL on cuda:<rank>
+// (no fallback), a TCP store on loopback. Also turns NVLink multicast off in this
+// process (NCCL_NVLS_ENABLE=0 and friends), as the GPU hosts this runs on require.
+ProcessGroupOptions nccl_options(const RankContext& ctx, std::chrono::milliseconds timeout = std::chrono::seconds(120));
+
 // GoogleTest tier 2: runs `body` in `world` child processes, each re-running only
 // the current test. Inside a child, runs body for that rank and exits (status 1 on
 // an exception or a failed expectation). In the parent, returns the outcomes.

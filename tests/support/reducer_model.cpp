@@ -1,14 +1,17 @@
 #include "reducer_model.h"
 
+#include <c10/core/impl/VirtualGuardImpl.h>
+
 namespace ftcomm::testing {
 
 ReducerModel::ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
-                           int64_t bucket_bytes, std::vector<std::vector<size_t>> buckets)
-    : pg_(pg) {
+                           int64_t bucket_bytes, std::vector<std::vector<size_t>> buckets, at::Device device)
+    : pg_(pg), device_(device) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
   for (size_t i = 0; i + 1 < widths.size(); ++i) {
-    params_.push_back((at::randn({widths[i], widths[i + 1]}, gen) / std::sqrt(double(widths[i]))).requires_grad_());
-    params_.push_back(at::zeros({widths[i + 1]}).requires_grad_());
+    params_.push_back(
+        (at::randn({widths[i], widths[i + 1]}, gen) / std::sqrt(double(widths[i]))).to(device).requires_grad_());
+    params_.push_back(at::zeros({widths[i + 1]}, device).requires_grad_());
   }
   std::vector<bool> sparse(params_.size(), false);
   if (buckets.empty()) {
@@ -34,8 +37,8 @@ void ReducerModel::set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterfa
 
 double ReducerModel::step(int64_t batch, int64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 131 + pg_->getRank());
-  at::Tensor x = at::randn({batch, params_[0].size(0)}, gen);
-  at::Tensor target = at::randn({batch, params_.back().size(0)}, gen);
+  at::Tensor x = at::randn({batch, params_[0].size(0)}, gen).to(device_);
+  at::Tensor target = at::randn({batch, params_.back().size(0)}, gen).to(device_);
   for (auto& p : params_) {
     if (p.grad().defined()) p.mutable_grad().zero_();
   }
@@ -49,12 +52,13 @@ double ReducerModel::step(int64_t batch, int64_t seed) {
   at::Tensor loss = (h - target).pow(2).mean();
   reducer_->prepare_for_backward({loss});
   loss.backward();
+  if (device_.is_cuda()) c10::impl::VirtualGuardImpl(device_.type()).synchronizeDevice(device_.index());
   return loss.item<double>();
 }
 
 std::vector<at::Tensor> ReducerModel::gradients() const {
   std::vector<at::Tensor> grads;
-  for (const auto& p : params_) grads.push_back(p.grad().clone());
+  for (const auto& p : params_) grads.push_back(p.grad().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
   return grads;
 }
 

@@ -20,13 +20,17 @@ class ReducerModel {
  public:
   // `widths` = layer sizes, e.g. {512, 1024, 1024, 10}; same init on every rank.
   // `buckets`, when given, is the initial bucket assignment (a stored layout).
+  // Parameters and batches live on `device` (a CUDA device for NCCL runs).
   ReducerModel(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
-               int64_t bucket_bytes = 4 << 20, std::vector<std::vector<size_t>> buckets = {});
+               int64_t bucket_bytes = 4 << 20, std::vector<std::vector<size_t>> buckets = {},
+               at::Device device = at::kCPU);
   ~ReducerModel();
   void set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterface> custom = nullptr);
   // One forward/backward of a batch whose values depend on `seed` and the rank;
-  // returns the loss. Gradients are reduced into the parameters' .grad().
+  // returns the loss. Gradients are reduced into the parameters' .grad(). On CUDA it
+  // returns once the device has finished the step (so it can be timed).
   double step(int64_t batch, int64_t seed);
+  // Copies of the gradients on the CPU.
   std::vector<at::Tensor> gradients() const;
   const std::vector<at::Tensor>& parameters() const { return params_; }
   const c10d::Reducer& reducer() const { return *reducer_; }
@@ -35,6 +39,7 @@ class ReducerModel {
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   std::vector<at::Tensor> params_;
   std::unique_ptr<c10d::Reducer> reducer_;
+  at::Device device_;
 };
 
 }  // namespace ftcomm::testing
