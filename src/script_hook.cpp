@@ -14,6 +14,9 @@
 #include <thread>
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/jit/api/compilation_unit.h>
 #include <torch/csrc/jit/frontend/resolver.h>
 #include <torch/csrc/jit/frontend/sugared_value.h>
@@ -378,6 +381,9 @@ struct ScriptCommHook::Worker {
   struct Task {
     c10::intrusive_ptr<HookBucket> bucket;
     at::Tensor original;  // a copy for kFallback
+    // CUDA buckets: recorded on the caller's stream once the gradients are in the
+    // bucket; the worker's stream waits on it before the hook runs.
+    std::unique_ptr<c10::Event> ready;
     c10::intrusive_ptr<c10::ivalue::Future> future;
   };
   std::mutex mutex;
@@ -414,6 +420,11 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
         }
       } busy{started, w.busy_ns};
       const at::Tensor buffer = task.bucket->buffer();
+      c10::OptionalDeviceGuard device_guard;
+      if (task.ready) {
+        device_guard.reset_device(buffer.device());
+        task.ready->block(c10::impl::VirtualGuardImpl(buffer.device().type()).getStream(buffer.device()));
+      }
       std::string error;
       at::Tensor result;
       if (options_.agree_per_bucket) group->begin_guarded();
@@ -499,8 +510,17 @@ int64_t ScriptCommHook::fallbacks() const {
 c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket& bucket) {
   Worker::Task task;
   task.bucket = HookBucket::from(bucket);
-  if (options_.on_error == OnHookError::kFallback) task.original = bucket.getBufferRef().clone();
-  task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
+  const at::Tensor& buffer = bucket.getBufferRef();
+  if (options_.on_error == OnHookError::kFallback) task.original = buffer.clone();
+  if (buffer.is_cuda()) {
+    // The future carries CUDA events: the Reducer's wait() makes its stream wait
+    // for the hook's work, whichever streams the two threads use.
+    task.ready = std::make_unique<c10::Event>(buffer.device().type());
+    task.ready->record(c10::impl::VirtualGuardImpl(buffer.device().type()).getStream(buffer.device()));
+    task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), std::vector<c10::Device>{buffer.device()});
+  } else {
+    task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
+  }
   auto future = task.future;
   {
     std::lock_guard<std::mutex> lock(worker_->mutex);
