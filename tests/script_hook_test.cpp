@@ -451,38 +451,48 @@ TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
   }
 }
 
-// The same decision over NCCL with CUDA buckets, one process per GPU.
+// The same decision over NCCL with CUDA buckets, one process per GPU, where NCCL
+// collectives skip the per-collective exchange: rank 1 fails before any
+// collective (the others' allgather needs a stand-in) or between two (the others'
+// second allreduce does). Each policy runs twice; the fallback's mean and the
+// second round show the communicator stayed in step.
 TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
   const int world = testing::gpu_count();
   if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
-  const auto path = write("rank1_fails.py", hook_body("    if group.rank() == 1:\n        raise Exception('rank one is unhappy')\n"
-                                                      "    b = bucket.buffer()\n    b.div_(group.world_size())\n    return group.allreduce(b)\n"));
+  const std::string fail = "    if group.rank() == 1:\n        raise Exception('rank one is unhappy')\n";
+  const std::vector<std::string> hooks = {
+      write("fails_first.py", hook_body(fail + "    parts = group.allgather(bucket.buffer())\n"
+                                               "    return torch.stack(parts).mean(0)\n")),
+      write("fails_between.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
+                                          "    b = group.allreduce(b)\n" + fail + "    return group.allreduce(b)\n"))};
   expect_ranks_ok(testing::run_ranks(world, 300s, [&](const testing::RankContext& ctx) {
     auto pg = make_process_group(testing::nccl_options(ctx));
     const at::Device gpu(at::kCUDA, ctx.rank);
     at::Tensor mean = at::zeros({1000});
     for (int r = 0; r < ctx.world; ++r) mean += rank_values(r, 1000);
     mean /= ctx.world;
-    for (OnHookError policy : {OnHookError::kFail, OnHookError::kFallback}) {
-      ScriptCommHookOptions options;
-      options.on_error = policy;
-      ScriptCommHook comm(pg, ScriptHook::load(path), options);
-      for (int step = 0; step < 2; ++step) {
-        TestBucket b(rank_values(ctx.rank, 1000).to(gpu), {{1000}});
-        if (policy == OnHookError::kFail) {
-          try {
-            run(comm, *b.bucket);
-            ADD_FAILURE() << "rank " << ctx.rank << " did not fail";
-          } catch (const std::exception& e) {
-            EXPECT_NE(std::string(e.what()).find("failed on rank 1"), std::string::npos) << e.what();
+    for (const auto& path : hooks) {
+      for (OnHookError policy : {OnHookError::kFail, OnHookError::kFallback}) {
+        ScriptCommHookOptions options;
+        options.on_error = policy;
+        ScriptCommHook comm(pg, ScriptHook::load(path), options);
+        for (int step = 0; step < 2; ++step) {
+          TestBucket b(rank_values(ctx.rank, 1000).to(gpu), {{1000}});
+          if (policy == OnHookError::kFail) {
+            try {
+              run(comm, *b.bucket);
+              ADD_FAILURE() << path << ": rank " << ctx.rank << " did not fail";
+            } catch (const std::exception& e) {
+              EXPECT_NE(std::string(e.what()).find("failed on rank 1"), std::string::npos) << e.what();
+            }
+          } else {
+            const at::Tensor got = run(comm, *b.bucket);
+            EXPECT_EQ(got.device(), gpu);
+            EXPECT_LE((got.cpu() - mean).abs().max().item<double>(), 1e-3) << path;
           }
-        } else {
-          const at::Tensor got = run(comm, *b.bucket);
-          EXPECT_EQ(got.device(), gpu);
-          EXPECT_LE((got.cpu() - mean).abs().max().item<double>(), 1e-3);
         }
+        if (policy == OnHookError::kFallback) EXPECT_EQ(comm.fallbacks(), 2) << path;
       }
-      if (policy == OnHookError::kFallback) EXPECT_EQ(comm.fallbacks(), 2);
     }
   }), world);
 }
