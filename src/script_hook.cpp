@@ -35,94 +35,28 @@ namespace ftcomm {
 
 // --- the TorchScript-visible classes -----------------------------------------
 
-int64_t HookGroup::exchange(int64_t verdict) {
-  // CPU tensors: the group's Gloo side, which blocks until every rank is here.
-  at::Tensor flags = at::tensor({verdict, static_cast<int64_t>(unguarded_ops_.size())});
-  std::vector<at::Tensor> list{flags};
+int64_t HookGroup::exchange(int64_t value) {
+  std::vector<at::Tensor> flag{at::tensor({value})};
   c10d::AllreduceOptions max;
   max.reduceOp = c10d::ReduceOp::MAX;
-  pg_->allreduce(list, max)->wait();
-  const int64_t decision = flags[0].item<int64_t>();
-  if (decision != 0) catch_up(flags[1].item<int64_t>());
-  return decision;
+  pg_->allreduce(flag, max)->wait();
+  return flag[0].item<int64_t>();
 }
 
-void HookGroup::catch_up(int64_t most_issued) {
-  // Every rank is here, after the same exchange. The lowest rank that issued the
-  // most NCCL collectives describes them; ranks that issued fewer enqueue stand-ins
-  // of the same shapes, so every enqueued operation has all its peers.
-  const int64_t mine = static_cast<int64_t>(unguarded_ops_.size());
-  std::vector<at::Tensor> src{at::tensor({mine == most_issued ? rank() : world_size()})};
-  c10d::AllreduceOptions min;
-  min.reduceOp = c10d::ReduceOp::MIN;
-  pg_->allreduce(src, min)->wait();
-  if (most_issued == 0) return;
-  at::Tensor ops = at::zeros({most_issued, 4}, at::kLong);
-  if (mine == most_issued) std::memcpy(ops.data_ptr(), unguarded_ops_.data(), ops.nbytes());
-  std::vector<at::Tensor> list{ops};
-  c10d::BroadcastOptions from;
-  from.rootRank = src[0].item<int64_t>();
-  pg_->broadcast(list, from)->wait();
-  for (int64_t i = mine; i < most_issued; ++i) {
-    const int64_t* op = ops.data_ptr<int64_t>() + 4 * i;
-    at::Tensor stand_in = at::zeros({op[2]}, at::TensorOptions(static_cast<at::ScalarType>(op[1])).device(device_));
-    std::vector<at::Tensor> in{stand_in};
-    switch (static_cast<Op>(op[0])) {
-      case Op::kAllreduce: pg_->allreduce(in)->wait(); break;
-      case Op::kAllgather: {
-        std::vector<std::vector<at::Tensor>> out(1);
-        for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(at::empty_like(stand_in));
-        pg_->allgather(out, in)->wait();
-        break;
-      }
-      case Op::kBroadcast: {
-        c10d::BroadcastOptions b;
-        b.rootRank = op[3];
-        pg_->broadcast(in, b)->wait();
-        break;
-      }
-    }
-  }
-  unguarded_ops_.clear();
-}
-
-void HookGroup::begin_guarded(const at::Device& device) {
+void HookGroup::begin_guarded() {
   guarded_ = true;
   decision_ = -1;
   stopped_by_peer_ = false;
-  unguarded_ops_.clear();
-  device_ = device;
-  if (nccl_ < 0) {
-    nccl_ = 0;
-    if (device.is_cuda()) {
-      try {
-        nccl_ = pg_->getBackend(c10::DeviceType::CUDA)->getBackendName() == "nccl";
-      } catch (const std::exception&) {
-        nccl_ = 0;  // no CUDA backend registered
-      }
-    }
-  }
-  skip_nccl_ = nccl_ == 1 && device.is_cuda();
 }
 
-bool HookGroup::unguarded(const at::Tensor& tensor) {
-  return guarded_ && skip_nccl_ && tensor.is_cuda();
-}
-
-void HookGroup::control_before_collective(const at::Tensor& tensor) {
-  if (!guarded_ || unguarded(tensor)) return;
+void HookGroup::control_before_collective() {
+  if (!guarded_) return;
   TORCH_CHECK(decision_ < 0, "hook bucket already decided; no further collectives");
   const int64_t got = exchange(0);
   if (got != 0) {
     decision_ = got;
     stopped_by_peer_ = true;
     TORCH_CHECK(false, "the hook failed on rank ", got - 1, "; stopping this bucket on every rank");
-  }
-}
-
-void HookGroup::issued(Op op, const at::Tensor& tensor, int64_t root) {
-  if (unguarded(tensor)) {
-    unguarded_ops_.push_back({static_cast<int64_t>(op), static_cast<int64_t>(tensor.scalar_type()), tensor.numel(), root});
   }
 }
 
@@ -133,35 +67,29 @@ int64_t HookGroup::conclude(int64_t verdict) {
 }
 
 at::Tensor HookGroup::allreduce(at::Tensor tensor) {
-  control_before_collective(tensor);
+  control_before_collective();
   std::vector<at::Tensor> list{tensor};
-  auto work = pg_->allreduce(list);
-  issued(Op::kAllreduce, tensor);
-  work->wait();
+  pg_->allreduce(list)->wait();
   return tensor;
 }
 
 std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
-  control_before_collective(tensor);
+  control_before_collective();
   std::vector<std::vector<at::Tensor>> out(1);
   for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> in{tensor};
-  auto work = pg_->allgather(out, in);
-  issued(Op::kAllgather, tensor);
-  work->wait();
+  pg_->allgather(out, in)->wait();
   return out[0];
 }
 
 at::Tensor HookGroup::broadcast(at::Tensor tensor, int64_t root) {
   TORCH_CHECK(root >= 0 && root < world_size(), "Group.broadcast: root ", root, " is not a rank of a group of ",
               world_size());
-  control_before_collective(tensor);
+  control_before_collective();
   std::vector<at::Tensor> list{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
-  auto work = pg_->broadcast(list, options);
-  issued(Op::kBroadcast, tensor, root);
-  work->wait();
+  pg_->broadcast(list, options)->wait();
   return tensor;
 }
 
@@ -499,7 +427,7 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
       }
       std::string error;
       at::Tensor result;
-      if (options_.agree_per_bucket) group->begin_guarded(buffer.device());
+      if (options_.agree_per_bucket) group->begin_guarded();
       try {
         result = hook_->run(group, task.bucket);
         if (result.sizes() != buffer.sizes() || result.scalar_type() != buffer.scalar_type() ||

@@ -451,11 +451,10 @@ TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
   }
 }
 
-// The same decision over NCCL with CUDA buckets, one process per GPU, where NCCL
-// collectives skip the per-collective exchange: rank 1 fails before any
-// collective (the others' allgather needs a stand-in) or between two (the others'
-// second allreduce does). Each policy runs twice; the fallback's mean and the
-// second round show the communicator stayed in step.
+// The same decision over NCCL with CUDA buckets, one process per GPU: rank 1
+// fails before any collective (the others are stopped before their allgather) or
+// between two (before their second allreduce). Each policy runs twice; the
+// fallback's mean and the second round show the communicator stayed in step.
 TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
   const int world = testing::gpu_count();
   if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;

@@ -16,7 +16,6 @@
 // declared name; the hook mutates it in place.
 #pragma once
 
-#include <array>
 #include <map>
 #include <memory>
 #include <string>
@@ -34,19 +33,11 @@ namespace ftcomm {
 // are synchronous inside the hook (class_ methods cannot return a Future); hooks
 // run on ScriptCommHook's worker thread, never on the autograd thread.
 //
-// Guarded mode (ScriptCommHook's per-bucket agreement): every rank learns of a
-// hook that failed on some ranks only at the same control exchange (a small MAX
-// allreduce on the CPU side of the group), and no rank is left waiting in a
-// collective the others never join:
-//  * collectives that block the host (Gloo, CPU or CUDA tensors) are preceded by a
-//    control exchange, where a rank whose hook failed sends its failure instead;
-//  * NCCL collectives (CUDA tensors on an NCCL group) only enqueue work, so they
-//    skip it: the one exchange at the end of the bucket carries each rank's count
-//    of them, and when the bucket failed, ranks that stopped early enqueue matching
-//    stand-in collectives (shapes from a rank that went furthest) so every
-//    enqueued NCCL operation completes. One exchange per bucket instead of one per
-//    collective plus one. A hook that blocks the host on an NCCL result (.item())
-//    while a peer has failed waits until the group's timeout instead.
+// Guarded mode (ScriptCommHook's per-bucket agreement): before each collective the
+// ranks exchange one control value (a 1-element MAX allreduce), and a rank whose
+// hook failed sends its failure there instead. So when a hook fails on some ranks
+// only, at any point, every rank learns it at the same control exchange and no
+// rank is left waiting in a collective the others never join.
 class HookGroup : public torch::CustomClassHolder {
  public:
   explicit HookGroup(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
@@ -56,35 +47,22 @@ class HookGroup : public torch::CustomClassHolder {
   std::vector<at::Tensor> allgather(at::Tensor tensor);      // one tensor per rank
   at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
 
-  // For ScriptCommHook: start a bucket in guarded mode (`device` = the bucket's;
-  // NCCL collectives on it skip the per-collective exchange); exchange this rank's
+  // For ScriptCommHook: start a bucket in guarded mode; exchange this rank's
   // verdict (0 = ok, else rank + 1) unless the bucket is already decided; and the
   // decision: 0 when every rank was fine, else 1 + a failing rank.
-  void begin_guarded(const at::Device& device);
+  void begin_guarded();
   int64_t conclude(int64_t verdict);
   // Whether this bucket was stopped at a control exchange because another rank
   // had failed (this rank's hook then saw an error it did not cause).
   bool stopped_by_peer() const { return stopped_by_peer_; }
 
  private:
-  enum class Op : int64_t { kAllreduce, kAllgather, kBroadcast };
-  // True when `tensor`'s collective is to go without a control exchange.
-  bool unguarded(const at::Tensor& tensor);
-  void control_before_collective(const at::Tensor& tensor);
-  void issued(Op op, const at::Tensor& tensor, int64_t root = 0);
-  // MAX over ranks of {verdict, NCCL collectives issued}; on a failure, the
-  // stand-in collectives. Returns the verdict.
-  int64_t exchange(int64_t verdict);
-  void catch_up(int64_t most_issued);
+  void control_before_collective();
+  int64_t exchange(int64_t value);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   bool guarded_ = false;
   int64_t decision_ = -1;  // -1: undecided
   bool stopped_by_peer_ = false;
-  int nccl_ = -1;          // whether CUDA tensors go to NCCL; -1: not looked up yet
-  bool skip_nccl_ = false; // this bucket's NCCL collectives skip the exchange
-  at::Device device_{at::kCPU};
-  // NCCL collectives issued without an exchange in this bucket: {op, dtype, numel, root}.
-  std::vector<std::array<int64_t, 4>> unguarded_ops_;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.
