@@ -39,12 +39,15 @@ struct Args {
   std::string json;
   std::string methods = "ours,c10d,per_tensor,flat_limit";
   int threads = 0;  // intra-op threads per rank; 0: 1 when several ranks share the host, as torchrun sets
+  // ftcomm's tuning knobs for "ours"; negative: the library's defaults.
+  double direct_min_mb = -1, pipeline_mb = -1;
 };
 
 constexpr const char* kUsage =
     "Usage: ftcomm_bench_broadcast [--world N] [--workloads a,b,c] [--iters N] [--buffer-mb M]\n"
     "                              [--scale F] [--device cpu|cuda] [--backend auto|gloo|nccl] [--json FILE]\n"
     "                              [--threads N] [--methods ours,c10d,per_tensor,flat_limit]\n"
+    "                              [--direct-min-mb M] [--pipeline-mb M]   (ours: BroadcastCoalescedOptions)\n"
     "Workloads: a = ~100M-parameter transformer state (~390 fp32 tensors), b = 10,000 x 1 KiB,\n"
     "           c = 8 x 64 MiB. --scale shrinks every workload (for smoke runs).\n";
 
@@ -63,6 +66,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--workloads") a.workloads = v();
     else if (k == "--iters") a.iters = std::stoi(v());
     else if (k == "--buffer-mb") a.buffer_mb = std::stod(v());
+    else if (k == "--direct-min-mb") a.direct_min_mb = std::stod(v());
+    else if (k == "--pipeline-mb") a.pipeline_mb = std::stod(v());
     else if (k == "--scale") a.scale = std::stod(v());
     else if (k == "--device") a.device = v();
     else if (k == "--backend") a.backend = v();
@@ -119,6 +124,10 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   const int rank = pg->getRank(), world = pg->getSize();
   const at::Device device = args.device == "cuda" ? at::Device(at::kCUDA, std::max(0, options.local_rank)) : at::Device(at::kCPU);
   const size_t buffer = static_cast<size_t>(args.buffer_mb * (1 << 20));
+  ftcomm::BroadcastCoalescedOptions ours;
+  ours.buffer_bytes = buffer;
+  if (args.direct_min_mb >= 0) ours.direct_min_bytes = static_cast<size_t>(args.direct_min_mb * (1 << 20));
+  if (args.pipeline_mb >= 0) ours.pipeline_bytes = static_cast<size_t>(args.pipeline_mb * (1 << 20));
   std::vector<Result> results;
 
   for (char w : args.workloads) {
@@ -142,7 +151,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
 
     using Method = std::function<void()>;
     std::vector<std::pair<std::string, Method>> methods = {
-        {"ours", [&] { ftcomm::broadcast_coalesced(pg, tensors, buffer, 0); }},
+        {"ours", [&] { ftcomm::broadcast_coalesced(pg, tensors, ours); }},
         {"c10d", [&] { c10d::broadcast_coalesced(pg, tensors, buffer, 0); }},
         {"per_tensor", [&] {
            for (auto& t : tensors) {
