@@ -58,16 +58,35 @@ struct Unit {
   bool direct = false;
   std::vector<Piece> pieces;
   size_t bytes = 0;
+  size_t cap = 0;  // the device's largest staged bucket
 };
 
-// Largest staged bucket: packing, transfer and unpacking of successive buckets
-// overlap only when there are several.
-size_t staging_cap(const BroadcastCoalescedOptions& o) {
-  return std::max(std::min(o.buffer_bytes, o.pipeline_bytes), kAlign);
+// Largest staged bucket and smallest in-place tensor on one device. Staged buckets
+// are cut small enough that packing, transfer and unpacking of successive buckets
+// overlap; on NCCL, large enough that collectives stay few (see the options).
+struct Limits {
+  size_t cap;
+  size_t direct_min;
+};
+
+Limits limits_for(const at::Device& device, bool nccl, const BroadcastCoalescedOptions& o) {
+  if (device.is_cuda() && nccl) {
+    const size_t cap = std::max(std::min(o.buffer_bytes, o.nccl_pipeline_bytes), kAlign);
+    return {cap, std::min(o.nccl_direct_min_bytes, cap)};
+  }
+  return {std::max(std::min(o.buffer_bytes, o.pipeline_bytes), kAlign), o.direct_min_bytes};
 }
 
-std::vector<Unit> plan(at::TensorList tensors, const BroadcastCoalescedOptions& o) {
-  const size_t buffer_bytes = staging_cap(o);
+bool cuda_goes_to_nccl(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  try {
+    return pg->getBackend(c10::DeviceType::CUDA)->getBackendName() == "nccl";
+  } catch (const std::exception&) {
+    return false;  // no CUDA backend registered
+  }
+}
+
+std::vector<Unit> plan(at::TensorList tensors, const BroadcastCoalescedOptions& o,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
   // Tensors grouped by device, devices in order of first appearance (typically 1-2).
   std::vector<std::pair<at::Device, std::vector<size_t>>> by_device;
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -92,13 +111,15 @@ std::vector<Unit> plan(at::TensorList tensors, const BroadcastCoalescedOptions& 
   }
   std::vector<Unit> units;
   for (const auto& [device, indices] : by_device) {
+    const Limits limits = limits_for(device, device.is_cuda() && cuda_goes_to_nccl(pg), o);
     Unit staged;
     staged.device = device;
+    staged.cap = limits.cap;
     for (size_t i : indices) {
       const at::Tensor& t = tensors[i];
       const size_t n = nbytes_of(t);
       const bool contiguous = t.is_contiguous();
-      if (contiguous && n >= o.direct_min_bytes) {
+      if (contiguous && n >= limits.direct_min) {
         Unit direct;
         direct.device = device;
         direct.direct = true;
@@ -107,10 +128,11 @@ std::vector<Unit> plan(at::TensorList tensors, const BroadcastCoalescedOptions& 
         units.push_back(std::move(direct));
         continue;
       }
-      if (!staged.pieces.empty() && align_up(staged.bytes) + n > buffer_bytes) {
+      if (!staged.pieces.empty() && align_up(staged.bytes) + n > limits.cap) {
         units.push_back(std::move(staged));
         staged = Unit();
         staged.device = device;
+        staged.cap = limits.cap;
       }
       const size_t offset = align_up(staged.bytes);
       uint8_t* host = (contiguous && device.is_cpu()) ? static_cast<uint8_t*>(t.data_ptr()) : nullptr;
@@ -280,7 +302,7 @@ BroadcastCoalescedStats broadcast_coalesced(const c10::intrusive_ptr<c10d::Proce
   at::NoGradGuard no_grad;
   const bool is_root = rank == o.root;
 
-  const std::vector<Unit> units = plan(tensors, o);
+  const std::vector<Unit> units = plan(tensors, o, pg);
   BroadcastCoalescedStats stats;
   if (units.empty() || world == 1) {
     return stats;
@@ -304,7 +326,7 @@ BroadcastCoalescedStats broadcast_coalesced(const c10::intrusive_ptr<c10d::Proce
   // a 250 MB buffer_size for 10 MB of small tensors allocates 10 MB.
   std::map<std::string, size_t> slot_bytes;
   for (const Unit& unit : units) {
-    if (!unit.direct && unit.bytes <= staging_cap(o)) {
+    if (!unit.direct && unit.bytes <= unit.cap) {
       size_t& size = slot_bytes[unit.device.str()];
       size = std::max(size, unit.bytes);
     }
@@ -346,7 +368,7 @@ BroadcastCoalescedStats broadcast_coalesced(const c10::intrusive_ptr<c10d::Proce
       f.buffer = byte_view(tensors[unit.pieces[0].index]);
       ++stats.direct_tensors;
     } else {
-      if (unit.bytes > staging_cap(o)) {
+      if (unit.bytes > unit.cap) {
         // A single tensor larger than a staging buffer (non-contiguous): own buffer.
         f.buffer = at::empty({static_cast<int64_t>(unit.bytes)}, at::TensorOptions().dtype(at::kByte).device(unit.device));
       } else {

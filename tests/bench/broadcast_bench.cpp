@@ -47,7 +47,8 @@ constexpr const char* kUsage =
     "Usage: ftcomm_bench_broadcast [--world N] [--workloads a,b,c] [--iters N] [--buffer-mb M]\n"
     "                              [--scale F] [--device cpu|cuda] [--backend auto|gloo|nccl] [--json FILE]\n"
     "                              [--threads N] [--methods ours,c10d,per_tensor,flat_limit]\n"
-    "                              [--direct-min-mb M] [--pipeline-mb M]   (ours: BroadcastCoalescedOptions)\n"
+    "                              [--direct-min-mb M] [--pipeline-mb M]   (ours: BroadcastCoalescedOptions, the\n"
+    "                              generic and the nccl_ fields alike)\n"
     "Workloads: a = ~100M-parameter transformer state (~390 fp32 tensors), b = 10,000 x 1 KiB,\n"
     "           c = 8 x 64 MiB. --scale shrinks every workload (for smoke runs).\n";
 
@@ -126,8 +127,10 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   const size_t buffer = static_cast<size_t>(args.buffer_mb * (1 << 20));
   ftcomm::BroadcastCoalescedOptions ours;
   ours.buffer_bytes = buffer;
-  if (args.direct_min_mb >= 0) ours.direct_min_bytes = static_cast<size_t>(args.direct_min_mb * (1 << 20));
-  if (args.pipeline_mb >= 0) ours.pipeline_bytes = static_cast<size_t>(args.pipeline_mb * (1 << 20));
+  if (args.direct_min_mb >= 0) {
+    ours.direct_min_bytes = ours.nccl_direct_min_bytes = static_cast<size_t>(args.direct_min_mb * (1 << 20));
+  }
+  if (args.pipeline_mb >= 0) ours.pipeline_bytes = ours.nccl_pipeline_bytes = static_cast<size_t>(args.pipeline_mb * (1 << 20));
   std::vector<Result> results;
 
   for (char w : args.workloads) {
