@@ -69,8 +69,8 @@ struct Limits {
   size_t direct_min;
 };
 
-Limits limits_for(const at::Device& device, bool nccl, const BroadcastCoalescedOptions& o) {
-  if (device.is_cuda() && nccl) {
+Limits limits_for(bool cuda_over_nccl, const BroadcastCoalescedOptions& o) {
+  if (cuda_over_nccl) {
     const size_t cap = std::max(std::min(o.buffer_bytes, o.nccl_pipeline_bytes), kAlign);
     return {cap, std::min(o.nccl_direct_min_bytes, cap)};
   }
@@ -111,7 +111,7 @@ std::vector<Unit> plan(at::TensorList tensors, const BroadcastCoalescedOptions& 
   }
   std::vector<Unit> units;
   for (const auto& [device, indices] : by_device) {
-    const Limits limits = limits_for(device, device.is_cuda() && cuda_goes_to_nccl(pg), o);
+    const Limits limits = limits_for(device.is_cuda() && cuda_goes_to_nccl(pg), o);
     Unit staged;
     staged.device = device;
     staged.cap = limits.cap;

@@ -287,8 +287,7 @@ TEST(BroadcastMultiGpu, NcclBitIdenticalFromEveryRoot) {
     ftcomm::broadcast_coalesced(pg, list, 1 << 16, world - 1);
     expect_bit_equal(list, make_list(at::kFloat, 50000, world, gpu), ctx.rank);
   });
-  ASSERT_EQ(outcomes.size(), static_cast<size_t>(world));
-  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code << " signal " << o.signal;
+  testing::expect_ranks_ok(outcomes, world);
 }
 
 // Tier 2: forked processes over TCP and file stores, with verification on.

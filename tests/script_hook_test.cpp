@@ -43,24 +43,29 @@ c10::intrusive_ptr<c10d::ProcessGroup> group(int rank, int world, const Store& s
   return make_process_group(testing::thread_options(rank, world, store));
 }
 
-// c10d's built-in hooks are reachable only through the Reducer (their classes are
-// not exported from libtorch), so the comparison runs whole training steps.
+// The scripted allreduce and fp16_compress hooks against c10d's built-ins, through
+// the Reducer (the built-in hook classes are not exported from libtorch, so the
+// comparison runs whole training steps): gradients equal bit for bit.
+void expect_scripted_equal_builtins(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, std::vector<int64_t> widths,
+                                    int64_t bucket_bytes, int64_t batch, at::Device device = at::kCPU) {
+  for (auto [kind, name] : {std::pair{testing::HookKind::kBuiltinAllreduce, "allreduce"},
+                            std::pair{testing::HookKind::kBuiltinFp16, "fp16_compress"}}) {
+    testing::ReducerModel builtin(pg, widths, bucket_bytes, {}, device);
+    testing::ReducerModel scripted(pg, widths, bucket_bytes, {}, device);
+    builtin.set_hook(kind);
+    scripted.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, ScriptHook::load(name)));
+    for (int step = 0; step < 3; ++step) {
+      builtin.step(batch, step);
+      scripted.step(batch, step);
+      const auto want = builtin.gradients(), got = scripted.gradients();
+      for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(bit_equal(got[i], want[i])) << name << " grad " << i;
+    }
+  }
+}
+
 TEST(ScriptHookNumerics, ThroughTheReducerGradientsEqualTheBuiltins) {
   testing::run_threads(2, [](int rank, const Store& store) {
-    auto pg = group(rank, 2, store);
-    for (auto [kind, name] : {std::pair{testing::HookKind::kBuiltinAllreduce, "allreduce"},
-                              std::pair{testing::HookKind::kBuiltinFp16, "fp16_compress"}}) {
-      testing::ReducerModel builtin(pg, {64, 128, 128, 8}, 1 << 15);
-      testing::ReducerModel scripted(pg, {64, 128, 128, 8}, 1 << 15);
-      builtin.set_hook(kind);
-      scripted.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, ScriptHook::load(name)));
-      for (int step = 0; step < 3; ++step) {
-        builtin.step(16, step);
-        scripted.step(16, step);
-        const auto want = builtin.gradients(), got = scripted.gradients();
-        for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(bit_equal(got[i], want[i])) << name << " grad " << i;
-      }
-    }
+    expect_scripted_equal_builtins(group(rank, 2, store), {64, 128, 128, 8}, 1 << 15, 16);
   });
 }
 
@@ -296,30 +301,12 @@ void expect_same_on_every_rank(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
   }
 }
 
-void expect_ranks_ok(const std::vector<testing::RankOutcome>& outcomes, int world) {
-  ASSERT_EQ(outcomes.size(), static_cast<size_t>(world));
-  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code << " signal " << o.signal;
-}
-
 TEST(ScriptHookMultiGpu, ThroughTheReducerGradientsEqualTheBuiltins) {
   const int world = testing::gpu_count();
   if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
-  expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
-    auto pg = make_process_group(testing::nccl_options(ctx));
-    const at::Device gpu(at::kCUDA, ctx.rank);
-    for (auto [kind, name] : {std::pair{testing::HookKind::kBuiltinAllreduce, "allreduce"},
-                              std::pair{testing::HookKind::kBuiltinFp16, "fp16_compress"}}) {
-      testing::ReducerModel builtin(pg, {256, 512, 512, 64}, 1 << 18, {}, gpu);
-      testing::ReducerModel scripted(pg, {256, 512, 512, 64}, 1 << 18, {}, gpu);
-      builtin.set_hook(kind);
-      scripted.set_hook(testing::HookKind::kCustom, std::make_unique<ScriptCommHook>(pg, ScriptHook::load(name)));
-      for (int step = 0; step < 3; ++step) {
-        builtin.step(32, step);
-        scripted.step(32, step);
-        const auto want = builtin.gradients(), got = scripted.gradients();
-        for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(bit_equal(got[i], want[i])) << name << " grad " << i;
-      }
-    }
+  testing::expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
+    expect_scripted_equal_builtins(make_process_group(testing::nccl_options(ctx)), {256, 512, 512, 64}, 1 << 18, 32,
+                                   at::Device(at::kCUDA, ctx.rank));
   }), world);
 }
 
@@ -329,7 +316,7 @@ TEST(ScriptHookMultiGpu, ThroughTheReducerGradientsEqualTheBuiltins) {
 TEST(ScriptHookMultiGpu, EveryLibraryHookKeepsRanksInStep) {
   const int world = testing::gpu_count();
   if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
-  expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
+  testing::expect_ranks_ok(testing::run_ranks(world, 300s, [](const testing::RankContext& ctx) {
     auto pg = make_process_group(testing::nccl_options(ctx));
     const at::Device gpu(at::kCUDA, ctx.rank);
     const auto names = list_hooks();
@@ -464,7 +451,7 @@ TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
                                                "    return torch.stack(parts).mean(0)\n")),
       write("fails_between.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
                                           "    b = group.allreduce(b)\n" + fail + "    return group.allreduce(b)\n"))};
-  expect_ranks_ok(testing::run_ranks(world, 300s, [&](const testing::RankContext& ctx) {
+  testing::expect_ranks_ok(testing::run_ranks(world, 300s, [&](const testing::RankContext& ctx) {
     auto pg = make_process_group(testing::nccl_options(ctx));
     const at::Device gpu(at::kCUDA, ctx.rank);
     at::Tensor mean = at::zeros({1000});

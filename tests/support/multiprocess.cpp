@@ -215,13 +215,18 @@ int gpu_count() {
 }
 
 ProcessGroupOptions nccl_options(const RankContext& ctx, std::chrono::milliseconds timeout) {
-  for (const char* var : {"NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"}) {
-    ::setenv(var, std::strcmp(var, "NCCL_NVLS_ENABLE") == 0 ? "0" : "1", /*overwrite=*/1);
-  }
+  ::setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/1);
+  ::setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1", 1);
+  ::setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
   ProcessGroupOptions o = spawned_options(ctx, StoreKind::kTcp, timeout);
   o.backend = Backend::kNccl;
   o.local_rank = ctx.rank;
   return o;
+}
+
+void expect_ranks_ok(const std::vector<RankOutcome>& outcomes, int world) {
+  ASSERT_EQ(outcomes.size(), static_cast<size_t>(world));
+  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code << " signal " << o.signal;
 }
 
 std::vector<RankOutcome> run_ranks(int world, std::chrono::seconds deadline,

@@ -70,6 +70,9 @@ ProcessGroupOptions nccl_options(const RankContext& ctx, std::chrono::millisecon
 std::vector<RankOutcome> run_ranks(int world, std::chrono::seconds deadline,
                                    const std::function<void(const RankContext&)>& body);
 
+// Expects `world` outcomes, each a clean exit (names the rank, exit code and signal).
+void expect_ranks_ok(const std::vector<RankOutcome>& outcomes, int world);
+
 // GoogleTest tier 1: runs body(rank, store) on `world` threads that share one
 // in-memory store; rethrows the first exception after joining.
 void run_threads(int world, const std::function<void(int rank, const c10::intrusive_ptr<c10d::Store>&)>& body);
