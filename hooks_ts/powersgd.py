@@ -32,6 +32,17 @@ def params() -> Dict[str, float]:
     }
 
 
+def ranges() -> Dict[str, List[float]]:
+    return {
+        "rank": [1.0, 1024.0],
+        "start_iter": [0.0, 1e15],
+        "min_compression_rate": [0.0, 1e9],
+        "error_feedback": [0.0, 1.0],
+        "warm_start": [0.0, 1.0],
+        "epsilon": [0.0, 1.0]
+    }
+
+
 def orthogonalize(matrices: Tensor, epsilon: float):
     # Gram-Schmidt for rank <= 2 (and half types), else QR, as PyTorch's hook.
     rank = matrices.shape[2]

@@ -17,6 +17,11 @@ def params() -> Dict[str, float]:
     return {"ratio": 0.01}
 
 
+def ranges() -> Dict[str, List[float]]:
+    # ratio is the fraction of entries sent: above 0, at most all of them.
+    return {"ratio": [1e-9, 1.0]}
+
+
 def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:
     buffer = bucket.buffer()
     index = bucket.index()

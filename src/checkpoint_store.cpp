@@ -1,6 +1,7 @@
 #include "ftcomm/checkpoint_store.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,6 +43,10 @@ std::string signature_hex(uint64_t signature) {
 namespace {
 
 constexpr int kSchemaVersion = 1;
+const char* const kDamagedFix =
+    "nothing was written to it. Restore this rank's directory from a backup, or move it aside (mv DIR DIR.damaged) "
+    "and restart: the job then resyncs this rank from a peer that holds the step (its rank-local hook state from a "
+    "buddy copy). If every rank's store is damaged, the job can only start afresh";
 constexpr uint32_t kBlobMagic = 0x42435446;  // "FTCB"
 
 // --- little-endian encoding of records ------------------------------------------
@@ -165,6 +170,13 @@ std::string encode_record(const CommitRecord& r) {
   e.u64(r.blob_bytes);
   e.u64(r.blob_checksum);
   e.i64(r.unix_ms);
+  // Added after schema 1's first records: a record without it decodes with no
+  // settings.
+  e.u64(r.settings.size());
+  for (const auto& [k, v] : r.settings) {
+    e.str(k);
+    e.str(v);
+  }
   return std::move(e.out());
 }
 
@@ -177,6 +189,16 @@ bool decode_record(const std::string& s, CommitRecord* r) {
   d.str(&r->blob_file), d.u64(&r->blob_bytes), d.u64(&r->blob_checksum), d.i64(&r->unix_ms);
   r->world_size = static_cast<int>(world);
   r->has_snapshot = snap != 0;
+  r->settings.clear();
+  if (d.ok() && !d.done()) {
+    uint64_t n = 0;
+    if (!d.u64(&n) || n > s.size()) return false;
+    for (uint64_t i = 0; i < n; ++i) {
+      std::string k, v;
+      if (!d.str(&k) || !d.str(&v)) return false;
+      r->settings[k] = v;
+    }
+  }
   return d.done();
 }
 
@@ -246,6 +268,11 @@ StoreStatus write_all(int fd, const void* data, size_t n, const std::string& pat
     const ssize_t w = ::write(fd, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
+      if (errno == EFBIG) {
+        return StoreStatus::IOError("write " + path + ": " + std::strerror(errno) +
+                                    ": the process's file-size limit (ulimit -f) is below the snapshot's size; raise "
+                                    "it (ulimit -f unlimited) or snapshot less state");
+      }
       return StoreStatus::IOError("write " + path + ": " + std::strerror(errno) + "; free space or pick another --ckpt");
     }
     p += w;
@@ -277,7 +304,10 @@ class RocksCheckpointStore final : public CheckpointStore {
 
   const CheckpointStoreOptions& options() const override { return options_; }
 
-  StoreStatus Prepare() {
+  // Checks the schema and the identity; with `may_write`, then writes the identity
+  // of a new store, makes blobs/ and finishes an interrupted collection. With
+  // `check_rank` false (inspect) a store of any rank is accepted.
+  StoreStatus Prepare(bool check_rank, bool may_write) {
     std::string value;
     auto s = db_->Get(rocksdb::ReadOptions(), kSchemaKey, &value);
     if (s.ok()) {
@@ -297,7 +327,7 @@ class RocksCheckpointStore final : public CheckpointStore {
       const auto nl = stored.find('\n');
       const std::string job = stored.substr(0, nl), rank = stored.substr(nl + 1);
       const bool job_differs = !options_.job_id.empty() && job != options_.job_id;
-      const bool rank_differs = !options_.read_only && rank != std::to_string(options_.rank);
+      const bool rank_differs = check_rank && rank != std::to_string(options_.rank);
       if (job_differs || rank_differs) {
         return StoreStatus::Incompatible("checkpoint store " + options_.dir + " belongs to job '" + job + "' rank " +
                                          rank + ", not job '" + options_.job_id + "' rank " +
@@ -307,8 +337,18 @@ class RocksCheckpointStore final : public CheckpointStore {
       }
     } else if (!s.IsNotFound()) {
       return from(s, "reading the store identity");
+    } else {
+      // No identity: a store whose creation was cut short, which holds nothing.
+      // One with commits but no identity is damaged (or not ftcomm's).
+      CommitRecord any;
+      auto l = latest(&any, false);
+      if (l.ok()) {
+        return StoreStatus::Corruption("checkpoint store " + options_.dir + " holds commits (the newest is step " +
+                                       std::to_string(any.step) + ") but no identity record; " + kDamagedFix);
+      }
+      if (!l.IsNotFound()) return l;
     }
-    if (options_.read_only) return StoreStatus::OK();
+    if (!may_write) return StoreStatus::OK();
     if (stored.empty() || value.empty()) {
       rocksdb::WriteBatch batch;
       batch.Put(kSchemaKey, std::to_string(kSchemaVersion));
@@ -398,6 +438,8 @@ class RocksCheckpointStore final : public CheckpointStore {
       if (s.ok()) {
         std::lock_guard<std::mutex> commit_lock(commit_mutex_);
         s = CommitLocked(r, *hooks, /*retention=*/false);
+        // A blob whose commit was refused or failed is referenced by nothing.
+        if (!s.ok()) ::unlink((blob_dir_ + "/" + r.blob_file).c_str());
       }
       promise->set_value(s);
       // Retention runs after the commit is reported: retiring the old snapshot
@@ -520,6 +562,26 @@ class RocksCheckpointStore final : public CheckpointStore {
     return StoreStatus::OK();
   }
 
+  StoreStatus DiscardCommits(const std::vector<int64_t>& steps) override {
+    if (steps.empty()) return StoreStatus::OK();
+    WaitForSnapshot();
+    std::lock_guard<std::mutex> lock(commit_mutex_);
+    rocksdb::WriteBatch batch;
+    for (int64_t step : steps) {
+      std::string value;
+      auto s = db_->Get(rocksdb::ReadOptions(), kCommitPrefix + step_key(step), &value);
+      if (s.IsNotFound()) continue;
+      if (!s.ok()) return from(s, "reading commit " + std::to_string(step));
+      CommitRecord r;
+      const bool decoded = decode_record(value, &r);
+      batch.Delete(kCommitPrefix + step_key(step));
+      batch.DeleteRange(kHookPrefix + step_key(step) + "/", kHookPrefix + step_key(step) + "/~");
+      if (decoded && r.has_snapshot) batch.Put(kGcPrefix + r.blob_file, "");
+    }
+    auto s = write(batch, "discarding commits");
+    return s.ok() ? CollectGarbage() : s;
+  }
+
   rocksdb::DB* db() { return db_.get(); }
 
  private:
@@ -571,8 +633,10 @@ class RocksCheckpointStore final : public CheckpointStore {
     CommitRecord last;
     auto s = latest(&last, false);
     if (s.ok() && r.step <= last.step) {
-      return StoreStatus::InvalidArgument("commit of step " + std::to_string(r.step) + " to " + options_.dir +
-                                          " is not after the latest committed step " + std::to_string(last.step));
+      return StoreStatus::InvalidArgument(
+          "commit of step " + std::to_string(r.step) + " to " + options_.dir + " is not after the latest committed step " +
+          std::to_string(last.step) + ": the job resumed from an older step without discarding the newer commits "
+          "(CheckpointStore::DiscardCommits), or two jobs write this store. Give each job its own --ckpt");
     }
     r.unix_ms = now_ms();
     rocksdb::WriteBatch batch;
@@ -722,6 +786,63 @@ uint64_t BucketLayout::signature() const {
   return detail::checksum64(bytes.data(), bytes.size(), /*seed=*/0x1a7);
 }
 
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// What RocksDB leaves in a directory whose creation was cut short before its
+// CURRENT file was written: nothing a commit ever touched (no WAL, no SST, no
+// blobs/). Such a directory may be created anew; anything else is a store.
+bool only_creation_leftovers(const std::vector<std::string>& names) {
+  for (const auto& n : names) {
+    const bool leftover = n == "LOCK" || n == "LOG" || n.rfind("LOG.old", 0) == 0 || n == "IDENTITY" ||
+                          n == "MANIFEST-000001" || n.rfind("OPTIONS-", 0) == 0 || ends_with(n, ".dbtmp");
+    if (!leftover) return false;
+  }
+  return true;
+}
+
+StoreStatus open_failure(const rocksdb::Status& s, const std::string& dir, bool existing) {
+  const std::string text = s.ToString();
+  if (s.IsIOError() && text.find("lock") != std::string::npos) {
+    return StoreStatus::Busy("checkpoint store " + dir +
+                             " is in use by another process (its LOCK is held). Stop that process, or give this "
+                             "one its own --ckpt directory. (" + text + ")");
+  }
+  // Whatever keeps an existing store from opening (a missing MANIFEST, a bad SST,
+  // a truncated WAL) is damage, and the fix is the same.
+  if (existing || s.IsCorruption()) {
+    return StoreStatus::Corruption("checkpoint store " + dir + " cannot be opened (" + text + "); " + kDamagedFix);
+  }
+  if (s.IsInvalidArgument() && text.find("does not exist") != std::string::npos) {
+    return StoreStatus::NotFound("no checkpoint store in " + dir + " (" + text +
+                                 "). Point at a directory a job wrote with --ckpt");
+  }
+  return StoreStatus::IOError("cannot open checkpoint store " + dir + ": " + text);
+}
+
+StoreStatus open_db(const CheckpointStoreOptions& options, bool read_only, bool existing,
+                    std::unique_ptr<RocksCheckpointStore>* out) {
+  rocksdb::Options ro;
+  ro.create_if_missing = !existing && options.create_if_missing && !read_only;
+  ro.paranoid_checks = true;
+  ro.max_open_files = 64;
+  ro.keep_log_file_num = 2;
+  ro.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = read_only ? rocksdb::DB::OpenForReadOnly(ro, options.dir, &raw)
+                                : rocksdb::DB::Open(ro, options.dir, &raw);
+  if (!s.ok()) return open_failure(s, options.dir, existing);
+  CheckpointStoreOptions o = options;
+  o.read_only = read_only;
+  *out = std::make_unique<RocksCheckpointStore>(o, std::unique_ptr<rocksdb::DB>(raw));
+  return StoreStatus::OK();
+}
+
+}  // namespace
+
 StoreStatus CheckpointStore::Open(const CheckpointStoreOptions& options, std::unique_ptr<CheckpointStore>* store) {
   if (options.dir.empty()) return StoreStatus::InvalidArgument("checkpoint store: no directory given (--ckpt DIR)");
   if (!detail::path_exists(options.dir)) {
@@ -740,35 +861,36 @@ StoreStatus CheckpointStore::Open(const CheckpointStoreOptions& options, std::un
     return StoreStatus::IOError("checkpoint directory " + options.dir + " is not writable (" + std::strerror(errno) +
                                 "). Fix its permissions or choose another --ckpt");
   }
-  rocksdb::Options ro;
-  ro.create_if_missing = options.create_if_missing && !options.read_only;
-  ro.paranoid_checks = true;
-  ro.max_open_files = 64;
-  ro.keep_log_file_num = 2;
-  ro.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
-  rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = options.read_only ? rocksdb::DB::OpenForReadOnly(ro, options.dir, &raw)
-                                        : rocksdb::DB::Open(ro, options.dir, &raw);
-  if (!s.ok()) {
-    const std::string text = s.ToString();
-    if (s.IsIOError() && text.find("lock") != std::string::npos) {
-      return StoreStatus::Busy("checkpoint store " + options.dir +
-                               " is in use by another process (its LOCK is held). Stop that process, or give this "
-                               "one its own --ckpt directory. (" + text + ")");
+  const auto names = detail::list_dir(options.dir);
+  const bool existing = !names.empty() && !only_creation_leftovers(names);
+  std::unique_ptr<RocksCheckpointStore> impl;
+  if (existing) {
+    // A read-only look first: a store that cannot be opened, or is not this
+    // job's, is never written to (a read-write open of a damaged RocksDB
+    // directory can write a fresh, empty database over it).
+    if (!detail::path_exists(options.dir + "/CURRENT")) {
+      return StoreStatus::Corruption("checkpoint store " + options.dir +
+                                     " is damaged or is not a checkpoint store: it holds files but no CURRENT (RocksDB's "
+                                     "pointer to its newest MANIFEST); " + kDamagedFix);
     }
-    if (s.IsCorruption()) {
-      return StoreStatus::Corruption("checkpoint store " + options.dir + " is damaged: " + text +
-                                     ". Delete this rank's directory and let the job resync it from a peer, or "
-                                     "restore it from a backup");
+    auto st = open_db(options, /*read_only=*/true, existing, &impl);
+    if (st.ok()) st = impl->Prepare(/*check_rank=*/!options.read_only, /*may_write=*/false);
+    if (!st.ok()) return st;
+    if (options.read_only) {
+      *store = std::move(impl);
+      return StoreStatus::OK();
     }
-    if (s.IsInvalidArgument() && text.find("does not exist") != std::string::npos) {
-      return StoreStatus::NotFound("no checkpoint store in " + options.dir + " (" + text +
-                                   "). Point at a directory a job wrote with --ckpt");
-    }
-    return StoreStatus::IOError("cannot open checkpoint store " + options.dir + ": " + text);
+    impl.reset();
+  } else if (options.read_only) {
+    return StoreStatus::NotFound("no checkpoint store in " + options.dir +
+                                 " (the directory holds no store). Point at a directory a job wrote with --ckpt");
   }
-  auto impl = std::make_unique<RocksCheckpointStore>(options, std::unique_ptr<rocksdb::DB>(raw));
-  auto st = impl->Prepare();
+  // Writes that pass the process's file-size limit (ulimit -f) fail with EFBIG
+  // and are reported, instead of SIGXFSZ killing the process without a word.
+  struct sigaction current {};
+  if (::sigaction(SIGXFSZ, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) ::signal(SIGXFSZ, SIG_IGN);
+  auto st = open_db(options, /*read_only=*/false, existing, &impl);
+  if (st.ok()) st = impl->Prepare(/*check_rank=*/true, /*may_write=*/true);
   if (!st.ok()) return st;
   *store = std::move(impl);
   return StoreStatus::OK();

@@ -1,14 +1,19 @@
 #include "ftcomm/ddp.h"
 
 #include <chrono>
-#include <iostream>
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
+#include <sstream>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 
 #include "ftcomm/broadcast.h"
 #include "ftcomm/bucket_layout.h"
+#include "log.h"
 #include "sha256.h"
 
 namespace ftcomm {
@@ -19,15 +24,57 @@ double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
 }
 
-std::vector<int64_t> allgather_int(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t value) {
+// Every rank's `values` (the same count on every rank), rank by rank.
+std::vector<std::vector<int64_t>> allgather_ints(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                                 const std::vector<int64_t>& values) {
+  const auto n = static_cast<int64_t>(values.size());
   std::vector<std::vector<at::Tensor>> out(1);
-  for (int r = 0; r < pg->getSize(); ++r) out[0].push_back(at::empty({1}, at::kLong));
-  std::vector<at::Tensor> in{at::tensor({value})};
+  for (int r = 0; r < pg->getSize(); ++r) out[0].push_back(at::empty({n}, at::kLong));
+  std::vector<at::Tensor> in{at::tensor(values)};
   pg->allgather(out, in)->wait();
+  std::vector<std::vector<int64_t>> all;
+  for (const auto& t : out[0]) all.emplace_back(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
+  return all;
+}
+
+std::vector<int64_t> allgather_int(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t value) {
   std::vector<int64_t> values;
-  for (const auto& t : out[0]) values.push_back(t.item<int64_t>());
+  for (const auto& v : allgather_ints(pg, {value})) values.push_back(v[0]);
   return values;
 }
+
+std::string join_steps(const std::vector<int64_t>& steps) {
+  std::string out;
+  for (int64_t s : steps) out += (out.empty() ? "" : ", ") + std::to_string(s);
+  return out;
+}
+
+// Rank-local hook state crosses ranks as raw bytes, so every dtype comes back
+// bit for bit (an int64 above 2^53 included).
+at::Tensor as_bytes(const at::Tensor& t) {
+  at::Tensor c = t.detach().to(at::kCPU).contiguous().reshape({-1});
+  return c.numel() == 0 ? at::empty({0}, at::kByte) : c.view(at::kByte);
+}
+
+at::Tensor from_bytes(const at::Tensor& bytes, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().device(at::kCPU).memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() > 0) out.reshape({-1}).view(at::kByte).copy_(bytes);
+  return out;
+}
+
+}  // namespace
+
+// The shortest text that reads back as the same double.
+std::string format_setting(double v) {
+  char buf[32];
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
+}
+
+namespace {
 
 // Root's (name, dtype, shape) list to every rank, which allocates to match.
 void broadcast_manifest(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int root, std::vector<NamedTensor>* items) {
@@ -147,7 +194,7 @@ std::vector<NamedTensor> DistributedDataParallel::snapshot_state() const {
   const int world = pg_->getSize();
   if (world > 1 && !local.empty()) {
     std::vector<at::Tensor> flat_parts;
-    for (const auto& nt : local) flat_parts.push_back(nt.tensor.detach().reshape({-1}).to(at::kDouble));
+    for (const auto& nt : local) flat_parts.push_back(as_bytes(nt.tensor));
     at::Tensor flat = at::cat(flat_parts);
     std::vector<std::vector<at::Tensor>> gathered(1);
     for (int r = 0; r < world; ++r) gathered[0].push_back(at::empty_like(flat));
@@ -156,8 +203,8 @@ std::vector<NamedTensor> DistributedDataParallel::snapshot_state() const {
     const at::Tensor& theirs = gathered[0][(pg_->getRank() + world - 1) % world];
     int64_t at = 0;
     for (const auto& nt : local) {
-      const int64_t n = nt.tensor.numel();
-      out.push_back({"buddy_" + nt.name.substr(5), theirs.narrow(0, at, n).view(nt.tensor.sizes()).to(nt.tensor.scalar_type())});
+      const int64_t n = static_cast<int64_t>(nt.tensor.nbytes());
+      out.push_back({"buddy_" + nt.name.substr(5), from_bytes(theirs.narrow(0, at, n), nt.tensor)});
       at += n;
     }
   }
@@ -177,23 +224,38 @@ RecoveryReport DistributedDataParallel::recover() {
       break;
     }
   }
-  // 1. Agree on the newest step some rank can resume from.
+  // 1. This rank's newest intact snapshot: newest first, past damaged ones (a
+  // retained older snapshot is worth more than a restart from step 0).
   auto start = Clock::now();
   CommitRecord mine;
   std::vector<NamedTensor> loaded;
-  int64_t my_step = -1;
-  if (store_ && store_->LatestSnapshot(&mine).ok()) {
-    TORCH_CHECK(mine.world_size == world, "checkpoint ", options_.ckpt_dir, " was written by a job of world size ",
-                mine.world_size, ", this job has ", world,
+  int64_t my_step = -1, my_newest = -1;
+  std::vector<int64_t> damaged;
+  std::vector<CommitRecord> commits;
+  if (store_) check(store_->ListCommits(&commits));
+  for (auto it = commits.rbegin(); it != commits.rend(); ++it) {
+    if (!it->has_snapshot) continue;
+    TORCH_CHECK(it->world_size == world, "checkpoint ", options_.ckpt_dir, " was written by a job of world size ",
+                it->world_size, ", this job has ", world,
                 ". Resume with the same world size, or point --ckpt at a new directory");
-    const auto s = store_->LoadSnapshot(mine, &loaded);
+    my_newest = std::max(my_newest, it->step);
+    const auto s = store_->LoadSnapshot(*it, &loaded);
     if (s.ok()) {
-      my_step = mine.step;
-    } else {
-      std::cerr << "ftcomm: rank " << rank << ": " << s.ToString() << "; this rank will be resynced\n";
+      mine = *it;
+      my_step = it->step;
+      break;
     }
+    damaged.push_back(it->step);
+    detail::log_line("ftcomm: rank " + std::to_string(rank) + ": " + s.ToString() +
+                     "; falling back to this rank's previous snapshot, if any");
   }
-  const auto steps = allgather_int(pg_, my_step);
+  // 2. Agree on the newest step some rank can resume from.
+  const auto gathered = allgather_ints(pg_, {my_step, my_newest});
+  std::vector<int64_t> steps;
+  for (const auto& g : gathered) {
+    steps.push_back(g[0]);
+    report.newest_snapshot_step = std::max(report.newest_snapshot_step, g[1]);
+  }
   const int64_t step = *std::max_element(steps.begin(), steps.end());
   report.agreement_ms = ms_since(start);
   int root = -1;
@@ -201,8 +263,70 @@ RecoveryReport DistributedDataParallel::recover() {
     if (steps[r] == step && root < 0) root = r;
     if (steps[r] != step) report.resynced_ranks.push_back(r);
   }
+  if (report.newest_snapshot_step > step && rank == 0) {
+    std::string which;
+    for (int r = 0; r < world; ++r) {
+      if (gathered[r][1] > step) which += (which.empty() ? "" : ", ") + std::to_string(r);
+    }
+    detail::log_line("ftcomm: the newest snapshot (step " + std::to_string(report.newest_snapshot_step) +
+                     ") is damaged on every rank that has it (ranks " + which + "); " +
+                     (step >= 0 ? "resuming from step " + std::to_string(step) + ", the newest intact one"
+                                : "no intact snapshot is left: starting afresh"));
+  }
+  // Commits this rank cannot continue from: damaged ones, and any newer than the
+  // agreed step. The next commit is then after the store's latest.
+  if (store_) {
+    for (const auto& c : commits) {
+      if (c.step > step || std::find(damaged.begin(), damaged.end(), c.step) != damaged.end()) {
+        report.discarded_steps.push_back(c.step);
+      }
+    }
+    if (!report.discarded_steps.empty()) {
+      check(store_->DiscardCommits(report.discarded_steps));
+      detail::log_line("ftcomm: rank " + std::to_string(rank) + ": discarded commits of step(s) " +
+                       join_steps(report.discarded_steps) + " from " + options_.ckpt_dir +
+                       " (damaged, or newer than the resumed step " + std::to_string(step) + ")");
+    }
+  }
 
-  // 2. Load, on the ranks that have the step.
+  // 3. The settings: a changed learning rate, batch or hook parameter would
+  // resume silently into another run. Decided by all ranks, so all stop together.
+  std::string refusal;
+  const auto current = effective_settings();
+  if (step >= 0 && my_step == step && !mine.settings.empty()) {
+    std::set<std::string> names;
+    for (const auto& [k, v] : mine.settings) names.insert(k);
+    for (const auto& [k, v] : current) names.insert(k);
+    for (const auto& name : names) {
+      const auto was = mine.settings.find(name);
+      const auto now = current.find(name);
+      const std::string a = was == mine.settings.end() ? "(unset)" : was->second;
+      const std::string b = now == current.end() ? "(unset)" : now->second;
+      if (a == b) continue;
+      const std::string change = name + ": " + a + " -> " + b;
+      if (options_.allow_changed_settings.count(name) || options_.allow_changed_settings.count("all")) {
+        report.changed_settings.push_back(change);
+      } else {
+        refusal += (refusal.empty() ? "" : "; ") + std::string("'") + name + "' was " + a +
+                   " in the checkpoint and is " + b + " now";
+      }
+    }
+  }
+  const auto refused = allgather_int(pg_, refusal.empty() ? 0 : 1);
+  for (int r = 0; r < world; ++r) {
+    if (refused[r] == 0) continue;
+    TORCH_CHECK(false, "refusing to resume from step ", step, " of ", options_.ckpt_dir.empty() ? "the checkpoint" : options_.ckpt_dir,
+                " with other settings: ", refusal.empty() ? "rank " + std::to_string(r) + " found changed settings (see its error)" : refusal,
+                ". Resume with the stored values, allow the change with --allow-change NAME (repeatable; 'all' "
+                "allows every change), or point --ckpt at a new directory");
+  }
+  if (rank == 0 && !report.changed_settings.empty()) {
+    std::string list;
+    for (const auto& c : report.changed_settings) list += (list.empty() ? "" : "; ") + c;
+    detail::log_line("ftcomm: resuming from step " + std::to_string(step) + " with changed settings (allowed): " + list);
+  }
+
+  // 4. Load, on the ranks that have the step.
   start = Clock::now();
   std::unique_ptr<BucketLayout> layout;
   if (step >= 0 && my_step == step) {
@@ -230,9 +354,10 @@ RecoveryReport DistributedDataParallel::recover() {
   }
   report.load_ms = ms_since(start);
 
-  // 3. Resync the ranks that lack it, from the first rank that has it.
+  // 5. Resync the ranks that lack it, from the first rank that has it.
   if (options_.on_phase) options_.on_phase("resync");
   start = Clock::now();
+  std::vector<std::string> local_notes;
   if (step >= 0 && !report.resynced_ranks.empty()) {
     std::vector<NamedTensor> replicated;
     if (rank == root) {
@@ -250,15 +375,21 @@ RecoveryReport DistributedDataParallel::recover() {
     report.resync_bytes = broadcast_coalesced(pg_, all, bo).bytes;
     if (my_step != step) restore_hook_state(*hook_, replicated, /*local_too=*/false, gpu);
     // Rank-local hook state of each rank that lacks the step: from its buddy
-    // (rank r + 1 keeps r's copy), else reset under a logged policy.
+    // (rank r + 1 keeps r's copy), else reset under a logged policy. Every rank
+    // records what happened to every rank's state.
+    const bool has_local = !hook_->local_state().empty();
     for (int lost : report.resynced_ranks) {
       const int buddy = (lost + 1) % world;
       const bool buddy_has = world > 1 && steps[buddy] == step;
       if (!buddy_has) {
-        if (rank == lost && !hook_->local_state().empty()) {
-          report.local_state = "lost with this rank's store and its buddy's; reset to empty (policy: reset)";
-          std::cerr << "ftcomm: rank " << rank << ": rank-local hook state of " << hook_->name()
-                    << " was lost with its store and with rank " << buddy << "'s copy; reset to empty\n";
+        if (has_local) {
+          local_notes.push_back("rank " + std::to_string(lost) + ": reset to empty (lost with its store and rank " +
+                                std::to_string(buddy) + "'s copy; policy: reset)");
+          if (rank == lost) {
+            detail::log_line("ftcomm: rank " + std::to_string(rank) + ": rank-local hook state of " + hook_->name() +
+                             " was lost with its store and with rank " + std::to_string(buddy) +
+                             "'s copy; reset to empty");
+          }
         }
         continue;
       }
@@ -274,17 +405,25 @@ RecoveryReport DistributedDataParallel::recover() {
       BroadcastCoalescedOptions bo;
       bo.root = buddy;
       report.resync_bytes += broadcast_coalesced(pg_, tensors, bo).bytes;
-      if (rank == lost) {
-        restore_hook_state(*hook_, copy, /*local_too=*/true, gpu);
-        report.local_state = "restored from rank " + std::to_string(buddy) + "'s buddy copy";
+      if (rank == lost) restore_hook_state(*hook_, copy, /*local_too=*/true, gpu);
+      if (has_local) {
+        local_notes.push_back("rank " + std::to_string(lost) + ": restored from rank " + std::to_string(buddy) +
+                              "'s buddy copy");
       }
     }
   }
   report.resync_ms = ms_since(start);
-  if (report.local_state.empty()) report.local_state = step >= 0 ? "restored from this rank's store" : "fresh";
+  if (step < 0) {
+    report.local_state = "fresh";
+  } else if (local_notes.empty()) {
+    report.local_state = "restored from each rank's store";
+  } else {
+    report.local_state = report.resynced_ranks.size() < static_cast<size_t>(world) ? "the other ranks' from their stores; " : "";
+    for (size_t i = 0; i < local_notes.size(); ++i) report.local_state += (i ? "; " : "") + local_notes[i];
+  }
   report.resumed_from_step = step;
 
-  // 4. The Reducer, on one layout for all ranks: the stored one of the rank that
+  // 6. The Reducer, on one layout for all ranks: the stored one of the rank that
   // resumed (a replaced rank has none), else a fresh assignment.
   std::vector<bool> sparse(params_.size(), false);
   std::vector<std::vector<size_t>> buckets =
@@ -354,8 +493,15 @@ void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {
   record.data_position = data_position;
   record.hook_digest = hook_->digest();
   record.layout_signature = layout.signature();
+  record.settings = effective_settings();
   check(store_->WaitForSnapshot());
   store_->CommitSnapshotAsync(record, {}, snapshot_state());
+}
+
+std::map<std::string, std::string> DistributedDataParallel::effective_settings() const {
+  std::map<std::string, std::string> out = options_.settings;
+  for (const auto& [k, v] : hook_->params()) out["hook." + k] = format_setting(v);
+  return out;
 }
 
 double DistributedDataParallel::comm_seconds() const {

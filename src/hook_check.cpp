@@ -31,7 +31,9 @@ SyntheticBucket::SyntheticBucket(at::Tensor buffer, std::vector<std::vector<int6
 
 HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptions& options) {
   TORCH_CHECK(options.world_size >= 1 && options.world_size <= 16, "hook check: --world-size must be in [1, 16]");
-  TORCH_CHECK(options.numel >= 64, "hook check: --numel must be at least 64");
+  TORCH_CHECK(options.numel >= 64 && options.numel <= kMaxHookCheckNumel, "hook check: --numel must be in [64, ",
+              kMaxHookCheckNumel, "], not ", options.numel);
+  TORCH_CHECK(options.steps >= 1, "hook check: --steps must be at least 1 (0 would check nothing)");
   auto hook = ScriptHook::load(file_or_name);  // compile, signature and state declaration
   for (const auto& [k, v] : options.params) hook->set_param(k, v);
   HookCheckReport report;
@@ -59,13 +61,16 @@ HookCheckReport check_hook(const std::string& file_or_name, const HookCheckOptio
         o.store = StoreKind::kCustom;
         o.custom_store = store;
         o.backend = Backend::kGloo;
-        o.timeout = std::chrono::seconds(60);
+        // Longer than the hook's own deadline, so that a stuck hook is named
+        // before a peer's wait times out.
+        o.timeout = std::max<std::chrono::milliseconds>(std::chrono::seconds(10), 3 * options.hook_timeout);
         o.announce = false;
         auto pg = make_process_group(o);
         auto mine = ScriptHook::load(report.path);
         for (const auto& [k, v] : options.params) mine->set_param(k, v);
         ScriptCommHookOptions checks;
         checks.check_finite = true;
+        checks.hook_timeout = options.hook_timeout;
         ScriptCommHook comm(pg, mine, checks);
         // Three buckets a step: a matrix, a vector and the rest, like a layer.
         const int64_t rows = 32, cols = std::max<int64_t>(1, options.numel / 64);

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <sys/stat.h>
 #include <random>
 #include <thread>
 
@@ -378,6 +380,142 @@ TEST(CheckpointStoreErrors, CorruptSstIsReported) {
   }
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find(dir), std::string::npos) << s.message();
+}
+
+// Names and sizes of a directory's files (what a refused open must not change).
+std::map<std::string, off_t> listing(const std::string& dir) {
+  std::map<std::string, off_t> out;
+  for (const auto& name : detail::list_dir(dir)) {
+    struct stat st {};
+    ::stat((dir + "/" + name).c_str(), &st);
+    out[name] = S_ISDIR(st.st_mode) ? -1 : st.st_size;
+  }
+  return out;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A store with commits and snapshots, closed.
+void fill_store(const std::string& dir, int64_t steps) {
+  auto store = open_store(dir);
+  for (int64_t step = 1; step <= steps; ++step) {
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), {}, state_for(step)).get().ok());
+  }
+}
+
+// Before the fix, an open with create_if_missing wrote a fresh, empty database
+// over a store whose CURRENT was gone, and every later open saw "no commits".
+TEST(CheckpointStoreErrors, MissingCurrentIsRefusedEveryTimeAndNothingIsWritten) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  fill_store(dir, 3);
+  const std::string current = read_text(dir + "/CURRENT");
+  ASSERT_EQ(::unlink((dir + "/CURRENT").c_str()), 0);
+  const auto before = listing(dir);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    CheckpointStoreOptions o;
+    o.dir = dir;
+    o.job_id = "job";
+    std::unique_ptr<CheckpointStore> store;
+    auto s = CheckpointStore::Open(o, &store);
+    EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+    EXPECT_NE(s.message().find("no CURRENT"), std::string::npos) << s.message();
+    EXPECT_NE(s.message().find("nothing was written"), std::string::npos) << s.message();
+    EXPECT_NE(s.message().find("mv DIR DIR.damaged"), std::string::npos) << s.message();
+    EXPECT_EQ(listing(dir), before) << "a refused open changed the store's files (attempt " << attempt << ")";
+  }
+  // The read-only path (ftcomm inspect) refuses too.
+  CheckpointStoreOptions ro;
+  ro.dir = dir;
+  ro.read_only = true;
+  std::unique_ptr<CheckpointStore> reader;
+  EXPECT_TRUE(CheckpointStore::Open(ro, &reader).IsCorruption());
+  // Repaired, every commit is still there.
+  std::ofstream(dir + "/CURRENT") << current;
+  auto store = open_store(dir);
+  ASSERT_TRUE(store);
+  std::vector<CommitRecord> commits;
+  ASSERT_TRUE(store->ListCommits(&commits).ok());
+  EXPECT_EQ(commits.size(), 2u);  // retention keeps the newest two snapshots
+  EXPECT_EQ(commits.back().step, 3);
+}
+
+TEST(CheckpointStoreErrors, MissingManifestIsRefusedWithTheFix) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  fill_store(dir, 2);
+  const std::string manifest = read_text(dir + "/CURRENT");
+  ASSERT_FALSE(manifest.empty());
+  ASSERT_EQ(::unlink((dir + "/" + manifest.substr(0, manifest.find('\n'))).c_str()), 0);
+  const auto before = listing(dir);
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("mv DIR DIR.damaged"), std::string::npos) << s.message();
+  EXPECT_EQ(listing(dir), before);
+}
+
+TEST(CheckpointStoreErrors, ADirectoryOfOtherFilesIsNotTakenOver) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  std::ofstream(dir + "/notes.txt") << "mine";
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("is not a checkpoint store"), std::string::npos) << s.message();
+  EXPECT_EQ(detail::list_dir(dir), std::vector<std::string>{"notes.txt"});
+}
+
+TEST(CheckpointStore, ACreationCutShortIsCreatedAnew) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  std::ofstream(dir + "/LOCK");
+  std::ofstream(dir + "/LOG") << "rocksdb log";
+  auto store = open_store(dir);
+  ASSERT_TRUE(store);
+  EXPECT_TRUE(store->Commit(record_for(1, 0), {}).ok());
+}
+
+TEST(CheckpointStore, DiscardCommitsDropsRecordsHookStateAndBlobs) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.keep_snapshots = 5;
+  std::unique_ptr<CheckpointStore> store;
+  ASSERT_TRUE(CheckpointStore::Open(o, &store).ok());
+  for (int64_t step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 1, 0), state_for(step)).get().ok());
+  }
+  ASSERT_TRUE(store->DiscardCommits({3, 7}).ok());  // 7 does not exist: ignored
+  CommitRecord latest;
+  ASSERT_TRUE(store->LatestSnapshot(&latest).ok());
+  EXPECT_EQ(latest.step, 2);
+  std::vector<at::Tensor> hook;
+  EXPECT_TRUE(store->GetHookState(3, "d1g35t", 0, 0, 0, true, &hook).IsNotFound());
+  EXPECT_EQ(detail::list_dir(dir + "/blobs").size(), 2u);
+  // The step can be committed again (a resume from step 2 continues from there).
+  EXPECT_TRUE(store->CommitSnapshotAsync(record_for(3, 0), {}, state_for(30)).get().ok());
+}
+
+TEST(CheckpointStore, SettingsRoundTrip) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  CommitRecord r = record_for(4, 0);
+  r.settings = {{"lr", "0.05"}, {"hook.rank", "2"}};
+  ASSERT_TRUE(store->Commit(r, {}).ok());
+  CommitRecord back;
+  ASSERT_TRUE(store->LatestCommitted(&back).ok());
+  EXPECT_EQ(back.settings, r.settings);
 }
 
 // kill -9 a writer at random points of its commits, many times over. Each time the

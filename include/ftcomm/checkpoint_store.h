@@ -13,6 +13,13 @@
 //  * One writer: a store directory is locked while open for writing.
 //  * Every blob read is checked against the checksum in its record, and RocksDB's
 //    own block checksums are verified on every read.
+//  * A store that exists but cannot be opened is never written to: Open() first
+//    opens an existing directory read-only and checks it (RocksDB's files, the
+//    schema, the identity), and only then opens it for writing. A damaged store
+//    keeps being refused, with the fix, until someone repairs or moves it.
+//  * A write that hits a file-size limit (ulimit -f) fails as an error, not a
+//    SIGXFSZ: opening a store for writing ignores that signal when it has its
+//    default action. Failed snapshots leave no temporary or unreferenced blob.
 // Errors come back as ftcomm::StoreStatus (never rocksdb::Status), with a message
 // that names the directory and the fix. Thread-safety: one CheckpointStore may be
 // used from several threads; snapshot blobs are written on a background thread.
@@ -21,6 +28,7 @@
 #include <chrono>
 #include <cstdint>
 #include <future>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -93,6 +101,9 @@ struct CommitRecord {
   std::string rng_state;       // opaque bytes (e.g. a CPU generator's state)
   std::string hook_digest;     // SHA-256 hex of the hook in use
   uint64_t layout_signature = 0;
+  // The settings that change the result (hook parameters, learning rate, batch,
+  // ...), name -> value as text; a resume compares them with its own.
+  std::map<std::string, std::string> settings;
   // Set by the store: whether this commit carries a snapshot, and its blob.
   bool has_snapshot = false;
   std::string blob_file;
@@ -130,7 +141,8 @@ class CheckpointStore {
   virtual StoreStatus ListLayouts(std::vector<uint64_t>* signatures) = 0;
 
   // Metadata commit: the record and its hook state, atomically, per the durability
-  // policy. Steps must increase. Blocks until durable.
+  // policy. Steps must increase (a resume from an older step first discards the
+  // newer commits with DiscardCommits). Blocks until durable.
   virtual StoreStatus Commit(const CommitRecord& record, const std::vector<HookStateEntry>& hook_state) = 0;
 
   // Snapshot commit: copies `state` to host memory now (the caller may go on
@@ -156,6 +168,10 @@ class CheckpointStore {
                                    int bucket, int rank, bool replicated, std::vector<at::Tensor>* tensors) = 0;
   // Loads a snapshot's tensors, verifying the blob's size and checksum.
   virtual StoreStatus LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) = 0;
+  // Removes the commits of `steps` (their records, hook state and blobs), in one
+  // synced batch; blobs are collected after it. For a resume from an older step
+  // (newer commits cannot be continued) and for commits whose snapshot is damaged.
+  virtual StoreStatus DiscardCommits(const std::vector<int64_t>& steps) = 0;
 
   virtual const CheckpointStoreOptions& options() const = 0;
 };

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,6 +33,12 @@ struct DdpOptions {
   std::string job_id;
   int commit_every = 10;
   int keep_snapshots = 2;
+  // The trainer's settings that change the result (learning rate, batch, model,
+  // ...), recorded with every commit together with the hook's parameters
+  // ("hook.<name>"). A resume refuses a change, naming the setting and both
+  // values, unless its name (or "all") is in allow_changed_settings.
+  std::map<std::string, std::string> settings;
+  std::set<std::string> allow_changed_settings;
   ScriptCommHookOptions hook_options;
   // Called at named points of recover() ("resync": after the agreement, before
   // any state moves); for fault injection in tests and demos.
@@ -39,10 +47,18 @@ struct DdpOptions {
 
 struct RecoveryReport {
   int64_t resumed_from_step = -1;  // -1: fresh start
+  // The newest snapshot any rank's store named; above resumed_from_step when
+  // newer snapshots were damaged and recovery fell back to an older one.
+  int64_t newest_snapshot_step = -1;
+  std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
+  std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
+
   double agreement_ms = 0, load_ms = 0, resync_ms = 0;
   int64_t resync_bytes = 0;
   std::vector<int> resynced_ranks;  // ranks that lacked the step
-  std::string local_state;          // what happened to rank-local hook state
+  // What happened to rank-local hook state, for every rank (the same text on
+  // every rank).
+  std::string local_state;
 };
 
 class DistributedDataParallel {
@@ -73,6 +89,8 @@ class DistributedDataParallel {
 
  private:
   std::vector<NamedTensor> snapshot_state() const;
+  // options_.settings plus the hook's parameters as "hook.<name>".
+  std::map<std::string, std::string> effective_settings() const;
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   std::vector<at::Tensor> params_, extra_;
   DdpOptions options_;
@@ -81,6 +99,9 @@ class DistributedDataParallel {
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
   std::unique_ptr<CheckpointStore> store_;
 };
+
+// The shortest text that reads back as `v` (how settings are recorded).
+std::string format_setting(double v);
 
 // SHA-256 of the tensors' bytes, in order (the run's parameter digest).
 std::string tensors_digest(const std::vector<at::Tensor>& tensors);

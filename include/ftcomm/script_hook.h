@@ -6,6 +6,7 @@
 //
 //   def spec() -> Dict[str, List[str]]       # {"replicated": [...], "local": [...]}
 //   def params() -> Dict[str, float]          # parameters and their defaults
+//   def ranges() -> Dict[str, List[float]]    # optional: [lo, hi] a parameter must lie in
 //   def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float],
 //            group: Group, bucket: Bucket) -> Tensor
 //
@@ -16,8 +17,10 @@
 // declared name; the hook mutates it in place.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -48,18 +51,33 @@ class HookGroup : public torch::CustomClassHolder {
   at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
 
   // For ScriptCommHook: start a bucket in guarded mode; exchange this rank's
-  // verdict (0 = ok, else rank + 1) unless the bucket is already decided; and the
-  // decision: 0 when every rank was fine, else 1 + a failing rank.
+  // verdict (0 = ok, else encode_verdict()) unless the bucket is already decided;
+  // and the decision: 0 when every rank was fine, else the largest verdict.
   void begin_guarded();
   int64_t conclude(int64_t verdict);
+  // For ScriptCommHook's watchdog, when this rank's hook call passed its
+  // deadline: unless the hook is inside one of its collectives (which have their
+  // own deadline), stops the hook from starting any further collective and, in
+  // guarded mode, concludes the bucket with `verdict` for it. False when the hook
+  // is inside a collective (try again later).
+  bool try_abandon(int64_t verdict, int64_t* decision);
+  // Verdicts: a hook that failed (threw, bad result) or that did not return in time.
+  enum class Failure { kError = 0, kStuck = 1 };
+  int64_t encode_verdict(Failure why) const { return 1 + rank() + world_size() * static_cast<int64_t>(why); }
+  Failure failure_of(int64_t decision) const { return static_cast<Failure>((decision - 1) / world_size()); }
+  int64_t rank_of(int64_t decision) const { return (decision - 1) % world_size(); }
   // Whether this bucket was stopped at a control exchange because another rank
   // had failed (this rank's hook then saw an error it did not cause).
   bool stopped_by_peer() const { return stopped_by_peer_; }
 
  private:
+  // Takes op_mutex_ for one collective (with its control exchange).
+  std::unique_lock<std::mutex> begin_collective();
   void control_before_collective();
   int64_t exchange(int64_t value);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  std::mutex op_mutex_;     // held by the worker during each collective
+  bool abandoned_ = false;  // the watchdog gave up on this hook call
   bool guarded_ = false;
   int64_t decision_ = -1;  // -1: undecided
   bool stopped_by_peer_ = false;
@@ -106,7 +124,10 @@ class ScriptHook {
   const std::vector<std::string>& replicated_state() const { return replicated_; }
   const std::vector<std::string>& local_state() const { return local_; }
   const std::map<std::string, double>& params() const { return params_; }
-  // Sets parameter `key` from text; throws naming the known parameters.
+  // The [lo, hi] the hook declares for some of its parameters (ranges()).
+  const std::map<std::string, std::pair<double, double>>& ranges() const { return ranges_; }
+  // Sets parameter `key` from text; throws naming the known parameters, or the
+  // declared range when the value is outside it.
   void set_param(const std::string& key, const std::string& value);
 
   // Runs the hook once, synchronously, on this thread. Not thread-safe: one
@@ -118,11 +139,13 @@ class ScriptHook {
 
  private:
   ScriptHook() = default;
+  void check_param(const std::string& key, double value, const std::string& where) const;
   std::string name_, path_, digest_;
   std::vector<std::string> replicated_, local_;
   std::map<std::string, double> params_;
+  std::map<std::string, std::pair<double, double>> ranges_;
   std::function<c10::IValue(std::vector<c10::IValue>)> hook_;
-  std::function<c10::IValue()> spec_fn_, params_fn_;
+  std::function<c10::IValue()> spec_fn_, params_fn_, ranges_fn_;
   std::shared_ptr<void> keep_alive_;  // the CompilationUnit or Module the functions live in
   HookState state_;
   c10::Dict<std::string, double> params_dict_;
@@ -152,6 +175,13 @@ struct ScriptCommHookOptions {
   // result does not desync ranks by itself.
   bool check_finite = false;
   OnHookError on_error = OnHookError::kFail;
+  // A hook call that has not returned after this long fails its bucket: with the
+  // agreement on, on every rank at once, naming the hook and the stuck rank
+  // (whatever on_error says: the stuck thread cannot be stopped, so this hook
+  // object takes no further buckets and the process should exit). Keep it below
+  // the group's timeout, so that peers waiting at the agreement hear of it before
+  // their own wait ends (ftcomm train uses half of --timeout). Zero: unbounded.
+  std::chrono::milliseconds hook_timeout{std::chrono::seconds(30)};
 };
 
 // A ScriptHook registered with c10d::Reducer::register_comm_hook. runHook copies
@@ -171,8 +201,7 @@ class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d
  private:
   struct Worker;
   std::shared_ptr<ScriptHook> hook_;
-  ScriptCommHookOptions options_;
-  std::unique_ptr<Worker> worker_;
+  std::shared_ptr<Worker> worker_;  // shared with its threads: a stuck one outlives this object
 };
 
 // All ranks compare the hook's digest before the first step: throws on every rank,
@@ -200,7 +229,11 @@ struct HookCheckOptions {
   int64_t numel = 1 << 14;  // elements per synthetic bucket
   int steps = 3;            // steps of 3 buckets each
   std::vector<std::pair<std::string, std::string>> params;  // --hook-arg k=v
+  std::chrono::milliseconds hook_timeout{std::chrono::seconds(30)};  // per hook call
 };
+
+// The largest --numel hook check takes (1 GiB of float32 per synthetic bucket).
+constexpr int64_t kMaxHookCheckNumel = int64_t(1) << 28;
 
 struct HookCheckReport {
   std::string name, path, digest;

@@ -1,6 +1,7 @@
 // The ftcomm command-line tool.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <iostream>
@@ -8,11 +9,14 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
 
 #include "ftcomm/broadcast.h"
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/script_hook.h"
 #include "ftcomm/process_group.h"
+#include "cli.h"
+#include "log.h"
 
 namespace {
 
@@ -50,27 +54,23 @@ TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_USE_AGENT_STORE.
 )";
 
 int usage_error(const std::string& message) {
-  std::cerr << "ftcomm: " << message << "\nRun 'ftcomm --help' for usage.\n";
+  ftcomm::detail::log_line("ftcomm: " + message + "\nRun 'ftcomm --help' for usage.");
   return 2;
 }
 
 int doctor(const std::vector<std::string>& args) {
   ftcomm::ProcessGroupOptions options;
-  for (size_t i = 0; i < args.size(); ++i) {
-    auto value = [&]() -> std::string {
-      if (i + 1 >= args.size()) throw std::invalid_argument(args[i] + " needs a value");
-      return args[++i];
-    };
-    if (args[i] == "--backend") {
-      options.backend = ftcomm::parse_backend(value());
-    } else if (args[i] == "--timeout") {
-      options.timeout = std::chrono::milliseconds(static_cast<int64_t>(std::stod(value()) * 1000));
-    } else if (args[i] == "--master-port") {
-      options.master_port = std::stoi(value());
-    } else {
-      throw std::invalid_argument("unknown option '" + args[i] + "' for doctor");
-    }
-  }
+  CLI::App app("ftcomm doctor: form a process group and check it (backend choice, an allreduce, a verified "
+               "broadcast_coalesced). As one rank, or under torchrun --no-python.",
+               "ftcomm doctor");
+  std::string backend = "auto";
+  double timeout_s = 60;
+  app.add_option("--backend", backend, "what serves CUDA tensors")->check(CLI::IsMember({"auto", "nccl", "gloo"}))->capture_default_str();
+  app.add_option("--timeout", timeout_s, "seconds: the deadline of every wait")->check(ftcomm::cli::number_in(1, 86400))->capture_default_str();
+  app.add_option("--master-port", options.master_port, "store port when not under torchrun")->check(ftcomm::cli::integer_in(1, 65535))->capture_default_str();
+  if (int rc = ftcomm::cli::parse(app, args, "ftcomm doctor"); rc >= 0) return rc;
+  options.backend = ftcomm::parse_backend(backend);
+  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   options = ftcomm::process_group_options_from_env(options);
   ftcomm::ProcessGroupChoice choice;
   auto pg = ftcomm::make_process_group(options, &choice);
@@ -101,31 +101,14 @@ int doctor(const std::vector<std::string>& args) {
   return 0;
 }
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
-
 int inspect(const std::vector<std::string>& args) {
   std::string dir;
   bool json = false;
-  for (const auto& a : args) {
-    if (a == "--json") json = true;
-    else if (!a.empty() && a[0] == '-') throw std::invalid_argument("unknown option '" + a + "' for inspect");
-    else if (dir.empty()) dir = a;
-    else throw std::invalid_argument("inspect takes one directory, got '" + dir + "' and '" + a + "'");
-  }
-  if (dir.empty()) throw std::invalid_argument("inspect needs a store directory: ftcomm inspect DIR [--json]");
+  CLI::App app("ftcomm inspect: show a rank's checkpoint store (opens read-only, so it works while a job runs)",
+               "ftcomm inspect");
+  app.add_option("DIR", dir, "a rank's store, e.g. CKPT/rank0")->required();
+  app.add_flag("--json", json, "print a stable JSON form");
+  if (int rc = ftcomm::cli::parse(app, args, "ftcomm inspect"); rc >= 0) return rc;
   ftcomm::CheckpointStoreOptions options;
   options.dir = dir;
   options.read_only = true;
@@ -138,24 +121,26 @@ int inspect(const std::vector<std::string>& args) {
   int snapshots = 0;
   for (const auto& c : commits) snapshots += c.has_snapshot;
   if (json) {
-    std::cout << "{\n  \"dir\": \"" << json_escape(dir) << "\",\n  \"commits\": [";
-    for (size_t i = 0; i < commits.size(); ++i) {
-      const auto& c = commits[i];
-      std::cout << (i ? "," : "") << "\n    {\"step\": " << c.step << ", \"epoch\": " << c.epoch
-                << ", \"world_size\": " << c.world_size << ", \"data_position\": " << c.data_position
-                << ", \"hook_digest\": \"" << json_escape(c.hook_digest) << "\", \"layout_signature\": \""
-                << ftcomm::signature_hex(c.layout_signature) << "\", \"snapshot\": " << (c.has_snapshot ? "true" : "false")
-                << ", \"snapshot_bytes\": " << c.blob_bytes << ", \"unix_ms\": " << c.unix_ms << "}";
+    nlohmann::json out = {{"dir", dir}, {"commits", nlohmann::json::array()}, {"layouts", nlohmann::json::array()}};
+    for (const auto& c : commits) {
+      out["commits"].push_back({{"step", c.step},
+                                {"epoch", c.epoch},
+                                {"world_size", c.world_size},
+                                {"data_position", c.data_position},
+                                {"hook_digest", c.hook_digest},
+                                {"layout_signature", ftcomm::signature_hex(c.layout_signature)},
+                                {"snapshot", c.has_snapshot},
+                                {"snapshot_bytes", c.blob_bytes},
+                                {"settings", c.settings},
+                                {"unix_ms", c.unix_ms}});
     }
-    std::cout << "\n  ],\n  \"layouts\": [";
-    for (size_t i = 0; i < layouts.size(); ++i) {
+    for (uint64_t sig : layouts) {
       ftcomm::BucketLayout layout;
-      ftcomm::check(store->GetLayout(layouts[i], &layout));
-      std::cout << (i ? ", " : "") << "{\"signature\": \"" << ftcomm::signature_hex(layouts[i])
-                << "\", \"buckets\": " << layout.buckets.size() << "}";
+      ftcomm::check(store->GetLayout(sig, &layout));
+      out["layouts"].push_back({{"signature", ftcomm::signature_hex(sig)}, {"buckets", layout.buckets.size()}});
     }
-    std::cout << "],\n  \"retention\": {\"snapshots_kept\": " << snapshots << ", \"commits_kept\": " << commits.size()
-              << "}\n}\n";
+    out["retention"] = {{"snapshots_kept", snapshots}, {"commits_kept", commits.size()}};
+    std::cout << out.dump(2) << "\n";
     return 0;
   }
   std::cout << "checkpoint store " << dir << "\n";
@@ -165,6 +150,11 @@ int inspect(const std::vector<std::string>& args) {
     const auto& last = commits.back();
     std::cout << "  latest step " << last.step << ", world size " << last.world_size << ", epoch " << last.epoch
               << ", hook " << (last.hook_digest.empty() ? "(none)" : last.hook_digest) << "\n";
+    if (!last.settings.empty()) {
+      std::cout << "  settings:";
+      for (const auto& [k, v] : last.settings) std::cout << " " << k << "=" << v;
+      std::cout << "\n";
+    }
     std::cout << "  retention: " << commits.size() << " commits, " << snapshots << " snapshots kept\n\n";
     std::printf("  %10s %6s %6s %9s %16s %14s  %s\n", "step", "epoch", "world", "snapshot", "layout", "bytes", "hook");
     for (const auto& c : commits) {
@@ -194,31 +184,26 @@ int hook_command(const std::vector<std::string>& args) {
     for (const auto& name : ftcomm::list_hooks()) std::cout << "  " << name << "\n";
     return 0;
   }
-  if (args[0] != "check") throw std::invalid_argument("unknown hook subcommand '" + args[0] + "'");
+  if (args[0] != "check") throw std::invalid_argument("unknown hook subcommand '" + args[0] + "'; use check or list");
   ftcomm::HookCheckOptions options;
   std::string target;
-  for (size_t i = 1; i < args.size(); ++i) {
-    auto value = [&]() -> std::string {
-      if (i + 1 >= args.size()) throw std::invalid_argument(args[i] + " needs a value");
-      return args[++i];
-    };
-    if (args[i] == "--world-size") options.world_size = std::stoi(value());
-    else if (args[i] == "--numel") options.numel = std::stoll(value());
-    else if (args[i] == "--steps") options.steps = std::stoi(value());
-    else if (args[i] == "--hook-arg") {
-      const std::string kv = value();
-      const auto eq = kv.find('=');
-      if (eq == std::string::npos) throw std::invalid_argument("--hook-arg takes k=v, got '" + kv + "'");
-      options.params.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-    } else if (!args[i].empty() && args[i][0] == '-') {
-      throw std::invalid_argument("unknown option '" + args[i] + "' for hook check");
-    } else if (target.empty()) {
-      target = args[i];
-    } else {
-      throw std::invalid_argument("hook check takes one hook, got '" + target + "' and '" + args[i] + "'");
-    }
-  }
-  if (target.empty()) throw std::invalid_argument("hook check needs a hook file or name");
+  std::vector<std::string> hook_args;
+  double timeout_s = 30;
+  CLI::App app("ftcomm hook check: compile or load a comm hook, check its signature and state declaration, run it "
+               "on synthetic buckets over a real Gloo group, check every output",
+               "ftcomm hook check");
+  app.add_option("HOOK", target, "a .py TorchScript file, a .pt archive, or a name from hooks_ts/")->required();
+  app.add_option("--world-size", options.world_size, "ranks (threads of this process)")->check(ftcomm::cli::integer_in(1, 16))->capture_default_str();
+  app.add_option("--numel", options.numel, "elements per synthetic bucket")
+      ->check(ftcomm::cli::integer_in(64, ftcomm::kMaxHookCheckNumel))->capture_default_str();
+  app.add_option("--steps", options.steps, "steps of 3 buckets each")->check(ftcomm::cli::integer_in(1, 100000))->capture_default_str();
+  app.add_option("--hook-arg", hook_args, "hook parameter k=v (repeatable)")->type_name("K=V");
+  app.add_option("--timeout", timeout_s, "seconds a hook call may take before the check fails, naming the stuck rank")
+      ->check(ftcomm::cli::number_in(0.1, 86400))->capture_default_str();
+  std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (int rc = ftcomm::cli::parse(app, rest, "ftcomm hook check"); rc >= 0) return rc;
+  for (const auto& kv : hook_args) options.params.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
+  options.hook_timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   const auto report = ftcomm::check_hook(target, options);
   auto join = [](const std::vector<std::string>& v) {
     std::string out;
@@ -241,6 +226,17 @@ int hook_command(const std::vector<std::string>& args) {
 
 int train_main(const std::vector<std::string>& args);
 
+// One line per error, written at once (ranks share torchrun's stderr). A hook
+// thread that never returned cannot be joined, so a failing run leaves without
+// running static destructors; everything it owned was released by unwinding.
+int fail(const std::string& command, const std::string& what) {
+  std::string rank;
+  if (const char* r = std::getenv("RANK")) rank = std::string(" (rank ") + r + ")";
+  ftcomm::detail::log_line("ftcomm " + command + rank + ": " + what);
+  std::fflush(stdout);
+  std::_Exit(1);
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -256,12 +252,12 @@ int main(int argc, char** argv) {
     if (command == "hook") return hook_command(args);
     return usage_error("unknown command '" + command + "'");
   } catch (const c10::Error& e) {
-    std::cerr << "ftcomm " << command << ": " << e.what_without_backtrace() << "\n";
-    return 1;
+    return fail(command, e.what_without_backtrace());
+  } catch (const CLI::ParseError& e) {
+    return usage_error(command + ": " + e.what());
   } catch (const std::invalid_argument& e) {
     return usage_error(e.what());
   } catch (const std::exception& e) {
-    std::cerr << "ftcomm " << command << ": " << e.what() << "\n";
-    return 1;
+    return fail(command, e.what());
   }
 }

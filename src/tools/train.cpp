@@ -2,6 +2,7 @@
 // torchrun --no-python (restarts, rendezvous); with no torchrun environment it
 // runs as world size 1.
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -12,6 +13,7 @@
 #include <limits>
 #include <memory>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,10 +21,13 @@
 #include <ATen/Parallel.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <nlohmann/json.hpp>
 #include <torch/serialize.h>
 
+#include "cli.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
+#include "log.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 namespace {
@@ -53,99 +58,121 @@ struct TrainArgs {
   std::vector<Failure> failures;
   std::string summary;
   int log_every = 10;
+  double timeout_s = 60;
+  std::vector<std::string> allow_changes;
 };
 
-constexpr const char* kTrainUsage = R"(Usage: ftcomm train [options]
-  --model mlp|charlm      an MLP on a synthetic regression task, or a small character-level
-                          transformer trained on --data FILE (default /usr/share/common-licenses/GPL-3)
-  --steps N               total step target; a restarted job resumes from its newest commit (default 100)
-  --batch B --lr X --seed S
-  --hook NAME|FILE        comm hook (default allreduce); --hook-arg k=v sets its parameters
-  --hook-digest SHA256    accept only a hook with this digest (repeatable; see ftcomm hook check)
-  --hook-agree on|off     after each bucket (and before each of the hook's collectives) the ranks
-                          agree that the hook ran, so a hook failing on some ranks fails or falls
-                          back on all of them (default on). off saves those small exchanges
-                          (~0.3 ms each on 2 H100s; see BENCHMARKS.md); a rank-local hook failure
-                          then surfaces as a collective timeout and a torchrun restart
-  --ckpt DIR              checkpoint stores, one per rank under DIR/rank<R>
-  --commit-every K        snapshot every K steps (default 10)
-  --backend auto|gloo|nccl  --device cpu|cuda  --bucket-mb X
-  --baseline-torch-save-every K
-                          benchmark baseline: torch::save params and optimizer state every K
-                          steps into --ckpt (synchronously), instead of ftcomm's store
-  --fail-at RANK:STEP[:PHASE][@ATTEMPT]
-                          SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0,
-                          the first); PHASE is forward, backward (default), hook, commit, or
-                          resync (during recovery at start-up; STEP is ignored). Repeatable.
-  --summary-json FILE     written by rank 0 at the end
-)";
+constexpr const char* kTrainDescription = R"(ftcomm train: one rank of fault-tolerant data-parallel training.
+Launch under torchrun --no-python (restarts, rendezvous); without torchrun it runs as world size 1:
+  torchrun --no-python --nproc-per-node=4 --max-restarts=3 ftcomm train --ckpt DIR)";
 
-TrainArgs parse_train(const std::vector<std::string>& args) {
-  TrainArgs a;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& k = args[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= args.size()) throw std::invalid_argument(k + " needs a value");
-      return args[++i];
-    };
-    if (k == "--model") a.model = v();
-    else if (k == "--data") a.data = v();
-    else if (k == "--device") a.device = v();
-    else if (k == "--baseline-torch-save-every") a.torch_save_every = std::stoi(v());
-    else if (k == "--steps") a.steps = std::stoll(v());
-    else if (k == "--batch") a.batch = std::stoll(v());
-    else if (k == "--seed") a.seed = std::stoll(v());
-    else if (k == "--lr") a.lr = std::stod(v());
-    else if (k == "--hook") a.hook = v();
-    else if (k == "--hook-arg") {
-      const std::string kv = v();
-      const auto eq = kv.find('=');
-      if (eq == std::string::npos) throw std::invalid_argument("--hook-arg takes k=v, got '" + kv + "'");
-      a.hook_args.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-    } else if (k == "--hook-digest") a.hook_digests.push_back(v());
-    else if (k == "--hook-agree") {
-      const std::string on = v();
-      if (on != "on" && on != "off") throw std::invalid_argument("--hook-agree takes on or off, got '" + on + "'");
-      a.hook_agree = on == "on";
+// --fail-at RANK:STEP[:PHASE][@ATTEMPT]; the attempt is torchrun's restart count.
+TrainArgs::Failure parse_failure(const std::string& text) {
+  auto bad = [&](const std::string& why) {
+    return CLI::ValidationError("--fail-at", "'" + text + "' " + why +
+                                    "; it takes RANK:STEP[:PHASE][@ATTEMPT], e.g. 1:20:hook@0");
+  };
+  auto integer = [&](const std::string& field, const char* what) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(field, &used);
+    } catch (const std::exception&) {
+      used = 0;
     }
-    else if (k == "--ckpt") a.ckpt = v();
-    else if (k == "--commit-every") a.commit_every = std::stoi(v());
-    else if (k == "--backend") a.backend = v();
-    else if (k == "--bucket-mb") a.bucket_mb = std::stod(v());
-    else if (k == "--summary-json") a.summary = v();
-    else if (k == "--log-every") a.log_every = std::stoi(v());
-    else if (k == "--fail-at") {
-      // RANK:STEP[:PHASE][@ATTEMPT]; the attempt is torchrun's restart count (default 0).
-      std::string spec = v();
-      TrainArgs::Failure f{0, 0, "backward", 0};
-      const auto at = spec.find('@');
-      if (at != std::string::npos) {
-        f.attempt = std::stoll(spec.substr(at + 1));
-        spec = spec.substr(0, at);
-      }
-      const auto c1 = spec.find(':');
-      if (c1 == std::string::npos) throw std::invalid_argument("--fail-at takes RANK:STEP[:PHASE][@ATTEMPT], got '" + spec + "'");
-      const auto c2 = spec.find(':', c1 + 1);
-      f.rank = std::stoi(spec.substr(0, c1));
-      f.step = std::stoll(spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
-      if (c2 != std::string::npos) f.phase = spec.substr(c2 + 1);
-      if (f.phase != "forward" && f.phase != "backward" && f.phase != "hook" && f.phase != "commit" &&
-          f.phase != "resync") {
-        throw std::invalid_argument("--fail-at phase '" + f.phase + "' is not one of forward, backward, hook, commit, resync");
-      }
-      a.failures.push_back(f);
-    } else if (k == "--help" || k == "-h") {
-      std::cout << kTrainUsage;
-      std::exit(0);
-    } else {
-      throw std::invalid_argument("unknown option '" + k + "' for train");
-    }
+    if (used == 0 || used != field.size() || v < 0) throw bad(std::string("has ") + what + " '" + field + "', not a whole number >= 0");
+    return static_cast<int64_t>(v);
+  };
+  TrainArgs::Failure f{0, 0, "backward", 0};
+  std::string spec = text;
+  const auto at = spec.find('@');
+  if (at != std::string::npos) {
+    f.attempt = integer(spec.substr(at + 1), "attempt");
+    spec = spec.substr(0, at);
   }
-  if (a.model != "mlp" && a.model != "charlm") {
-    throw std::invalid_argument("unknown --model '" + a.model + "'; use mlp or charlm");
+  const auto c1 = spec.find(':');
+  if (c1 == std::string::npos) throw bad("has no STEP");
+  const auto c2 = spec.find(':', c1 + 1);
+  f.rank = static_cast<int>(integer(spec.substr(0, c1), "rank"));
+  f.step = integer(spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1), "step");
+  if (c2 != std::string::npos) f.phase = spec.substr(c2 + 1);
+  if (f.phase != "forward" && f.phase != "backward" && f.phase != "hook" && f.phase != "commit" && f.phase != "resync") {
+    throw bad("has phase '" + f.phase + "', not one of forward, backward, hook, commit, resync");
   }
-  if (a.steps < 1 || a.batch < 1) throw std::invalid_argument("--steps and --batch must be at least 1");
-  return a;
+  if (f.phase != "resync" && f.step < 1) throw bad("has step 0; steps count from 1");
+  return f;
+}
+
+// Returns the exit code when the command line says to stop (--help, or an error).
+std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* out) {
+  TrainArgs& a = *out;
+  CLI::App app(kTrainDescription, "ftcomm train");
+  app.set_help_flag("-h,--help", "Show this text");
+  app.add_option("--model", a.model, "mlp: an MLP on a synthetic regression task; charlm: a small character-level "
+                                     "transformer trained on --data")
+      ->check(CLI::IsMember({"mlp", "charlm"}))->capture_default_str();
+  app.add_option("--data", a.data, std::string("text file for --model charlm (default ") + "/usr/share/common-licenses/GPL-3)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--steps", a.steps, "total step target; a restarted job resumes from its newest commit")
+      ->check(ftcomm::cli::integer_in(1, 1000000000000LL))->capture_default_str();
+  app.add_option("--batch", a.batch, "samples per rank and step")->check(ftcomm::cli::integer_in(1, 1 << 24))->capture_default_str();
+  app.add_option("--lr", a.lr, "learning rate")->check(ftcomm::cli::number_in(0, 1e6, /*lo_open=*/true))->capture_default_str();
+  app.add_option("--seed", a.seed, "model and data seed")->check(ftcomm::cli::integer_in(0, 1000000000000LL))->capture_default_str();
+  app.add_option("--hook", a.hook, "comm hook: a name from hooks_ts/ or a .py/.pt file")->capture_default_str();
+  std::vector<std::string> hook_args;
+  app.add_option("--hook-arg", hook_args, "hook parameter k=v (repeatable)")->type_name("K=V");
+  app.add_option("--hook-digest", a.hook_digests, "accept only a hook with this SHA-256 (repeatable; see ftcomm hook check)");
+  std::string agree = "on";
+  app.add_option("--hook-agree", agree,
+                 "after each bucket (and before each of the hook's collectives) the ranks agree that the hook ran, so "
+                 "a hook failing or stuck on some ranks fails or falls back on all of them. off saves those small "
+                 "exchanges (~0.3 ms each on 2 H100s); a rank-local hook failure then surfaces as a collective "
+                 "timeout and a torchrun restart")
+      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  app.add_option("--timeout", a.timeout_s,
+                 "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
+                 "than half of it fails the step on every rank, naming the stuck rank")
+      ->check(ftcomm::cli::number_in(1, 86400))->capture_default_str();
+  app.add_option("--ckpt", a.ckpt, "checkpoint stores, one per rank under DIR/rank<R>");
+  app.add_option("--commit-every", a.commit_every, "snapshot every K steps")->check(ftcomm::cli::integer_in(1, 1000000000))->capture_default_str();
+  app.add_option("--allow-change", a.allow_changes,
+                 "resume although this setting changed since the checkpoint (repeatable): lr, batch, model, data, "
+                 "device, hook.<param>, or all");
+  app.add_option("--backend", a.backend, "what serves CUDA tensors")->check(CLI::IsMember({"auto", "gloo", "nccl"}))->capture_default_str();
+  app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--bucket-mb", a.bucket_mb, "gradient bucket size in MiB")->check(ftcomm::cli::number_in(0, 4096, true))->capture_default_str();
+  app.add_option("--baseline-torch-save-every", a.torch_save_every,
+                 "benchmark baseline: torch::save params and optimizer state every K steps into --ckpt "
+                 "(synchronously), instead of ftcomm's store")
+      ->check(ftcomm::cli::integer_in(0, 1000000000));
+  std::vector<std::string> failures;
+  app.add_option("--fail-at", failures,
+                 "SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0, the first); PHASE is forward, "
+                 "backward (default), hook, commit, or resync (during recovery at start-up; STEP is ignored). "
+                 "Repeatable")
+      ->type_name("RANK:STEP[:PHASE][@ATTEMPT]");
+  app.add_option("--summary-json", a.summary, "written by rank 0 at the end (checked at start)");
+  app.add_option("--log-every", a.log_every, "progress line every N steps (0: none)")->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
+  if (int rc = ftcomm::cli::parse(app, argv, "ftcomm train"); rc >= 0) return rc;
+  for (const auto& kv : hook_args) a.hook_args.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
+  for (const auto& f : failures) a.failures.push_back(parse_failure(f));
+  a.hook_agree = agree == "on";
+  return std::nullopt;
+}
+
+// --summary-json is written at the end; a path that cannot be written is refused
+// now, not after the run.
+void check_summary_path(const std::string& path) {
+  if (path.empty()) return;
+  struct stat st {};
+  TORCH_CHECK(!(::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)), "--summary-json '", path,
+              "' is a directory; give a file path");
+  const auto slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  TORCH_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--summary-json '", path, "': the directory '",
+              dir, "' does not exist; create it or choose another path");
+  TORCH_CHECK(::access(dir.c_str(), W_OK) == 0, "--summary-json '", path, "': the directory '", dir,
+              "' is not writable; choose another path");
 }
 
 // A model: its parameters and the loss of one step's batch on one rank. The
@@ -264,9 +291,13 @@ class CharLm : public Model {
 }  // namespace
 
 int train_main(const std::vector<std::string>& argv) {
-  const TrainArgs args = parse_train(argv);
+  TrainArgs parsed;
+  if (auto rc = parse_train(argv, &parsed)) return *rc;
+  const TrainArgs& args = parsed;
+  check_summary_path(args.summary);
   ftcomm::ProcessGroupOptions pgo = ftcomm::process_group_options_from_env();
   pgo.backend = ftcomm::parse_backend(args.backend);
+  pgo.timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 1000));
   if (!ftcomm::launched_by_torchrun()) {
     pgo.store = ftcomm::StoreKind::kCustom;  // world size 1: an in-memory store
     pgo.custom_store = c10::make_intrusive<c10d::HashStore>();
@@ -277,11 +308,16 @@ int train_main(const std::vector<std::string>& argv) {
   if (args.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
   auto pg = ftcomm::make_process_group(pgo);
   const int rank = pg->getRank(), world = pg->getSize();
+  for (const auto& f : args.failures) {
+    TORCH_CHECK(f.rank < world, "--fail-at ", f.rank, ":", f.step, " names rank ", f.rank, ", but this job has ranks 0 to ",
+                world - 1);
+  }
   auto maybe_fail = [&](int64_t step, const std::string& phase) {
     for (const auto& f : args.failures) {
       if (f.attempt == pgo.restart_count && f.rank == rank && f.phase == phase && (phase == "resync" || f.step == step)) {
-        std::cerr << "ftcomm train: rank " << rank << ": injected failure at step " << step << " (" << phase
-                  << ", attempt " << pgo.restart_count << ")\n";
+        ftcomm::detail::log_line("ftcomm train: rank " + std::to_string(rank) + ": injected failure at step " +
+                                 std::to_string(step) + " (" + phase + ", attempt " +
+                                 std::to_string(pgo.restart_count) + ")");
         ::kill(::getpid(), SIGKILL);
       }
     }
@@ -315,6 +351,13 @@ int train_main(const std::vector<std::string>& argv) {
   options.pinned_digests = args.hook_digests;
   options.hook_options.agree_per_bucket = args.hook_agree;
   options.commit_every = args.commit_every;
+  options.hook_options.hook_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 500));
+  // What changes the result besides the hook's parameters (the seed is part of
+  // the job's identity; the hook's file is checked by its digest).
+  options.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)}, {"batch", std::to_string(args.batch)},
+                      {"device", args.device}};
+  if (args.model == "charlm") options.settings["data"] = args.data.empty() ? CharLm::kDefaultData : args.data;
+  options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
   options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
@@ -322,6 +365,9 @@ int train_main(const std::vector<std::string>& argv) {
   const auto restart_t0 = Clock::now();
   const auto report = ddp.recover();
   const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
+  // Every rank has the same report, so every rank stops here together.
+  TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
+              args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
   if (rank == 0) {
     if (report.resumed_from_step >= 0) {
       std::printf("ftcomm train: resumed from step %lld (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld bytes "
@@ -329,12 +375,17 @@ int train_main(const std::vector<std::string>& argv) {
                   static_cast<long long>(report.resumed_from_step), report.agreement_ms, report.load_ms,
                   report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
                   report.local_state.c_str());
+      if (report.newest_snapshot_step > report.resumed_from_step) {
+        std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
+                    static_cast<long long>(report.newest_snapshot_step),
+                    static_cast<long long>(report.resumed_from_step));
+      }
     } else {
       std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world, ddp.hook()->name().c_str());
     }
     std::fflush(stdout);
   }
-  double loss_last = 0;
+  std::optional<double> loss_last;
   double first_step_ms = 0;
   const auto train_t0 = Clock::now();
   auto t_log = Clock::now();
@@ -374,7 +425,7 @@ int train_main(const std::vector<std::string>& argv) {
       const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
       const double comm = ddp.comm_seconds();
       std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
-                  static_cast<long long>(args.steps), loss_last,
+                  static_cast<long long>(args.steps), *loss_last,
                   steps_since_log * args.batch * world / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
       std::fflush(stdout);
       t_log = Clock::now();
@@ -385,15 +436,31 @@ int train_main(const std::vector<std::string>& argv) {
   ddp.flush();
   const std::string digest = ftcomm::tensors_digest(params);
   if (rank == 0 && !args.summary.empty()) {
+    nlohmann::json summary = {
+        {"steps", args.steps},
+        {"world_size", world},
+        {"restarts", pgo.restart_count},
+        {"resumed_from_step", report.resumed_from_step},
+        {"newest_snapshot_step", report.newest_snapshot_step},
+        {"steps_trained", args.steps - start},
+        {"param_digest", digest},
+        {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
+        {"recovery_ms",
+         {{"agreement", report.agreement_ms},
+          {"load", report.load_ms},
+          {"resync", report.resync_ms},
+          {"first_step", first_step_ms},
+          {"since_start", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()}}},
+        {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
+        {"resync_bytes", report.resync_bytes},
+        {"resynced_ranks", report.resynced_ranks},
+        {"local_state", report.local_state},
+        {"discarded_steps_rank0", report.discarded_steps},
+        {"changed_settings", report.changed_settings},
+        {"hook", ddp.hook()->name()}};
     std::ofstream out(args.summary);
-    out << "{\"steps\": " << args.steps << ", \"world_size\": " << world << ", \"restarts\": " << pgo.restart_count
-        << ", \"resumed_from_step\": " << report.resumed_from_step << ", \"param_digest\": \"" << digest
-        << "\", \"loss_last\": " << loss_last << ", \"recovery_ms\": {\"agreement\": " << report.agreement_ms
-        << ", \"load\": " << report.load_ms << ", \"resync\": " << report.resync_ms
-        << ", \"first_step\": " << first_step_ms << ", \"since_start\": "
-        << std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()
-        << "}, \"train_ms\": " << std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()
-        << ", \"resync_bytes\": " << report.resync_bytes << ", \"hook\": \"" << ddp.hook()->name() << "\"}\n";
+    out << summary.dump() << "\n";
+    TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");
   }
   if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
   return 0;
