@@ -46,7 +46,7 @@ class Runner:
                 f"--max-restarts={restarts}", "--monitor-interval=0.2", f"--master-port={free_port()}",
                 self.ftcomm, "train", "--log-every", "10"] + args
 
-    def train(self, world, hook, extra, steps=STEPS, ckpt=None, restarts=3, external_kill_at=None):
+    def train(self, world, hook, extra, steps=STEPS, ckpt=None, restarts=3, external_kill_at=None, expect_fail=False):
         self.count += 1
         ckpt = ckpt or os.path.join(self.workdir, f"run{self.count}")
         summary = os.path.join(self.workdir, f"run{self.count}.json")
@@ -74,6 +74,10 @@ class Runner:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise AssertionError(f"torchrun passed its {DEADLINE}s deadline:\n" + "".join(output[-20:]))
+        if expect_fail:
+            if proc.returncode == 0:
+                raise AssertionError("the run was expected to fail, but exited 0:\n" + "".join(output[-20:]))
+            return {"output": "".join(output), "returncode": proc.returncode}
         if proc.returncode != 0:
             raise AssertionError(f"torchrun exited {proc.returncode}:\n" + "".join(output))
         if external_kill_at and not killed:
@@ -178,9 +182,171 @@ def cases(runner, workdir):
             return
         raise AssertionError("a checkpoint of world size 2 was accepted by a job of world size 3")
 
+    out += reliability_cases(runner, workdir)
     out += [("checkpoint of another world size is refused", other_world_size), ("external kill -9", external), ("replaced node", replaced_node),
             ("second failure during recovery", second_failure_in_recovery), ("three failures", three_failures),
             ("full restart from the stores", full_restart), ("new hook file by path", new_hook_file)]
+    return out
+
+
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hooks")
+
+
+def expect_in(text, *needles):
+    for n in needles:
+        assert n in text, f"expected {n!r} in:\n{text[-3000:]}"
+
+
+def expect_whole_lines(output):
+    # Ranks share torchrun's stderr: each of ftcomm's lines must come out whole.
+    for line in output.splitlines():
+        assert line.count("ftcomm") <= 1 or line.startswith("ftcomm"), f"interleaved line: {line!r}"
+        head = line.find("ftcomm train (rank")
+        assert head <= 0, f"a rank's error starts mid-line: {line!r}"
+
+
+def damage(path, how):
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    elif how == "flip":
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+    else:
+        os.remove(path)
+
+
+def blob(ckpt, rank, step):
+    return os.path.join(ckpt, f"rank{rank}", "blobs", f"step-{step:020d}.blob")
+
+
+def reliability_cases(runner, workdir):
+    """The adversarial findings (issue: no silent data loss, no unbounded hang)."""
+    out = []
+
+    def damaged_store_never_overwritten():
+        ckpt = os.path.join(workdir, "nocurrent")
+        runner.train(2, "allreduce", [], steps=25, ckpt=ckpt, restarts=0)
+        saved = {}
+        for r in range(2):
+            path = os.path.join(ckpt, f"rank{r}", "CURRENT")
+            saved[path] = open(path).read()
+            os.remove(path)
+        for attempt in range(2):  # refused every time, never "starting at step 0"
+            r = runner.train(2, "allreduce", [], ckpt=ckpt, restarts=1, expect_fail=True)
+            expect_in(r["output"], "no CURRENT", "nothing was written")
+            assert "starting at step 0" not in r["output"], r["output"][-2000:]
+            expect_whole_lines(r["output"])
+        for path, text in saved.items():
+            with open(path, "w") as f:
+                f.write(text)
+        r = runner.train(2, "allreduce", [], ckpt=ckpt, restarts=0)
+        assert r["resumed_from_step"] == 20, r["resumed_from_step"]
+        assert r["param_digest"] == runner.reference(2, "allreduce")
+
+    def damaged_newest_snapshot_everywhere():
+        for how in ("truncate", "flip", "delete"):
+            ckpt = os.path.join(workdir, f"newest-{how}")
+            runner.train(2, "powersgd", [], steps=35, ckpt=ckpt, restarts=0)
+            for r in range(2):
+                damage(blob(ckpt, r, 30), how)
+            r = runner.train(2, "powersgd", [], ckpt=ckpt, restarts=0)
+            assert r["resumed_from_step"] == 20, (how, r["resumed_from_step"])
+            assert r["newest_snapshot_step"] == 30, r
+            assert r["discarded_steps_rank0"] == [30], r
+            expect_in(r["output"], "damaged on every rank", "resuming from step 20")
+            assert r["param_digest"] == runner.reference(2, "powersgd"), how
+
+    def damaged_newest_with_a_lagging_peer():
+        # Rank 0's newest (step 30) is damaged and rank 1 only reached step 20.
+        ckpt = os.path.join(workdir, "lagging")
+        runner.train(2, "powersgd", [], steps=25, ckpt=ckpt, restarts=0)
+        shutil.copytree(os.path.join(ckpt, "rank1"), os.path.join(workdir, "lagging-rank1"))
+        runner.train(2, "powersgd", [], steps=35, ckpt=ckpt, restarts=0)
+        shutil.rmtree(os.path.join(ckpt, "rank1"))
+        shutil.copytree(os.path.join(workdir, "lagging-rank1"), os.path.join(ckpt, "rank1"))
+        damage(blob(ckpt, 0, 30), "flip")
+        r = runner.train(2, "powersgd", [], ckpt=ckpt, restarts=0)
+        assert r["resumed_from_step"] == 20, r["resumed_from_step"]
+        assert r["param_digest"] == runner.reference(2, "powersgd")
+
+    def changed_settings_refused():
+        ckpt = os.path.join(workdir, "settings")
+        base = ["--hook-arg", "start_iter=5"]
+        runner.train(2, "powersgd", base + ["--hook-arg", "rank=2"], steps=20, ckpt=ckpt, restarts=0)
+        for extra, needle in ((["--hook-arg", "rank=1"], "'hook.rank' was 2 in the checkpoint and is 1 now"),
+                              (["--hook-arg", "rank=2", "--lr", "0.1"], "'lr' was 0.05 in the checkpoint and is 0.1 now"),
+                              (["--hook-arg", "rank=2", "--batch", "16"], "'batch' was 32 in the checkpoint and is 16 now")):
+            cmd = ["--steps", "30", "--hook", "powersgd", "--ckpt", ckpt] + base + extra
+            proc = subprocess.run(runner.command(2, 0, cmd), capture_output=True, text=True, timeout=DEADLINE,
+                                  env=dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore"))
+            assert proc.returncode != 0, f"a change ({extra}) was accepted"
+            expect_in(proc.stdout + proc.stderr, needle, "--allow-change")
+        r = runner.train(2, "powersgd", ["--hook-arg", "start_iter=5", "--hook-arg", "rank=2", "--lr", "0.1",
+                                         "--allow-change", "lr"], steps=30, ckpt=ckpt, restarts=0)
+        assert r["resumed_from_step"] == 20 and r["changed_settings"] == ["lr: 0.05 -> 0.1"], r
+
+    def int64_local_state_from_a_buddy():
+        hook = os.path.join(HOOKS_DIR, "int64_counter.py")
+        ckpt = os.path.join(workdir, "int64")
+        runner.train(3, hook, [], steps=25, ckpt=ckpt, restarts=0)
+        shutil.rmtree(os.path.join(ckpt, "rank1"))
+        r = runner.train(3, hook, [], ckpt=ckpt, restarts=0)
+        expect_in(r["local_state"], "rank 1: restored from rank 2's buddy copy")
+        assert r["param_digest"] == runner.reference(3, hook), "int64 state did not come back bit-exactly"
+
+    def two_adjacent_stores_lost():
+        ckpt = os.path.join(workdir, "adjacent")
+        runner.train(3, "powersgd", [], steps=25, ckpt=ckpt, restarts=0)
+        for rank in (1, 2):
+            shutil.rmtree(os.path.join(ckpt, f"rank{rank}"))
+        r = runner.train(3, "powersgd", [], ckpt=ckpt, restarts=0)
+        # Rank 2's copy lives on rank 0; rank 1's lived on rank 2, also lost.
+        expect_in(r["local_state"], "rank 1: reset to empty", "rank 2: restored from rank 0's buddy copy")
+        line = [l for l in r["output"].splitlines() if l.startswith("ftcomm train: resumed")][0]
+        expect_in(line, "rank 1: reset to empty")
+
+    def steps_below_the_checkpoint():
+        ckpt = os.path.join(workdir, "below")
+        runner.train(2, "allreduce", [], steps=25, ckpt=ckpt, restarts=0)
+        r = runner.train(2, "allreduce", [], steps=15, ckpt=ckpt, restarts=0, expect_fail=True)
+        expect_in(r["output"], "is at step 20, beyond --steps 15")
+        r = runner.train(2, "allreduce", [], steps=20, ckpt=ckpt, restarts=0)
+        assert r["steps_trained"] == 0 and r["loss_last"] is None, r
+
+    def stuck_hook(stuck_rank):
+        hook = os.path.join(HOOKS_DIR, "stuck.py")
+        start = time.time()
+        r = runner.train(2, hook, ["--hook-arg", f"stuck_rank={stuck_rank}", "--timeout", "8"], restarts=0,
+                         expect_fail=True)
+        took = time.time() - start
+        expect_in(r["output"], "hook stuck did not return within 4 s on rank")
+        if stuck_rank >= 0:
+            expect_in(r["output"], f"within 4 s on rank {stuck_rank} in bucket")
+        assert took < 60, f"a stuck hook took {took:.0f}s to end the job"
+
+    def file_size_limit():
+        ckpt = os.path.join(workdir, "fsize")
+        proc = subprocess.run(["bash", "-c", f'ulimit -f 300; exec "$0" train --ckpt {ckpt} --steps 12 --commit-every 10',
+                               runner.ftcomm], capture_output=True, text=True, timeout=DEADLINE)
+        assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # an error, not SIGXFSZ
+        expect_in(proc.stderr, "ulimit -f")
+        blobs = os.listdir(os.path.join(ckpt, "rank0", "blobs"))
+        assert blobs == [], f"left behind: {blobs}"
+
+    out += [("damaged store (CURRENT lost) is refused and never overwritten", damaged_store_never_overwritten),
+            ("damaged newest snapshot on every rank falls back", damaged_newest_snapshot_everywhere),
+            ("damaged newest snapshot with a lagging peer", damaged_newest_with_a_lagging_peer),
+            ("changed settings are refused unless allowed", changed_settings_refused),
+            ("int64 rank-local state from a buddy copy", int64_local_state_from_a_buddy),
+            ("two adjacent stores lost: the reset is reported", two_adjacent_stores_lost),
+            ("--steps below the checkpoint is refused", steps_below_the_checkpoint),
+            ("a hook stuck on one rank is named", lambda: stuck_hook(1)),
+            ("a hook stuck on every rank ends the job", lambda: stuck_hook(-1)),
+            ("a file-size limit is an error, with nothing left behind", file_size_limit)]
     return out
 
 
