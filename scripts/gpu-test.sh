@@ -11,7 +11,7 @@
 #
 # Environment: BUILD_DIR (default build-gpu), RESULTS (default $OUT or build-gpu/results),
 # GPU_BENCH=0 to skip step 4. On the project's lent GPU machine, carry .gpu-deps
-# (../shared/gpu/prepare-gpu-deps.sh) and this script sources it.
+# (scripts/prepare-gpu-deps.sh) and this script sources it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -f .gpu-deps/env.sh ] && source .gpu-deps/env.sh

@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #ifdef FTCOMM_WITH_NCCL
+#include "log.h"
 #include "nccl_backend.h"
 #endif
 
@@ -332,7 +333,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
       line << " (NCCL not used: " << choice.fallback_reason << ")";
     }
     line << ", timeout " << seconds(o.timeout) << "\n";
-    std::cerr << line.str() << std::flush;
+    detail::log_line(line.str());
   }
   if (choice_out != nullptr) {
     *choice_out = choice;

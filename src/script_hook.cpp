@@ -230,6 +230,15 @@ std::string without_imports(const std::string& source) {
   return out;
 }
 
+// Runs one of the hook's declarations (spec, params, ranges); an error names it.
+c10::IValue call_declaration(const std::function<c10::IValue()>& fn, const std::string& path, const char* name) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "hook ", path, ": ", name, "() failed: ", first_line(e.what()));
+  }
+}
+
 // Checks `schema` against hook(state, params, group, bucket) -> Tensor.
 void check_hook_schema(const c10::FunctionSchema& schema, const std::string& where, size_t skip_self) {
   const auto& args = schema.arguments();
@@ -321,12 +330,7 @@ struct ScriptHookLoader {
     }
 
     // The state declaration and the parameters.
-    c10::IValue spec;
-    try {
-      spec = hook->spec_fn_();
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "hook ", path, ": spec() failed: ", first_line(e.what()));
-    }
+    const c10::IValue spec = call_declaration(hook->spec_fn_, path, "spec");
     TORCH_CHECK(spec.isGenericDict(), "hook ", path,
                 ": spec() must return Dict[str, List[str]] with keys 'replicated' and 'local'");
     auto spec_dict = spec.toGenericDict();
@@ -346,12 +350,7 @@ struct ScriptHookLoader {
       TORCH_CHECK(key == "replicated" || key == "local", "hook ", path, ": spec() has an unknown entry '", key,
                   "'; only 'replicated' and 'local'");
     }
-    c10::IValue params;
-    try {
-      params = hook->params_fn_();
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "hook ", path, ": params() failed: ", first_line(e.what()));
-    }
+    const c10::IValue params = call_declaration(hook->params_fn_, path, "params");
     TORCH_CHECK(params.isGenericDict(), "hook ", path, ": params() must return Dict[str, float]");
     for (const auto& entry : params.toGenericDict()) {
       hook->params_[entry.key().toStringRef()] = entry.value().toDouble();
@@ -359,12 +358,7 @@ struct ScriptHookLoader {
     }
     // Optional: ranges() -> Dict[str, List[float]], [lo, hi] per parameter.
     if (hook->ranges_fn_) {
-      c10::IValue ranges;
-      try {
-        ranges = hook->ranges_fn_();
-      } catch (const std::exception& e) {
-        TORCH_CHECK(false, "hook ", path, ": ranges() failed: ", first_line(e.what()));
-      }
+      const c10::IValue ranges = call_declaration(hook->ranges_fn_, path, "ranges");
       TORCH_CHECK(ranges.isGenericDict(), "hook ", path, ": ranges() must return Dict[str, List[float]]");
       for (const auto& entry : ranges.toGenericDict()) {
         const std::string key = entry.key().toStringRef();

@@ -41,11 +41,13 @@ class TempDir {
   std::string path_;
 };
 
-std::unique_ptr<CheckpointStore> open_store(const std::string& dir, int rank = 0, const std::string& job = "job") {
+std::unique_ptr<CheckpointStore> open_store(const std::string& dir, int rank = 0, const std::string& job = "job",
+                                            int keep_snapshots = 2) {
   CheckpointStoreOptions o;
   o.dir = dir;
   o.job_id = job;
   o.rank = rank;
+  o.keep_snapshots = keep_snapshots;
   std::unique_ptr<CheckpointStore> store;
   auto s = CheckpointStore::Open(o, &store);
   EXPECT_TRUE(s.ok()) << s.ToString();
@@ -488,11 +490,8 @@ TEST(CheckpointStore, ACreationCutShortIsCreatedAnew) {
 TEST(CheckpointStore, DiscardCommitsDropsRecordsHookStateAndBlobs) {
   TempDir tmp;
   const std::string dir = tmp.sub("r");
-  CheckpointStoreOptions o;
-  o.dir = dir;
-  o.keep_snapshots = 5;
-  std::unique_ptr<CheckpointStore> store;
-  ASSERT_TRUE(CheckpointStore::Open(o, &store).ok());
+  auto store = open_store(dir, 0, "job", /*keep_snapshots=*/5);
+  ASSERT_TRUE(store);
   for (int64_t step = 1; step <= 3; ++step) {
     ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 1, 0), state_for(step)).get().ok());
   }

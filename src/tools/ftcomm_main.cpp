@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -83,8 +84,10 @@ int doctor(const std::vector<std::string>& args) {
     pg->allreduce(t)->wait();
     const float want = options.world_size * (options.world_size + 1) / 2.0f;
     if (t[0].min().item<float>() != want || t[0].max().item<float>() != want) {
-      std::cerr << "ftcomm doctor: rank " << options.rank << ": allreduce on " << device << " gave "
-                << t[0].min().item<float>() << " instead of " << want << "\n";
+      std::ostringstream line;
+      line << "ftcomm doctor: rank " << options.rank << ": allreduce on " << device << " gave "
+           << t[0].min().item<float>() << " instead of " << want;
+      ftcomm::detail::log_line(line.str());
       return 1;
     }
     std::vector<at::Tensor> state{at::full({1000}, float(options.rank), at::TensorOptions().device(device)),

@@ -295,8 +295,8 @@ def reliability_cases(runner, workdir):
         runner.train(3, hook, [], steps=25, ckpt=ckpt, restarts=0)
         shutil.rmtree(os.path.join(ckpt, "rank1"))
         r = runner.train(3, hook, [], ckpt=ckpt, restarts=0)
-        expect_in(r["local_state"], "rank 1: restored from rank 2's buddy copy")
         assert r["param_digest"] == runner.reference(3, hook), "int64 state did not come back bit-exactly"
+        expect_in(r["local_state"], "rank 1: restored from rank 2's buddy copy")
 
     def two_adjacent_stores_lost():
         ckpt = os.path.join(workdir, "adjacent")
