@@ -12,6 +12,9 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include "log.h"
 
 namespace ftcomm::cli {
 
@@ -82,6 +85,22 @@ inline int parse(CLI::App& app, const std::vector<std::string>& args, const std:
     return 2;
   }
   return -1;
+}
+
+// Reports a failed command in one line (ranks share torchrun's stderr) and exits
+// at once, without unwinding: a hook thread that never returned cannot be
+// joined, and a process group's destructor can block (NCCL) before the message
+// is out, while torchrun stops the other ranks as soon as one exits. The store
+// needs no shutdown: it is crash-safe (an unfinished snapshot is collected on the
+// next open).
+[[noreturn]] inline void exit_with_error(const std::string& command, const std::exception& e) {
+  std::string what = e.what();
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) what = c10_error->what_without_backtrace();
+  std::string rank;
+  if (const char* r = std::getenv("RANK")) rank = std::string(" (rank ") + r + ")";
+  std::fflush(stdout);
+  detail::log_line("ftcomm " + command + rank + ": " + what);
+  std::_Exit(1);
 }
 
 }  // namespace ftcomm::cli

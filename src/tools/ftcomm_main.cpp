@@ -229,17 +229,6 @@ int hook_command(const std::vector<std::string>& args) {
 
 int train_main(const std::vector<std::string>& args);
 
-// One line per error, written at once (ranks share torchrun's stderr). A hook
-// thread that never returned cannot be joined, so a failing run leaves without
-// running static destructors; everything it owned was released by unwinding.
-int fail(const std::string& command, const std::string& what) {
-  std::string rank;
-  if (const char* r = std::getenv("RANK")) rank = std::string(" (rank ") + r + ")";
-  ftcomm::detail::log_line("ftcomm " + command + rank + ": " + what);
-  std::fflush(stdout);
-  std::_Exit(1);
-}
-
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -254,13 +243,11 @@ int main(int argc, char** argv) {
     if (command == "inspect") return inspect(args);
     if (command == "hook") return hook_command(args);
     return usage_error("unknown command '" + command + "'");
-  } catch (const c10::Error& e) {
-    return fail(command, e.what_without_backtrace());
   } catch (const CLI::ParseError& e) {
     return usage_error(command + ": " + e.what());
   } catch (const std::invalid_argument& e) {
     return usage_error(e.what());
   } catch (const std::exception& e) {
-    return fail(command, e.what());
+    ftcomm::cli::exit_with_error(command, e);
   }
 }

@@ -362,106 +362,113 @@ int train_main(const std::vector<std::string>& argv) {
   if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
   options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
-  const auto restart_t0 = Clock::now();
-  const auto report = ddp.recover();
-  const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
-  // Every rank has the same report, so every rank stops here together.
-  TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
-              args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
-  if (rank == 0) {
-    if (report.resumed_from_step >= 0) {
-      std::printf("ftcomm train: resumed from step %lld (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld bytes "
-                  "to %zu ranks); rank-local hook state: %s\n",
-                  static_cast<long long>(report.resumed_from_step), report.agreement_ms, report.load_ms,
-                  report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
-                  report.local_state.c_str());
-      if (report.newest_snapshot_step > report.resumed_from_step) {
-        std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
-                    static_cast<long long>(report.newest_snapshot_step),
-                    static_cast<long long>(report.resumed_from_step));
+  // Errors from here on are reported before anything is torn down (see
+  // exit_with_error): the group's and the Reducer's destructors could delay the
+  // message past torchrun's SIGTERM.
+  try {
+    const auto restart_t0 = Clock::now();
+    const auto report = ddp.recover();
+    const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
+    // Every rank has the same report, so every rank stops here together.
+    TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
+                args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
+    if (rank == 0) {
+      if (report.resumed_from_step >= 0) {
+        std::printf("ftcomm train: resumed from step %lld (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld bytes "
+                    "to %zu ranks); rank-local hook state: %s\n",
+                    static_cast<long long>(report.resumed_from_step), report.agreement_ms, report.load_ms,
+                    report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
+                    report.local_state.c_str());
+        if (report.newest_snapshot_step > report.resumed_from_step) {
+          std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
+                      static_cast<long long>(report.newest_snapshot_step),
+                      static_cast<long long>(report.resumed_from_step));
+        }
+      } else {
+        std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world, ddp.hook()->name().c_str());
       }
-    } else {
-      std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world, ddp.hook()->name().c_str());
-    }
-    std::fflush(stdout);
-  }
-  std::optional<double> loss_last;
-  double first_step_ms = 0;
-  const auto train_t0 = Clock::now();
-  auto t_log = Clock::now();
-  double comm_at_log = 0;
-  int64_t steps_since_log = 0;
-  for (int64_t step = start; step < args.steps; ++step) {
-    const auto t_step = Clock::now();
-    for (auto& p : params) {
-      if (p.grad().defined()) p.mutable_grad().zero_();
-    }
-    maybe_fail(step + 1, "forward");
-    ddp.before_forward();
-    const at::Tensor loss = model->loss(step, rank, args.batch, args.seed);
-    maybe_fail(step + 1, "backward");
-    ddp.before_backward(loss);
-    maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
-    loss.backward();
-    {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < params.size(); ++i) {
-        momentum[i].mul_(args.momentum).add_(params[i].grad());
-        params[i].sub_(momentum[i] * args.lr);
-      }
-    }
-    loss_last = loss.item<double>();
-    ddp.after_step(step + 1, (step + 1) * args.batch * world);
-    if (args.torch_save_every > 0 && (step + 1) % args.torch_save_every == 0 && !args.ckpt.empty()) {
-      std::vector<at::Tensor> state;
-      for (const auto& p : params) state.push_back(p.detach());
-      state.insert(state.end(), momentum.begin(), momentum.end());
-      torch::save(state, args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt");
-    }
-    maybe_fail(step + 1, "commit");
-    if (step == start) first_step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
-    ++steps_since_log;
-    if (rank == 0 && args.log_every > 0 && ((step + 1) % args.log_every == 0 || step + 1 == args.steps)) {
-      const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
-      const double comm = ddp.comm_seconds();
-      std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
-                  static_cast<long long>(args.steps), *loss_last,
-                  steps_since_log * args.batch * world / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
       std::fflush(stdout);
-      t_log = Clock::now();
-      comm_at_log = comm;
-      steps_since_log = 0;
     }
+    std::optional<double> loss_last;
+    double first_step_ms = 0;
+    const auto train_t0 = Clock::now();
+    auto t_log = Clock::now();
+    double comm_at_log = 0;
+    int64_t steps_since_log = 0;
+    for (int64_t step = start; step < args.steps; ++step) {
+      const auto t_step = Clock::now();
+      for (auto& p : params) {
+        if (p.grad().defined()) p.mutable_grad().zero_();
+      }
+      maybe_fail(step + 1, "forward");
+      ddp.before_forward();
+      const at::Tensor loss = model->loss(step, rank, args.batch, args.seed);
+      maybe_fail(step + 1, "backward");
+      ddp.before_backward(loss);
+      maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
+      loss.backward();
+      {
+        at::NoGradGuard no_grad;
+        for (size_t i = 0; i < params.size(); ++i) {
+          momentum[i].mul_(args.momentum).add_(params[i].grad());
+          params[i].sub_(momentum[i] * args.lr);
+        }
+      }
+      loss_last = loss.item<double>();
+      ddp.after_step(step + 1, (step + 1) * args.batch * world);
+      if (args.torch_save_every > 0 && (step + 1) % args.torch_save_every == 0 && !args.ckpt.empty()) {
+        std::vector<at::Tensor> state;
+        for (const auto& p : params) state.push_back(p.detach());
+        state.insert(state.end(), momentum.begin(), momentum.end());
+        torch::save(state, args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt");
+      }
+      maybe_fail(step + 1, "commit");
+      if (step == start) first_step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
+      ++steps_since_log;
+      if (rank == 0 && args.log_every > 0 && ((step + 1) % args.log_every == 0 || step + 1 == args.steps)) {
+        const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
+        const double comm = ddp.comm_seconds();
+        std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
+                    static_cast<long long>(args.steps), *loss_last,
+                    steps_since_log * args.batch * world / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
+        std::fflush(stdout);
+        t_log = Clock::now();
+        comm_at_log = comm;
+        steps_since_log = 0;
+      }
+    }
+    ddp.flush();
+    const std::string digest = ftcomm::tensors_digest(params);
+    if (rank == 0 && !args.summary.empty()) {
+      nlohmann::json summary = {
+          {"steps", args.steps},
+          {"world_size", world},
+          {"restarts", pgo.restart_count},
+          {"resumed_from_step", report.resumed_from_step},
+          {"newest_snapshot_step", report.newest_snapshot_step},
+          {"steps_trained", args.steps - start},
+          {"param_digest", digest},
+          {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
+          {"recovery_ms",
+           {{"agreement", report.agreement_ms},
+            {"load", report.load_ms},
+            {"resync", report.resync_ms},
+            {"first_step", first_step_ms},
+            {"since_start", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()}}},
+          {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
+          {"resync_bytes", report.resync_bytes},
+          {"resynced_ranks", report.resynced_ranks},
+          {"local_state", report.local_state},
+          {"discarded_steps_rank0", report.discarded_steps},
+          {"changed_settings", report.changed_settings},
+          {"hook", ddp.hook()->name()}};
+      std::ofstream out(args.summary);
+      out << summary.dump() << "\n";
+      TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");
+    }
+    if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
+  } catch (const std::exception& e) {
+    ftcomm::cli::exit_with_error("train", e);
   }
-  ddp.flush();
-  const std::string digest = ftcomm::tensors_digest(params);
-  if (rank == 0 && !args.summary.empty()) {
-    nlohmann::json summary = {
-        {"steps", args.steps},
-        {"world_size", world},
-        {"restarts", pgo.restart_count},
-        {"resumed_from_step", report.resumed_from_step},
-        {"newest_snapshot_step", report.newest_snapshot_step},
-        {"steps_trained", args.steps - start},
-        {"param_digest", digest},
-        {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
-        {"recovery_ms",
-         {{"agreement", report.agreement_ms},
-          {"load", report.load_ms},
-          {"resync", report.resync_ms},
-          {"first_step", first_step_ms},
-          {"since_start", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()}}},
-        {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
-        {"resync_bytes", report.resync_bytes},
-        {"resynced_ranks", report.resynced_ranks},
-        {"local_state", report.local_state},
-        {"discarded_steps_rank0", report.discarded_steps},
-        {"changed_settings", report.changed_settings},
-        {"hook", ddp.hook()->name()}};
-    std::ofstream out(args.summary);
-    out << summary.dump() << "\n";
-    TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");
-  }
-  if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
   return 0;
 }
