@@ -12,6 +12,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "checksum.h"
+#include "control.h"
 
 namespace ftcomm {
 namespace {
@@ -247,24 +248,11 @@ std::chrono::milliseconds wait_timeout(const BroadcastCoalescedOptions& o) {
   return o.timeout.count() > 0 ? o.timeout : std::chrono::milliseconds(0);
 }
 
-// Root's values of `values` replace everyone's; carried on `device`.
-std::vector<int64_t> broadcast_values(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
-                                      std::vector<int64_t> values, at::Device device,
-                                      const BroadcastCoalescedOptions& o) {
-  at::Tensor t = at::tensor(values, at::kLong).to(device);
-  broadcast_one(pg, t, o.root, o.timeout)->wait(wait_timeout(o));
-  at::Tensor host = t.to(at::kCPU);
-  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-}
-
-// Largest `value` over all ranks; how every rank learns that one of them failed.
-int64_t max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, int64_t value, at::Device device,
-                       const BroadcastCoalescedOptions& o) {
-  std::vector<at::Tensor> list{at::tensor({value}, at::kLong).to(device)};
-  c10d::AllreduceOptions options;
-  options.reduceOp = c10d::ReduceOp::MAX;
-  pg->allreduce(list, options)->wait(wait_timeout(o));
-  return list[0].to(at::kCPU).item<int64_t>();
+control::Options control_on(at::Device device, const BroadcastCoalescedOptions& o) {
+  control::Options c;
+  c.device = device;
+  c.timeout = wait_timeout(o);
+  return c;
 }
 
 uint64_t layout_signature(at::TensorList tensors) {
@@ -310,8 +298,8 @@ BroadcastCoalescedStats broadcast_coalesced(const c10::intrusive_ptr<c10d::Proce
   const at::Device control_device = units.front().device;
   if (o.verify) {
     const int64_t mine = static_cast<int64_t>(layout_signature(tensors));
-    const int64_t roots = broadcast_values(pg, {mine}, control_device, o)[0];
-    const int64_t bad = max_over_ranks(pg, mine == roots ? 0 : rank + 1, control_device, o);
+    const int64_t roots = control::broadcast_fixed(pg, {mine}, o.root, control_on(control_device, o))[0];
+    const int64_t bad = control::max(pg, int64_t(mine == roots ? 0 : rank + 1), control_on(control_device, o));
     TORCH_CHECK(bad == 0, "broadcast_coalesced: rank ", bad - 1, " passed a tensor list that differs from root ",
                 o.root, "'s (count, dtypes, shapes or device types); every rank must pass the same list");
   }
@@ -422,12 +410,12 @@ BroadcastCoalescedStats broadcast_coalesced(const c10::intrusive_ptr<c10d::Proce
         index.push_back(p.index);
       }
     }
-    const std::vector<int64_t> roots = broadcast_values(pg, hashes, control_device, o);
+    const std::vector<int64_t> roots = control::broadcast_fixed(pg, hashes, o.root, control_on(control_device, o));
     int64_t first_bad = 0;
     for (size_t k = 0; k < hashes.size() && first_bad == 0; ++k) {
       if (hashes[k] != roots[k]) first_bad = static_cast<int64_t>(index[k]) + 1;
     }
-    const int64_t bad = max_over_ranks(pg, first_bad, control_device, o);
+    const int64_t bad = control::max(pg, int64_t(first_bad), control_on(control_device, o));
     TORCH_CHECK(bad == 0, "broadcast_coalesced: checksum mismatch: tensor ", bad - 1,
                 " differs from root ", o.root, "'s after the transfer (corrupted transfer); rank ", rank,
                 first_bad ? " holds a bad copy" : " is intact, a peer holds a bad copy");

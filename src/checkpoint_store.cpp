@@ -47,7 +47,8 @@ const char* const kDamagedFix =
     "nothing was written to it. Restore this rank's directory from a backup, or move it aside (mv DIR DIR.damaged) "
     "and restart: the job then resyncs this rank from a peer that holds the step (its rank-local hook state from a "
     "buddy copy). If every rank's store is damaged, the job can only start afresh";
-constexpr uint32_t kBlobMagic = 0x42435446;  // "FTCB"
+constexpr uint32_t kBlobMagicV1 = 0x42435446;  // "FTCB"
+constexpr uint32_t kBlobMagic = 0x32435446;    // "FTC2": each tensor also records its device type
 
 // --- little-endian encoding of records ------------------------------------------
 
@@ -419,7 +420,9 @@ class RocksCheckpointStore final : public CheckpointStore {
         dst = at::empty(src.sizes(), src.options().device(at::kCPU).memory_format(at::MemoryFormat::Contiguous));
       }
       dst.copy_(src.detach());
-      host->push_back({state[i].name, dst});
+      // Home: as the caller says, else where the tensor is now.
+      const c10::DeviceType home = state[i].home != c10::DeviceType::CPU ? state[i].home : src.device().type();
+      host->push_back({state[i].name, dst, home});
     }
     snapshot_copies_.clear();
     for (const auto& nt : *host) snapshot_copies_.push_back(nt.tensor);
@@ -537,13 +540,21 @@ class RocksCheckpointStore final : public CheckpointStore {
     }
     Decoder d(bytes);
     uint64_t magic = 0, count = 0;
-    if (!d.u64(&magic) || magic != kBlobMagic || !d.u64(&count)) return damaged("has a bad header");
+    if (!d.u64(&magic) || (magic != kBlobMagic && magic != kBlobMagicV1) || !d.u64(&count)) {
+      return damaged("has a bad header");
+    }
     uint64_t checksum = detail::checksum64(bytes.data(), d.pos(), 0);
     state->clear();
     for (uint64_t i = 0; i < count; ++i) {
       NamedTensor nt;
       const size_t header_at = d.pos();
       if (!d.str(&nt.name)) return damaged("is truncated at tensor " + std::to_string(i));
+      int64_t home = static_cast<int64_t>(c10::DeviceType::CPU);
+      if (magic == kBlobMagic && !d.i64(&home)) return damaged("is truncated at tensor " + std::to_string(i));
+      if (home < 0 || home >= static_cast<int64_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)) {
+        return damaged("has a bad device type");
+      }
+      nt.home = static_cast<c10::DeviceType>(home);
       int64_t dtype = 0;
       std::vector<int64_t> sizes;
       uint64_t nbytes = 0;
@@ -723,6 +734,7 @@ class RocksCheckpointStore final : public CheckpointStore {
     for (const auto& nt : state) {
       Encoder e;
       e.str(nt.name);
+      e.i64(static_cast<int64_t>(nt.home));
       encode_tensor_header(e, nt.tensor);
       headers.push_back(std::move(e.out()));
       pieces.emplace_back(headers.back().data(), headers.back().size());

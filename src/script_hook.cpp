@@ -24,6 +24,7 @@
 #include <torch/csrc/jit/frontend/sugared_value.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include "control.h"
 #include "fsutil.h"
 #include "log.h"
 
@@ -39,11 +40,7 @@ namespace ftcomm {
 // --- the TorchScript-visible classes -----------------------------------------
 
 int64_t HookGroup::exchange(int64_t value) {
-  std::vector<at::Tensor> flag{at::tensor({value})};
-  c10d::AllreduceOptions max;
-  max.reduceOp = c10d::ReduceOp::MAX;
-  pg_->allreduce(flag, max)->wait();
-  return flag[0].item<int64_t>();
+  return control::max(pg_, value);  // on the CPU: see control.h
 }
 
 void HookGroup::begin_guarded() {
@@ -701,16 +698,10 @@ void agree_on_hook(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const Scrip
                 " (", hook.path(), ") has digest ", hook.digest(),
                 ", which is not pinned; pin it with --hook-digest ", hook.digest(), " if it is trusted");
   }
-  const std::string& mine = hook.digest();
-  at::Tensor local = at::empty({64}, at::kByte);
-  std::memcpy(local.data_ptr(), mine.data(), 64);
-  std::vector<std::vector<at::Tensor>> all(1);
-  for (int r = 0; r < pg->getSize(); ++r) all[0].push_back(at::empty({64}, at::kByte));
-  std::vector<at::Tensor> in{local};
-  pg->allgather(all, in)->wait();
-  const std::string first(static_cast<const char*>(all[0][0].data_ptr()), 64);
+  const auto digests = control::allgather_bytes(pg, hook.digest());
+  const std::string& first = digests[0];
   for (int r = 1; r < pg->getSize(); ++r) {
-    const std::string theirs(static_cast<const char*>(all[0][r].data_ptr()), 64);
+    const std::string& theirs = digests[static_cast<size_t>(r)];
     TORCH_CHECK(theirs == first, "hook digests differ: rank 0 has ", first, ", rank ", r, " has ", theirs,
                 ". Every rank must load the same hook file (this rank, ", pg->getRank(), ", loaded ", hook.path(), ")");
   }

@@ -124,6 +124,9 @@ struct HookStateEntry {
 struct NamedTensor {
   std::string name;
   at::Tensor tensor;
+  // The device type the tensor lives on in use. A snapshot records it from the
+  // tensors it is given; LoadSnapshot returns host tensors with it set.
+  c10::DeviceType home = c10::DeviceType::CPU;
 };
 
 class CheckpointStore {

@@ -16,6 +16,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/recovery.h"
 #include "ftcomm/script_hook.h"
 
 namespace c10d {
@@ -82,19 +83,17 @@ class DistributedDataParallel {
   // Waits for a snapshot in flight.
   void flush();
 
-  const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
+  const std::shared_ptr<ScriptHook>& hook() const { return state_.hook; }
   // Seconds spent in the comm hook so far (its compute and collectives).
   double comm_seconds() const;
   CheckpointStore* store() { return store_.get(); }
 
  private:
-  std::vector<NamedTensor> snapshot_state() const;
   // options_.settings plus the hook's parameters as "hook.<name>".
   std::map<std::string, std::string> effective_settings() const;
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
-  std::vector<at::Tensor> params_, extra_;
+  TrainingState state_;  // parameters, optimizer state (the trainer's extra_state), hook
   DdpOptions options_;
-  std::shared_ptr<ScriptHook> hook_;
   std::unique_ptr<c10d::Reducer> reducer_;
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
   std::unique_ptr<CheckpointStore> store_;

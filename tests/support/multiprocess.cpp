@@ -1,5 +1,6 @@
 #include "multiprocess.h"
 
+#include "control.h"
 #include "fsutil.h"
 
 #include <netinet/in.h>
@@ -46,11 +47,7 @@ std::string store_name(StoreKind kind) {
 }
 
 double max_over_ranks(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, double value) {
-  std::vector<at::Tensor> t{at::tensor({value}, at::kDouble)};
-  c10d::AllreduceOptions options;
-  options.reduceOp = c10d::ReduceOp::MAX;
-  pg->allreduce(t, options)->wait();
-  return t[0].item<double>();
+  return control::max(pg, value);
 }
 
 int free_port() {

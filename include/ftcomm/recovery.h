@@ -1,0 +1,120 @@
+// Recovery: the steps that bring every rank of a data-parallel job to one
+// resumable step after a restart, as small collectives any trainer can call
+// (DistributedDataParallel::recover is one sequence of them):
+//
+//   LocalCheckpoint local = load_newest_intact(store, world, rank);   // this rank
+//   RecoveryPlan plan = agree_on_step(pg, local);                       // collective
+//   discard_unusable(store, plan, local);                               // this rank
+//   check_settings(pg, plan, local, settings, allowed);                 // collective
+//   restore_from_checkpoint(plan, local, state, where);                 // this rank
+//   resync(pg, plan, state);                                            // collective
+//   restore_rank_local(pg, plan, local, state);                         // collective
+//   buckets = agree_on_buckets(pg, plan, candidate);                    // collective
+//
+// and at each snapshot, snapshot_tensors(pg, state) is what goes to the store,
+// the buddy copy of the previous rank's rank-local hook state included.
+//
+// Every collective here is entered by every rank in the same order, and any
+// refusal is decided together, so no rank waits on a peer that has given up.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "ftcomm/checkpoint_store.h"
+#include "ftcomm/script_hook.h"
+
+namespace ftcomm {
+
+// What a trainer replicates and snapshots, by role. Every tensor keeps its own
+// dtype and device; restored hook state goes back to the device type it came
+// from (this rank's own accelerator for CUDA state).
+struct TrainingState {
+  std::vector<at::Tensor> parameters;
+  std::vector<at::Tensor> buffers;    // replicated, not trained (e.g. running statistics)
+  std::vector<at::Tensor> optimizer;  // e.g. momentum; replicated
+  std::shared_ptr<ScriptHook> hook;   // its replicated and rank-local state; may be null
+  // This rank's accelerator: the device of its first CUDA parameter, else CPU.
+  at::Device accelerator() const;
+};
+
+// This rank's newest intact snapshot, found on its own.
+struct LocalCheckpoint {
+  int64_t step = -1;    // -1: none intact (or no store)
+  int64_t newest = -1;  // the newest snapshot the store names, intact or not
+  CommitRecord record;
+  std::vector<NamedTensor> tensors;
+  std::vector<int64_t> damaged;  // snapshots that failed to load (size, checksum, missing file)
+  std::vector<int64_t> commits;  // every commit the store holds
+};
+
+// Newest first, past damaged snapshots (a retained older one is worth more than
+// a restart from step 0), each one logged. Refuses a store of another world size.
+LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int rank);
+
+struct RecoveryPlan {
+  int64_t step = -1;                // the agreed step; -1: a fresh start
+  int source = -1;                  // the first rank that has it
+  std::vector<int64_t> rank_steps;  // each rank's newest intact step
+  std::vector<int> resync;          // ranks that lack it
+  int64_t newest_snapshot_step = -1;
+  bool fresh() const { return step < 0; }
+  bool has_step(int rank) const { return step >= 0 && rank_steps[static_cast<size_t>(rank)] == step; }
+};
+
+// Collective: the newest step some rank holds intact. Rank 0 says so when newer
+// snapshots were damaged everywhere.
+RecoveryPlan agree_on_step(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const LocalCheckpoint& local);
+
+// This rank's commits that cannot be continued (damaged, or newer than the agreed
+// step) leave its store, so the next commit follows its latest. Returns them.
+std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local);
+
+// Collective: the settings recorded with the agreed step against `current`. A
+// change not in `allowed` (or "all") throws on every rank, naming the setting and
+// both values; the allowed ones come back as "name: old -> new".
+std::vector<std::string> check_settings(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
+                                        const LocalCheckpoint& local, const std::map<std::string, std::string>& current,
+                                        const std::set<std::string>& allowed);
+
+// On a rank that holds the agreed step: parameters, buffers, optimizer state and
+// all hook state from its own snapshot. Throws naming `where` when the snapshot
+// does not fit the state (another model or hook).
+void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
+                             const std::string& where);
+
+// Collective: one manifest and one broadcast_coalesced from the plan's source
+// bring parameters, buffers, optimizer and replicated hook state to the ranks
+// that lack the step. Returns the bytes sent.
+int64_t resync(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan, TrainingState& state);
+
+struct RankLocalOutcome {
+  std::string summary;  // the same on every rank: what happened to each rank's state
+  int64_t bytes = 0;
+};
+// Collective: rank-local hook state of each rank that lacks the step comes from
+// its buddy (rank r + 1 keeps r's copy, byte for byte), else is reset (logged).
+RankLocalOutcome restore_rank_local(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
+                                    const LocalCheckpoint& local, TrainingState& state);
+
+// Collective: the buckets every rank uses, the plan's source's `candidate` (its
+// stored layout, or a fresh assignment) on a resume. Throws on every rank when
+// ranks end up with different buckets, naming both signatures.
+std::vector<std::vector<size_t>> agree_on_buckets(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                                  const RecoveryPlan& plan,
+                                                  std::vector<std::vector<size_t>> candidate);
+
+// Collective (when there is rank-local hook state): what a snapshot of `state`
+// holds, named for restore_from_checkpoint: parameters, buffers, optimizer,
+// hook state, and the buddy copy of rank (r - 1)'s rank-local hook state.
+std::vector<NamedTensor> snapshot_tensors(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                          const TrainingState& state);
+
+}  // namespace ftcomm

@@ -1,0 +1,116 @@
+#include "control.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+namespace ftcomm::control {
+namespace {
+
+at::Tensor on(const at::Tensor& host, const Options& o) {
+  return o.device.is_cpu() ? host : host.to(o.device);
+}
+
+std::vector<int64_t> to_vector(const at::Tensor& t) {
+  const at::Tensor host = t.to(at::kCPU).contiguous();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+template <typename T>
+T max_of(const Group& pg, T value, at::ScalarType dtype, const Options& o) {
+  std::vector<at::Tensor> list{on(at::full({1}, value, at::TensorOptions().dtype(dtype)), o)};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp::MAX;
+  if (o.timeout.count() > 0) options.timeout = o.timeout;
+  pg->allreduce(list, options)->wait(o.timeout);
+  return list[0].to(at::kCPU).item<T>();
+}
+
+void broadcast_in_place(const Group& pg, at::Tensor& t, int root, const Options& o) {
+  std::vector<at::Tensor> list{t};
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
+  if (o.timeout.count() > 0) options.timeout = o.timeout;
+  pg->broadcast(list, options)->wait(o.timeout);
+}
+
+}  // namespace
+
+int64_t max(const Group& pg, int64_t value, const Options& o) {
+  return max_of<int64_t>(pg, value, at::kLong, o);
+}
+
+double max(const Group& pg, double value, const Options& o) {
+  return max_of<double>(pg, value, at::kDouble, o);
+}
+
+std::vector<std::vector<int64_t>> allgather(const Group& pg, const std::vector<int64_t>& values, const Options& o) {
+  const auto n = static_cast<int64_t>(values.size());
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < pg->getSize(); ++r) out[0].push_back(on(at::empty({n}, at::kLong), o));
+  std::vector<at::Tensor> in{on(at::tensor(values, at::kLong), o)};
+  c10d::AllgatherOptions options;
+  if (o.timeout.count() > 0) options.timeout = o.timeout;
+  pg->allgather(out, in, options)->wait(o.timeout);
+  std::vector<std::vector<int64_t>> all;
+  for (const auto& t : out[0]) all.push_back(to_vector(t));
+  return all;
+}
+
+std::vector<int64_t> allgather(const Group& pg, int64_t value, const Options& o) {
+  std::vector<int64_t> values;
+  for (const auto& v : allgather(pg, std::vector<int64_t>{value}, o)) values.push_back(v[0]);
+  return values;
+}
+
+std::vector<int64_t> broadcast_fixed(const Group& pg, const std::vector<int64_t>& values, int root, const Options& o) {
+  at::Tensor data = on(at::tensor(values, at::kLong), o);
+  broadcast_in_place(pg, data, root, o);
+  return to_vector(data);
+}
+
+std::vector<int64_t> broadcast(const Group& pg, const std::vector<int64_t>& values, int root, const Options& o) {
+  const bool is_root = pg->getRank() == root;
+  at::Tensor count = on(at::tensor({static_cast<int64_t>(is_root ? values.size() : 0)}, at::kLong), o);
+  broadcast_in_place(pg, count, root, o);
+  const int64_t n = count.to(at::kCPU).item<int64_t>();
+  at::Tensor data = on(is_root ? at::tensor(values, at::kLong) : at::empty({n}, at::kLong), o);
+  if (n > 0) broadcast_in_place(pg, data, root, o);
+  return to_vector(data);
+}
+
+std::string broadcast_bytes(const Group& pg, const std::string& bytes, int root, const Options& o) {
+  const bool is_root = pg->getRank() == root;
+  at::Tensor count = on(at::tensor({static_cast<int64_t>(is_root ? bytes.size() : 0)}, at::kLong), o);
+  broadcast_in_place(pg, count, root, o);
+  const int64_t n = count.to(at::kCPU).item<int64_t>();
+  at::Tensor host = at::empty({n}, at::kByte);
+  if (is_root && n > 0) std::memcpy(host.data_ptr(), bytes.data(), static_cast<size_t>(n));
+  at::Tensor data = on(host, o);
+  if (n > 0) broadcast_in_place(pg, data, root, o);
+  const at::Tensor back = data.to(at::kCPU);
+  return std::string(static_cast<const char*>(back.data_ptr()), static_cast<size_t>(n));
+}
+
+std::vector<std::string> allgather_bytes(const Group& pg, const std::string& bytes, const Options& o) {
+  // Lengths first, then every rank's bytes padded to the longest.
+  const auto lengths = allgather(pg, static_cast<int64_t>(bytes.size()), o);
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  at::Tensor mine = at::zeros({longest}, at::kByte);
+  if (!bytes.empty()) std::memcpy(mine.data_ptr(), bytes.data(), bytes.size());
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < pg->getSize(); ++r) out[0].push_back(on(at::empty({longest}, at::kByte), o));
+  std::vector<at::Tensor> in{on(mine, o)};
+  c10d::AllgatherOptions options;
+  if (o.timeout.count() > 0) options.timeout = o.timeout;
+  if (longest > 0) pg->allgather(out, in, options)->wait(o.timeout);
+  std::vector<std::string> all;
+  for (int r = 0; r < pg->getSize(); ++r) {
+    const at::Tensor host = out[0][r].to(at::kCPU);
+    all.emplace_back(static_cast<const char*>(host.data_ptr()), static_cast<size_t>(lengths[r]));
+  }
+  return all;
+}
+
+}  // namespace ftcomm::control

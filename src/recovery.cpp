@@ -1,0 +1,409 @@
+#include "ftcomm/recovery.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include "control.h"
+#include "ftcomm/broadcast.h"
+#include "log.h"
+
+namespace ftcomm {
+namespace {
+
+using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+std::string rank_text(int rank) {
+  return "rank " + std::to_string(rank);
+}
+
+std::string join(const std::vector<int64_t>& values) {
+  std::string out;
+  for (int64_t v : values) out += (out.empty() ? "" : ", ") + std::to_string(v);
+  return out;
+}
+
+// --- how state is named in a snapshot ------------------------------------------
+// "param/<i>", "buffer/<i>", "extra/<i>" (optimizer state), and hook state as
+// "<kind>/<name>/<bucket>" with kind hook_r (replicated), hook_l (rank-local) or
+// buddy_l (the previous rank's rank-local state). Snapshots written before the
+// device type was recorded end CUDA hook state's name in "@cuda".
+
+struct HookEntry {
+  std::string kind, name;
+  int64_t bucket = 0;
+};
+
+bool parse_hook_entry(std::string text, c10::DeviceType* home, HookEntry* out) {
+  const auto first = text.find('/');
+  if (first == std::string::npos) return false;
+  out->kind = text.substr(0, first);
+  if (out->kind != "hook_r" && out->kind != "hook_l" && out->kind != "buddy_l") return false;
+  const std::string legacy = "@cuda";
+  if (text.size() > legacy.size() && text.compare(text.size() - legacy.size(), legacy.size(), legacy) == 0) {
+    text.resize(text.size() - legacy.size());
+    *home = c10::DeviceType::CUDA;
+  }
+  const auto last = text.rfind('/');
+  if (last == first) return false;
+  out->name = text.substr(first + 1, last - first - 1);
+  out->bucket = std::strtoll(text.c_str() + last + 1, nullptr, 10);
+  return true;
+}
+
+// The hook's state of one kind, as named host-or-device tensors.
+std::vector<NamedTensor> hook_tensors(const ScriptHook& hook, bool replicated) {
+  std::vector<NamedTensor> out;
+  const auto state = hook.state();
+  for (const auto& name : replicated ? hook.replicated_state() : hook.local_state()) {
+    for (const auto& entry : state.at(name)) {
+      const at::Tensor& t = entry.value();
+      out.push_back({std::string(replicated ? "hook_r/" : "hook_l/") + name + "/" + std::to_string(entry.key()), t,
+                     t.device().type()});
+    }
+  }
+  return out;
+}
+
+// Puts named hook state of `kinds` into the hook, each tensor on its home device.
+void restore_hook_tensors(ScriptHook& hook, const std::vector<NamedTensor>& items, const std::set<std::string>& kinds,
+                          at::Device accelerator) {
+  auto state = hook.state();
+  for (const auto& nt : items) {
+    c10::DeviceType home = nt.home;
+    HookEntry e;
+    if (!parse_hook_entry(nt.name, &home, &e) || !kinds.count(e.kind)) continue;
+    TORCH_CHECK(state.contains(e.name), "snapshot holds hook state '", e.name, "' that hook ", hook.name(),
+                " does not declare; was it written by another hook?");
+    const at::Device device = home == c10::DeviceType::CPU ? at::Device(at::kCPU) : accelerator;
+    state.at(e.name).insert_or_assign(e.bucket, nt.tensor.to(device, /*non_blocking=*/false, /*copy=*/true));
+  }
+}
+
+// Rank-local state crosses ranks as raw bytes, so every dtype comes back bit for
+// bit (an int64 above 2^53 included).
+at::Tensor as_bytes(const at::Tensor& t) {
+  at::Tensor c = t.detach().to(at::kCPU).contiguous().reshape({-1});
+  return c.numel() == 0 ? at::empty({0}, at::kByte) : c.view(at::kByte);
+}
+
+at::Tensor from_bytes(const at::Tensor& bytes, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options().device(at::kCPU).memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() > 0) out.reshape({-1}).view(at::kByte).copy_(bytes);
+  return out;
+}
+
+// Root's (name, dtype, shape, home) list to every rank, which allocates to match.
+void broadcast_manifest(const Group& pg, int root, std::vector<NamedTensor>* items) {
+  nlohmann::json manifest = nlohmann::json::array();
+  if (pg->getRank() == root) {
+    for (const auto& nt : *items) {
+      manifest.push_back({{"name", nt.name},
+                          {"dtype", static_cast<int>(nt.tensor.scalar_type())},
+                          {"shape", nt.tensor.sizes().vec()},
+                          {"home", static_cast<int>(nt.home)}});
+    }
+  }
+  const std::string text = control::broadcast_bytes(pg, manifest.dump(), root);
+  if (pg->getRank() == root) return;
+  items->clear();
+  for (const auto& m : nlohmann::json::parse(text)) {
+    const auto dtype = static_cast<at::ScalarType>(m.at("dtype").get<int>());
+    items->push_back({m.at("name").get<std::string>(), at::empty(m.at("shape").get<std::vector<int64_t>>(), dtype),
+                      static_cast<c10::DeviceType>(m.at("home").get<int>())});
+  }
+}
+
+int64_t broadcast_tensors(const Group& pg, std::vector<at::Tensor> tensors, int root) {
+  BroadcastCoalescedOptions bo;
+  bo.root = root;
+  bo.buffer_bytes = size_t(32) << 20;
+  return static_cast<int64_t>(broadcast_coalesced(pg, tensors, bo).bytes);
+}
+
+}  // namespace
+
+at::Device TrainingState::accelerator() const {
+  for (const auto& p : parameters) {
+    if (!p.is_cpu()) return p.device();
+  }
+  return at::Device(at::kCPU);
+}
+
+LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int rank) {
+  LocalCheckpoint local;
+  if (store == nullptr) return local;
+  std::vector<CommitRecord> commits;
+  check(store->ListCommits(&commits));
+  for (const auto& c : commits) local.commits.push_back(c.step);
+  for (auto it = commits.rbegin(); it != commits.rend(); ++it) {
+    if (!it->has_snapshot) continue;
+    TORCH_CHECK(it->world_size == world_size, "checkpoint ", store->options().dir, " was written by a job of world size ",
+                it->world_size, ", this job has ", world_size,
+                ". Resume with the same world size, or point --ckpt at a new directory");
+    local.newest = std::max(local.newest, it->step);
+    const auto s = store->LoadSnapshot(*it, &local.tensors);
+    if (s.ok()) {
+      local.record = *it;
+      local.step = it->step;
+      break;
+    }
+    local.damaged.push_back(it->step);
+    detail::log_line("ftcomm: " + rank_text(rank) + ": " + s.ToString() +
+                     "; falling back to this rank's previous snapshot, if any");
+  }
+  if (local.step < 0) local.tensors.clear();
+  return local;
+}
+
+RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local) {
+  RecoveryPlan plan;
+  const int world = pg->getSize();
+  const auto gathered = control::allgather(pg, std::vector<int64_t>{local.step, local.newest});
+  for (const auto& g : gathered) {
+    plan.rank_steps.push_back(g[0]);
+    plan.newest_snapshot_step = std::max(plan.newest_snapshot_step, g[1]);
+  }
+  plan.step = *std::max_element(plan.rank_steps.begin(), plan.rank_steps.end());
+  for (int r = 0; r < world; ++r) {
+    if (plan.rank_steps[r] == plan.step && plan.source < 0) plan.source = r;
+    if (plan.rank_steps[r] != plan.step) plan.resync.push_back(r);
+  }
+  if (plan.newest_snapshot_step > plan.step && pg->getRank() == 0) {
+    std::vector<int64_t> ranks;
+    for (int r = 0; r < world; ++r) {
+      if (gathered[r][1] > plan.step) ranks.push_back(r);
+    }
+    detail::log_line("ftcomm: the newest snapshot (step " + std::to_string(plan.newest_snapshot_step) +
+                     ") is damaged on every rank that has it (ranks " + join(ranks) + "); " +
+                     (plan.step >= 0 ? "resuming from step " + std::to_string(plan.step) + ", the newest intact one"
+                                     : "no intact snapshot is left: starting afresh"));
+  }
+  return plan;
+}
+
+std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local) {
+  std::vector<int64_t> steps;
+  if (store == nullptr) return steps;
+  for (int64_t step : local.commits) {
+    const bool damaged = std::find(local.damaged.begin(), local.damaged.end(), step) != local.damaged.end();
+    if (damaged || step > plan.step) steps.push_back(step);
+  }
+  if (steps.empty()) return steps;
+  check(store->DiscardCommits(steps));
+  detail::log_line("ftcomm: " + rank_text(store->options().rank) + ": discarded commits of step(s) " + join(steps) +
+                   " from " + store->options().dir + " (damaged, or newer than the resumed step " +
+                   std::to_string(plan.step) + ")");
+  return steps;
+}
+
+std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& plan, const LocalCheckpoint& local,
+                                        const std::map<std::string, std::string>& current,
+                                        const std::set<std::string>& allowed) {
+  std::vector<std::string> changes;
+  std::string refusal;
+  // Records written before settings were recorded have none: nothing to compare.
+  if (plan.has_step(pg->getRank()) && !local.record.settings.empty()) {
+    const auto& stored = local.record.settings;
+    std::set<std::string> names;
+    for (const auto& [k, v] : stored) names.insert(k);
+    for (const auto& [k, v] : current) names.insert(k);
+    for (const auto& name : names) {
+      const auto was = stored.find(name);
+      const auto now = current.find(name);
+      const std::string a = was == stored.end() ? "(unset)" : was->second;
+      const std::string b = now == current.end() ? "(unset)" : now->second;
+      if (a == b) continue;
+      if (allowed.count(name) || allowed.count("all")) {
+        changes.push_back(name + ": " + a + " -> " + b);
+      } else {
+        refusal += (refusal.empty() ? "" : "; ") + std::string("'") + name + "' was " + a +
+                   " in the checkpoint and is " + b + " now";
+      }
+    }
+  }
+  const auto refused = control::allgather(pg, int64_t(refusal.empty() ? 0 : 1));
+  for (int r = 0; r < pg->getSize(); ++r) {
+    if (refused[r] == 0) continue;
+    TORCH_CHECK(false, "refusing to resume from step ", plan.step, " with other settings: ",
+                refusal.empty() ? rank_text(r) + " found changed settings (see its error)" : refusal,
+                ". Resume with the stored values, allow the change with --allow-change NAME (repeatable; 'all' "
+                "allows every change), or point --ckpt at a new directory");
+  }
+  if (pg->getRank() == 0 && !changes.empty()) {
+    std::string list;
+    for (const auto& c : changes) list += (list.empty() ? "" : "; ") + c;
+    detail::log_line("ftcomm: resuming from step " + std::to_string(plan.step) + " with changed settings (allowed): " + list);
+  }
+  return changes;
+}
+
+void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
+                             const std::string& where) {
+  at::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> by_name;
+  for (const auto& nt : local.tensors) by_name[nt.name] = nt.tensor;
+  auto fill = [&](std::vector<at::Tensor>& tensors, const std::string& prefix, const char* what) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      auto it = by_name.find(prefix + std::to_string(i));
+      TORCH_CHECK(it != by_name.end() && it->second.sizes() == tensors[i].sizes(), "checkpoint ", where,
+                  " does not fit this model: ", what, " ", i, " is missing or has another shape. Was it written by "
+                  "another --model? Point --ckpt elsewhere to start afresh");
+      tensors[i].detach().copy_(it->second);
+    }
+  };
+  fill(state.parameters, "param/", "parameter");
+  fill(state.buffers, "buffer/", "buffer");
+  fill(state.optimizer, "extra/", "optimizer state");
+  if (!state.hook) return;
+  TORCH_CHECK(local.record.hook_digest == state.hook->digest(), "checkpoint ", where, " of step ", plan.step,
+              " was written with hook digest ", local.record.hook_digest, ", this run's hook ", state.hook->name(),
+              " has ", state.hook->digest(), ". Resume with the same hook, or point --ckpt elsewhere");
+  restore_hook_tensors(*state.hook, local.tensors, {"hook_r", "hook_l"}, state.accelerator());
+}
+
+int64_t resync(const Group& pg, const RecoveryPlan& plan, TrainingState& state) {
+  if (plan.fresh() || plan.resync.empty()) return 0;
+  at::NoGradGuard no_grad;
+  // The replicated hook state's manifest comes from the source; the rest has the
+  // same shapes on every rank.
+  std::vector<NamedTensor> replicated;
+  if (pg->getRank() == plan.source && state.hook) {
+    replicated = hook_tensors(*state.hook, /*replicated=*/true);
+    for (auto& nt : replicated) nt.tensor = nt.tensor.to(at::kCPU);
+  }
+  broadcast_manifest(pg, plan.source, &replicated);
+  std::vector<at::Tensor> all;
+  for (auto& p : state.parameters) all.push_back(p.detach());
+  for (auto& b : state.buffers) all.push_back(b);
+  for (auto& o : state.optimizer) all.push_back(o);
+  for (auto& nt : replicated) all.push_back(nt.tensor);
+  const int64_t bytes = broadcast_tensors(pg, all, plan.source);
+  if (!plan.has_step(pg->getRank()) && state.hook) {
+    restore_hook_tensors(*state.hook, replicated, {"hook_r"}, state.accelerator());
+  }
+  return bytes;
+}
+
+RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, const LocalCheckpoint& local,
+                                    TrainingState& state) {
+  RankLocalOutcome out;
+  if (plan.fresh()) {
+    out.summary = "fresh";
+    return out;
+  }
+  const int rank = pg->getRank(), world = pg->getSize();
+  const bool has_local = state.hook && !state.hook->local_state().empty();
+  std::vector<std::string> notes;
+  for (int lost : plan.resync) {
+    const int buddy = (lost + 1) % world;
+    if (world == 1 || !plan.has_step(buddy)) {
+      if (has_local) {
+        notes.push_back(rank_text(lost) + ": reset to empty (lost with its store and " + rank_text(buddy) +
+                        "'s copy; policy: reset)");
+        if (rank == lost) {
+          detail::log_line("ftcomm: " + rank_text(rank) + ": rank-local hook state of " + state.hook->name() +
+                           " was lost with its store and with " + rank_text(buddy) + "'s copy; reset to empty");
+        }
+      }
+      continue;
+    }
+    std::vector<NamedTensor> copy;
+    if (rank == buddy) {
+      for (const auto& nt : local.tensors) {
+        if (nt.name.rfind("buddy_l/", 0) == 0) copy.push_back({"hook_l/" + nt.name.substr(8), nt.tensor, nt.home});
+      }
+    }
+    broadcast_manifest(pg, buddy, &copy);
+    std::vector<at::Tensor> tensors;
+    for (auto& nt : copy) tensors.push_back(nt.tensor);
+    out.bytes += broadcast_tensors(pg, tensors, buddy);
+    if (rank == lost && state.hook) restore_hook_tensors(*state.hook, copy, {"hook_l"}, state.accelerator());
+    if (has_local) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");
+  }
+  if (notes.empty()) {
+    out.summary = "restored from each rank's store";
+  } else {
+    out.summary = plan.resync.size() < static_cast<size_t>(world) ? "the other ranks' from their stores; " : "";
+    for (size_t i = 0; i < notes.size(); ++i) out.summary += (i ? "; " : "") + notes[i];
+  }
+  return out;
+}
+
+std::vector<std::vector<size_t>> agree_on_buckets(const Group& pg, const RecoveryPlan& plan,
+                                                  std::vector<std::vector<size_t>> candidate) {
+  if (!plan.fresh()) {
+    // The source's buckets, flattened as count, then each bucket's size and indices.
+    std::vector<int64_t> flat;
+    if (pg->getRank() == plan.source) {
+      flat.push_back(static_cast<int64_t>(candidate.size()));
+      for (const auto& b : candidate) {
+        flat.push_back(static_cast<int64_t>(b.size()));
+        flat.insert(flat.end(), b.begin(), b.end());
+      }
+    }
+    flat = control::broadcast(pg, flat, plan.source);
+    auto p = flat.begin();
+    candidate.assign(static_cast<size_t>(*p++), {});
+    for (auto& b : candidate) {
+      b.resize(static_cast<size_t>(*p++));
+      for (auto& i : b) i = static_cast<size_t>(*p++);
+    }
+  }
+  // Every rank must reduce the same buckets; a mismatch would silently mix
+  // gradients of different parameters.
+  BucketLayout chosen;
+  for (const auto& b : candidate) chosen.buckets.push_back({std::vector<int64_t>(b.begin(), b.end()), {}, {}, {}, 0, ""});
+  const auto signatures = control::allgather(pg, static_cast<int64_t>(chosen.signature()));
+  for (int r = 1; r < pg->getSize(); ++r) {
+    TORCH_CHECK(signatures[r] == signatures[0], "bucket layouts differ: rank 0 uses ",
+                signature_hex(static_cast<uint64_t>(signatures[0])), ", rank ", r, " uses ",
+                signature_hex(static_cast<uint64_t>(signatures[r])),
+                "; every rank must run the same model and --bucket-mb");
+  }
+  return candidate;
+}
+
+std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& state) {
+  std::vector<NamedTensor> out;
+  auto add = [&](const std::vector<at::Tensor>& tensors, const std::string& prefix) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      out.push_back({prefix + std::to_string(i), tensors[i].detach(), tensors[i].device().type()});
+    }
+  };
+  add(state.parameters, "param/");
+  add(state.buffers, "buffer/");
+  add(state.optimizer, "extra/");
+  if (!state.hook) return out;
+  const auto replicated = hook_tensors(*state.hook, /*replicated=*/true);
+  const auto local = hook_tensors(*state.hook, /*replicated=*/false);
+  out.insert(out.end(), replicated.begin(), replicated.end());
+  out.insert(out.end(), local.begin(), local.end());
+  // The buddy copy: this rank also keeps rank (r - 1)'s rank-local hook state, so
+  // a replaced rank r - 1 resumes bit-exactly. Every rank has the same local
+  // state layout (same hook, same buckets): one allgather of its bytes.
+  const int world = pg->getSize();
+  if (world > 1 && !local.empty()) {
+    std::vector<at::Tensor> parts;
+    for (const auto& nt : local) parts.push_back(as_bytes(nt.tensor));
+    at::Tensor flat = at::cat(parts);
+    std::vector<std::vector<at::Tensor>> gathered(1);
+    for (int r = 0; r < world; ++r) gathered[0].push_back(at::empty_like(flat));
+    std::vector<at::Tensor> in{flat};
+    pg->allgather(gathered, in)->wait();
+    const at::Tensor& theirs = gathered[0][static_cast<size_t>((pg->getRank() + world - 1) % world)];
+    int64_t at = 0;
+    for (const auto& nt : local) {
+      const auto n = static_cast<int64_t>(nt.tensor.nbytes());
+      out.push_back({"buddy_" + nt.name.substr(5), from_bytes(theirs.narrow(0, at, n), nt.tensor), nt.home});
+      at += n;
+    }
+  }
+  return out;
+}
+
+}  // namespace ftcomm
