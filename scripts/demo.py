@@ -9,7 +9,6 @@ writes a picture of both loss curves with the failure marked.
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,37 +22,43 @@ def free_port():
         return s.getsockname()[1]
 
 
+def read_events(path):
+    """ftcomm train's --events file: one JSON object a line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def run(ftcomm, workdir, name, steps, extra):
     summary = os.path.join(workdir, name + ".json")
+    events_path = os.path.join(workdir, name + ".events.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", "--nproc-per-node=4", "--max-restarts=2",
            "--monitor-interval=0.2", f"--master-port={free_port()}", ftcomm, "train", "--model", "charlm", "--steps", str(steps),
            "--hook", "powersgd", "--hook-arg", "start_iter=5", "--hook-arg", "rank=2", "--commit-every", "10",
-           "--log-every", "1", "--ckpt", os.path.join(workdir, name), "--summary-json", summary] + extra
+           "--log-every", "10", "--ckpt", os.path.join(workdir, name), "--summary-json", summary,
+           "--events", events_path] + extra
     print(f"demo: {name}: torchrun --nproc-per-node=4 ftcomm train --model charlm --hook powersgd " + " ".join(extra),
           flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    losses, events, start = [], {}, time.time()
-    for line in proc.stdout:
-        now = time.time() - start
-        m = re.match(r"step (\d+)/\d+ loss ([0-9.eE+-]+)", line)
-        if m:
-            losses.append((int(m.group(1)), float(m.group(2))))
-            if int(m.group(1)) % 10 == 0:
-                print(f"  {line.strip()}", flush=True)
-        elif "injected failure" in line:
-            events["failure"] = now
+    for line in proc.stdout:  # the human progress, passed through
+        if line.startswith("step ") or line.startswith("ftcomm train:"):
             print("  " + line.strip(), flush=True)
-        elif "resumed from step" in line:
-            events["resumed"] = now
-            print("  " + line.strip(), flush=True)
-        elif "process group of" in line and "attempt_1" in line:
-            events["rendezvous"] = now
     if proc.wait(timeout=600) != 0:
         sys.exit(f"demo: {name} failed (exit {proc.returncode})")
     with open(summary) as f:
         result = json.load(f)
-    return result, losses, events
+    events = read_events(events_path)
+    losses = [(e["step"], e["loss"]) for e in events if e["event"] == "step"]
+    times = {}
+    for e in events:
+        t = e["unix_ms"] / 1000.0
+        if e["event"] == "failure_injected":
+            times.setdefault("failure", t)
+        elif e["event"] == "start" and e["attempt"] >= 1:
+            times["rendezvous"] = min(times.get("rendezvous", t), t)
+        elif e["event"] == "recovery" and e["attempt"] >= 1:
+            times.setdefault("resumed", t)
+    return result, losses, times
 
 
 def main():

@@ -13,7 +13,7 @@ TORCH_VERSION=${FTCOMM_TORCH_VERSION:-2.11.0}
 PYTHON=${PYTHON:-python3}
 say() { printf 'setup: %s\n' "$*"; }
 
-debs=(librocksdb-dev libgtest-dev libgloo-dev libcli11-dev nlohmann-json3-dev ninja-build ccache cmake g++)
+debs=(librocksdb-dev libgtest-dev libgloo-dev libcli11-dev nlohmann-json3-dev libssl-dev ninja-build ccache cmake g++)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -127,36 +127,6 @@ void encode_tensor_header(Encoder& e, const at::Tensor& t) {
   e.u64(t.numel() * t.element_size());
 }
 
-bool decode_tensor(Decoder& d, at::Tensor* out) {
-  int64_t dtype;
-  std::vector<int64_t> sizes;
-  uint64_t nbytes;
-  if (!d.i64(&dtype) || !d.i64s(&sizes) || !d.u64(&nbytes)) return false;
-  if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) return false;
-  at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
-  if (static_cast<uint64_t>(t.numel() * t.element_size()) != nbytes) return false;
-  const char* bytes = d.take(nbytes);
-  if (bytes == nullptr) return false;
-  std::memcpy(t.data_ptr(), bytes, nbytes);
-  *out = t;
-  return true;
-}
-
-at::Tensor host_contiguous(const at::Tensor& t) {
-  return t.detach().to(at::kCPU).contiguous();
-}
-
-std::string encode_tensors(const std::vector<at::Tensor>& tensors) {
-  Encoder e;
-  e.u64(tensors.size());
-  for (const auto& t : tensors) {
-    at::Tensor h = host_contiguous(t);
-    encode_tensor_header(e, h);
-    e.raw(h.data_ptr(), h.numel() * h.element_size());
-  }
-  return std::move(e.out());
-}
-
 std::string encode_record(const CommitRecord& r) {
   Encoder e;
   e.i64(r.step);
@@ -244,17 +214,13 @@ std::string step_key(int64_t step) {
   return buf;
 }
 const std::string kCommitPrefix = "commit/";
+// Hook state keyed per step: a key space of stores written before hook state
+// moved into snapshot blobs only; retention and discards still clear it.
 const std::string kHookPrefix = "hook/";
 const std::string kLayoutPrefix = "layout/";
 const std::string kGcPrefix = "gc/";
 const std::string kSchemaKey = "meta/schema";
 const std::string kIdentityKey = "meta/identity";
-
-std::string hook_key(int64_t step, const std::string& digest, uint64_t sig, int bucket, int rank, bool replicated) {
-  char tail[64];
-  std::snprintf(tail, sizeof(tail), "/%06d/%06d/%c", bucket, rank, replicated ? 'r' : 'l');
-  return kHookPrefix + step_key(step) + "/" + digest + "/" + signature_hex(sig) + tail;
-}
 
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -391,17 +357,16 @@ class RocksCheckpointStore final : public CheckpointStore {
     });
   }
 
-  StoreStatus Commit(const CommitRecord& record, const std::vector<HookStateEntry>& hook_state) override {
+  StoreStatus Commit(const CommitRecord& record) override {
     CommitRecord r = record;
     r.has_snapshot = false;
     r.blob_file.clear();
     r.blob_bytes = r.blob_checksum = 0;
     std::lock_guard<std::mutex> lock(commit_mutex_);
-    return CommitLocked(r, hook_state, /*retention=*/false);
+    return CommitLocked(r, /*retention=*/false);
   }
 
   std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
-                                                      const std::vector<HookStateEntry>& hook_state,
                                                       const std::vector<NamedTensor>& state) override {
     std::lock_guard<std::mutex> call_lock(snapshot_call_mutex_);  // one caller at a time
     WaitForSnapshot();
@@ -426,21 +391,15 @@ class RocksCheckpointStore final : public CheckpointStore {
     }
     snapshot_copies_.clear();
     for (const auto& nt : *host) snapshot_copies_.push_back(nt.tensor);
-    auto hooks = std::make_shared<std::vector<HookStateEntry>>();
-    for (const auto& h : hook_state) {
-      HookStateEntry copy = h;
-      for (auto& t : copy.tensors) t = host_contiguous(t).clone();
-      hooks->push_back(std::move(copy));
-    }
     auto promise = std::make_shared<std::promise<StoreStatus>>();
     std::lock_guard<std::mutex> lock(snapshot_mutex_);
     snapshot_ = promise->get_future().share();
-    snapshot_thread_ = std::thread([this, record, host, hooks, promise] {
+    snapshot_thread_ = std::thread([this, record, host, promise] {
       CommitRecord r = record;
       StoreStatus s = WriteBlob(&r, *host);
       if (s.ok()) {
         std::lock_guard<std::mutex> commit_lock(commit_mutex_);
-        s = CommitLocked(r, *hooks, /*retention=*/false);
+        s = CommitLocked(r, /*retention=*/false);
         // A blob whose commit was refused or failed is referenced by nothing.
         if (!s.ok()) ::unlink((blob_dir_ + "/" + r.blob_file).c_str());
       }
@@ -479,31 +438,6 @@ class RocksCheckpointStore final : public CheckpointStore {
       return true;
     });
     return s.ok() ? bad : s;
-  }
-
-  StoreStatus GetHookState(int64_t step, const std::string& digest, uint64_t sig, int bucket, int rank,
-                           bool replicated, std::vector<at::Tensor>* tensors) override {
-    std::string value;
-    const std::string key = hook_key(step, digest, sig, bucket, rank, replicated);
-    auto s = db_->Get(rocksdb::ReadOptions(), key, &value);
-    if (s.IsNotFound()) {
-      return StoreStatus::NotFound("no " + std::string(replicated ? "replicated" : "rank-local") +
-                                   " hook state for step " + std::to_string(step) + ", hook " + digest +
-                                   ", layout " + signature_hex(sig) + ", bucket " + std::to_string(bucket) +
-                                   ", rank " + std::to_string(rank) + " in " + options_.dir);
-    }
-    if (!s.ok()) return from(s, "reading hook state");
-    Decoder d(value);
-    uint64_t n = 0;
-    tensors->clear();
-    bool good = d.u64(&n) && n <= value.size();
-    for (uint64_t i = 0; good && i < n; ++i) {
-      at::Tensor t;
-      good = decode_tensor(d, &t);
-      tensors->push_back(t);
-    }
-    if (!good || !d.done()) return StoreStatus::Corruption("hook state " + key + " in " + options_.dir + " does not decode");
-    return StoreStatus::OK();
   }
 
   StoreStatus LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) override {
@@ -640,7 +574,7 @@ class RocksCheckpointStore final : public CheckpointStore {
     return StoreStatus::NotFound(std::string("no ") + (snapshot_only ? "snapshot" : "commit") + " in " + options_.dir);
   }
 
-  StoreStatus CommitLocked(CommitRecord r, const std::vector<HookStateEntry>& hook_state, bool retention) {
+  StoreStatus CommitLocked(CommitRecord r, bool retention) {
     CommitRecord last;
     auto s = latest(&last, false);
     if (s.ok() && r.step <= last.step) {
@@ -652,10 +586,6 @@ class RocksCheckpointStore final : public CheckpointStore {
     r.unix_ms = now_ms();
     rocksdb::WriteBatch batch;
     batch.Put(kCommitPrefix + step_key(r.step), encode_record(r));
-    for (const auto& h : hook_state) {
-      batch.Put(hook_key(r.step, r.hook_digest, r.layout_signature, h.bucket, h.rank, h.replicated),
-                encode_tensors(h.tensors));
-    }
     s = write(batch, "committing step " + std::to_string(r.step));
     if (!s.ok() || !retention) return s;
     return ApplyRetention();

@@ -69,14 +69,30 @@ DistributedDataParallel::~DistributedDataParallel() {
 }
 
 RecoveryReport DistributedDataParallel::recover() {
+  prepare_recovery();
+  return finish_recovery();
+}
+
+struct DistributedDataParallel::PendingRecovery {
+  LocalCheckpoint local;
+  RecoveryPlan plan;
   RecoveryReport report;
+  std::unique_ptr<BucketLayout> layout;
+};
+
+const RecoveryPlan& DistributedDataParallel::prepare_recovery() {
+  TORCH_CHECK(!pending_ && !reducer_, "DistributedDataParallel: recovery runs once, before the first step");
+  pending_ = std::make_unique<PendingRecovery>();
+  RecoveryReport& report = pending_->report;
   at::NoGradGuard no_grad;
   const int rank = pg_->getRank(), world = pg_->getSize();
   const std::string where = options_.ckpt_dir.empty() ? "(no store)" : options_.ckpt_dir;
 
   auto start = Clock::now();
-  const LocalCheckpoint local = load_newest_intact(store_.get(), world, rank);
-  const RecoveryPlan plan = agree_on_step(pg_, local);
+  pending_->local = load_newest_intact(store_.get(), world, rank);
+  const LocalCheckpoint& local = pending_->local;
+  pending_->plan = agree_on_step(pg_, local);
+  const RecoveryPlan& plan = pending_->plan;
   report.agreement_ms = ms_since(start);
   report.newest_snapshot_step = plan.newest_snapshot_step;
   report.resynced_ranks = plan.resync;
@@ -85,7 +101,7 @@ RecoveryReport DistributedDataParallel::recover() {
       check_settings(pg_, plan, local, effective_settings(), options_.allow_changed_settings);
 
   start = Clock::now();
-  std::unique_ptr<BucketLayout> layout;
+  std::unique_ptr<BucketLayout>& layout = pending_->layout;
   if (plan.has_step(rank)) {
     restore_from_checkpoint(plan, local, state_, where);
     BucketLayout stored;
@@ -97,9 +113,18 @@ RecoveryReport DistributedDataParallel::recover() {
     }
   }
   report.load_ms = ms_since(start);
+  return plan;
+}
 
-  if (options_.on_phase) options_.on_phase("resync");
-  start = Clock::now();
+RecoveryReport DistributedDataParallel::finish_recovery() {
+  TORCH_CHECK(pending_, "DistributedDataParallel: call prepare_recovery() before finish_recovery()");
+  const auto pending = std::move(pending_);
+  const LocalCheckpoint& local = pending->local;
+  const RecoveryPlan& plan = pending->plan;
+  RecoveryReport& report = pending->report;
+  const std::unique_ptr<BucketLayout>& layout = pending->layout;
+  at::NoGradGuard no_grad;
+  const auto start = Clock::now();
   report.resync_bytes = resync(pg_, plan, state_);
   const RankLocalOutcome local_state = restore_rank_local(pg_, plan, local, state_);
   report.resync_bytes += local_state.bytes;
@@ -148,7 +173,7 @@ void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {
   record.layout_signature = layout.signature();
   record.settings = effective_settings();
   check(store_->WaitForSnapshot());
-  store_->CommitSnapshotAsync(record, {}, snapshot_tensors(pg_, state_));
+  store_->CommitSnapshotAsync(record, snapshot_tensors(pg_, state_));
 }
 
 std::map<std::string, std::string> DistributedDataParallel::effective_settings() const {

@@ -7,7 +7,8 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include "ftcomm/process_group.h"
-#include "ftcomm/script_hook.h"
+#include "ftcomm/hook_check.h"
+#include "ftcomm/script_comm_hook.h"
 
 namespace ftcomm {
 

@@ -1,4 +1,4 @@
-// Internal: SHA-256 without the torch headers (also declared in script_hook.h).
+// Internal: SHA-256 (hex) of a byte string: hook digests, parameter digests.
 #pragma once
 #include <string>
 namespace ftcomm {

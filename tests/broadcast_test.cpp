@@ -73,18 +73,30 @@ TEST_P(BroadcastMatrix, BitIdenticalToRoot) {
     o.verify = true;
     auto stats = ftcomm::broadcast_coalesced(pg, tensors, o);
     expect_bit_equal(tensors, make_list(dtype, numel, root, at::kCPU), rank);
-    if (world > 1) {
-      // The 600x700 float, and the parameter tensor when it reaches direct_min_bytes.
-      const bool big = numel * c10::elementSize(dtype) >= static_cast<int64_t>(o.direct_min_bytes);
-      EXPECT_EQ(stats.direct_tensors, big ? 2 : 1);
-      EXPECT_GE(stats.broadcasts, 2);
-    }
+    // The 600x700 float, and the parameter tensor when it reaches direct_min_bytes.
+    const bool big = numel * c10::elementSize(dtype) >= static_cast<int64_t>(o.direct_min_bytes);
+    EXPECT_EQ(stats.direct_tensors, big ? 2 : 1);
+    EXPECT_GE(stats.broadcasts, 2);
+  });
+}
+
+// World 1: nothing to send, so nothing is sent and the tensors are untouched.
+TEST(Broadcast, WorldOneSendsNothing) {
+  testing::run_threads(1, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 1, store));
+    auto tensors = make_list(at::kFloat, 1000, 7, at::kCPU);
+    BroadcastCoalescedOptions o;
+    o.verify = true;
+    const auto stats = ftcomm::broadcast_coalesced(pg, tensors, o);
+    EXPECT_EQ(stats.broadcasts, 0);
+    EXPECT_EQ(stats.bytes, 0);
+    expect_bit_equal(tensors, make_list(at::kFloat, 1000, 7, at::kCPU), rank);
   });
 }
 
 INSTANTIATE_TEST_SUITE_P(
     WorldDtypeSize, BroadcastMatrix,
-    ::testing::Combine(::testing::Values(1, 2, 3, 4),
+    ::testing::Combine(::testing::Values(2, 3, 4),
                        ::testing::Values(at::kFloat, at::kDouble, at::kHalf, at::kBFloat16, at::kLong,
                                          at::kByte, at::kBool),
                        ::testing::Values(int64_t{1}, int64_t{1000}, int64_t{300000})),

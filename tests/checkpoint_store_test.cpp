@@ -69,16 +69,6 @@ BucketLayout sample_layout(int buckets) {
   return l;
 }
 
-// Hook state whose values encode the step, so a reader can tell it belongs.
-std::vector<HookStateEntry> hook_state_for(int64_t step, int buckets, int rank) {
-  std::vector<HookStateEntry> entries;
-  for (int b = 0; b < buckets; ++b) {
-    entries.push_back({b, rank, true, {at::full({64, 4}, double(step)), at::full({32, 4}, double(step))}});
-    entries.push_back({b, rank, false, {at::full({150}, double(step) + 0.5)}});
-  }
-  return entries;
-}
-
 CommitRecord record_for(int64_t step, uint64_t layout) {
   CommitRecord r;
   r.step = step;
@@ -103,8 +93,8 @@ TEST(CheckpointStore, RoundTripsLayoutCommitHookStateAndSnapshot) {
   {
     auto store = open_store(dir);
     ASSERT_TRUE(store->PutLayout(layout).ok());
-    ASSERT_TRUE(store->Commit(record_for(1, layout.signature()), hook_state_for(1, 3, 0)).ok());
-    auto snap = store->CommitSnapshotAsync(record_for(2, layout.signature()), hook_state_for(2, 3, 0), state_for(2));
+    ASSERT_TRUE(store->Commit(record_for(1, layout.signature())).ok());
+    auto snap = store->CommitSnapshotAsync(record_for(2, layout.signature()), state_for(2));
     ASSERT_TRUE(snap.get().ok()) << snap.get().ToString();
   }
   auto store = open_store(dir);
@@ -127,17 +117,6 @@ TEST(CheckpointStore, RoundTripsLayoutCommitHookStateAndSnapshot) {
     EXPECT_EQ(state[i].name, want[i].name);
     EXPECT_TRUE(at::equal(state[i].tensor, want[i].tensor)) << state[i].name;
   }
-  std::vector<at::Tensor> hook;
-  ASSERT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 0, true, &hook).ok());
-  ASSERT_EQ(hook.size(), 2u);
-  EXPECT_TRUE(at::equal(hook[0], at::full({64, 4}, 1.0)));
-  ASSERT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 0, false, &hook).ok());
-  EXPECT_TRUE(at::equal(hook[0], at::full({150}, 1.5)));
-  // Keyed by hook digest x layout x bucket x rank: any other key finds nothing.
-  EXPECT_TRUE(store->GetHookState(1, "other-hook", layout.signature(), 2, 0, true, &hook).IsNotFound());
-  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature() ^ 1, 2, 0, true, &hook).IsNotFound());
-  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 3, 0, true, &hook).IsNotFound());
-  EXPECT_TRUE(store->GetHookState(1, "d1g35t", layout.signature(), 2, 1, true, &hook).IsNotFound());
   EXPECT_TRUE(store->GetLayout(sample_layout(4).signature(), &back).IsNotFound());
 }
 
@@ -200,8 +179,8 @@ TEST(CheckpointStoreLayout, AResumedReducerRebuildsTheStoredBuckets) {
 TEST(CheckpointStore, StepsMustIncrease) {
   TempDir tmp;
   auto store = open_store(tmp.sub("r"));
-  ASSERT_TRUE(store->Commit(record_for(5, 0), {}).ok());
-  auto s = store->Commit(record_for(5, 0), {});
+  ASSERT_TRUE(store->Commit(record_for(5, 0)).ok());
+  auto s = store->Commit(record_for(5, 0));
   EXPECT_EQ(s.code(), StoreStatus::Code::kInvalidArgument);
   EXPECT_NE(s.message().find("not after the latest committed step 5"), std::string::npos) << s.message();
 }
@@ -216,9 +195,9 @@ TEST(CheckpointStore, RetentionKeepsTheNewestSnapshotsAndCollectsBlobs) {
   ASSERT_TRUE(CheckpointStore::Open(o, &store).ok());
   for (int64_t step = 1; step <= 10; ++step) {
     if (step % 3 == 0) {
-      ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 1, 0), state_for(step)).get().ok());
+      ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), state_for(step)).get().ok());
     } else {
-      ASSERT_TRUE(store->Commit(record_for(step, 0), hook_state_for(step, 1, 0)).ok());
+      ASSERT_TRUE(store->Commit(record_for(step, 0)).ok());
     }
   }
   // Retention runs after a snapshot's commit is reported; wait for it.
@@ -232,8 +211,6 @@ TEST(CheckpointStore, RetentionKeepsTheNewestSnapshotsAndCollectsBlobs) {
   size_t blobs = 0;
   for (const auto& name : detail::list_dir(dir + "/blobs")) blobs += name.size() > 5 && name.substr(name.size() - 5) == ".blob";
   EXPECT_EQ(blobs, 2u);
-  std::vector<at::Tensor> hook;
-  EXPECT_TRUE(store->GetHookState(4, "d1g35t", 0, 0, 0, true, &hook).IsNotFound()) << "retired hook state remains";
   CommitRecord snap;
   ASSERT_TRUE(store->LatestSnapshot(&snap).ok());
   EXPECT_EQ(snap.step, 9);
@@ -339,7 +316,7 @@ TEST(CheckpointStoreErrors, CorruptBlobIsReported) {
   TempDir tmp;
   const std::string dir = tmp.sub("r");
   auto store = open_store(dir);
-  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), {}, state_for(1)).get().ok());
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
   CommitRecord r;
   ASSERT_TRUE(store->LatestSnapshot(&r).ok());
   flip_byte(dir + "/blobs/" + r.blob_file, 0.6);
@@ -355,7 +332,11 @@ TEST(CheckpointStoreErrors, CorruptSstIsReported) {
   const std::string dir = tmp.sub("r");
   {
     auto store = open_store(dir);
-    for (int64_t step = 1; step <= 20; ++step) ASSERT_TRUE(store->Commit(record_for(step, 0), hook_state_for(step, 4, 0)).ok());
+    for (int64_t step = 1; step <= 200; ++step) {
+      CommitRecord r = record_for(step, 0);
+      r.rng_state = std::string(2048, char('a' + step % 26));  // records enough for several SST blocks
+      ASSERT_TRUE(store->Commit(r).ok());
+    }
   }  // closing flushes the memtable into an SST
   int corrupted = 0;
   for (const auto& name : detail::list_dir(dir)) {
@@ -373,12 +354,6 @@ TEST(CheckpointStoreErrors, CorruptSstIsReported) {
   if (s.ok()) {
     std::vector<CommitRecord> commits;
     s = store->ListCommits(&commits);
-    if (s.ok()) {
-      std::vector<at::Tensor> hook;
-      for (int64_t step = 1; step <= 20 && s.ok(); ++step) {
-        for (int b = 0; b < 4 && s.ok(); ++b) s = store->GetHookState(step, "d1g35t", 0, b, 0, true, &hook);
-      }
-    }
   }
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find(dir), std::string::npos) << s.message();
@@ -404,7 +379,7 @@ std::string read_text(const std::string& path) {
 void fill_store(const std::string& dir, int64_t steps) {
   auto store = open_store(dir);
   for (int64_t step = 1; step <= steps; ++step) {
-    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), {}, state_for(step)).get().ok());
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), state_for(step)).get().ok());
   }
 }
 
@@ -484,26 +459,24 @@ TEST(CheckpointStore, ACreationCutShortIsCreatedAnew) {
   std::ofstream(dir + "/LOG") << "rocksdb log";
   auto store = open_store(dir);
   ASSERT_TRUE(store);
-  EXPECT_TRUE(store->Commit(record_for(1, 0), {}).ok());
+  EXPECT_TRUE(store->Commit(record_for(1, 0)).ok());
 }
 
-TEST(CheckpointStore, DiscardCommitsDropsRecordsHookStateAndBlobs) {
+TEST(CheckpointStore, DiscardCommitsDropsRecordsAndBlobs) {
   TempDir tmp;
   const std::string dir = tmp.sub("r");
   auto store = open_store(dir, 0, "job", /*keep_snapshots=*/5);
   ASSERT_TRUE(store);
   for (int64_t step = 1; step <= 3; ++step) {
-    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 1, 0), state_for(step)).get().ok());
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(step, 0), state_for(step)).get().ok());
   }
   ASSERT_TRUE(store->DiscardCommits({3, 7}).ok());  // 7 does not exist: ignored
   CommitRecord latest;
   ASSERT_TRUE(store->LatestSnapshot(&latest).ok());
   EXPECT_EQ(latest.step, 2);
-  std::vector<at::Tensor> hook;
-  EXPECT_TRUE(store->GetHookState(3, "d1g35t", 0, 0, 0, true, &hook).IsNotFound());
   EXPECT_EQ(detail::list_dir(dir + "/blobs").size(), 2u);
   // The step can be committed again (a resume from step 2 continues from there).
-  EXPECT_TRUE(store->CommitSnapshotAsync(record_for(3, 0), {}, state_for(30)).get().ok());
+  EXPECT_TRUE(store->CommitSnapshotAsync(record_for(3, 0), state_for(30)).get().ok());
 }
 
 TEST(CheckpointStore, SettingsRoundTrip) {
@@ -511,14 +484,14 @@ TEST(CheckpointStore, SettingsRoundTrip) {
   auto store = open_store(tmp.sub("r"));
   CommitRecord r = record_for(4, 0);
   r.settings = {{"lr", "0.05"}, {"hook.rank", "2"}};
-  ASSERT_TRUE(store->Commit(r, {}).ok());
+  ASSERT_TRUE(store->Commit(r).ok());
   CommitRecord back;
   ASSERT_TRUE(store->LatestCommitted(&back).ok());
   EXPECT_EQ(back.settings, r.settings);
 }
 
 // kill -9 a writer at random points of its commits, many times over. Each time the
-// store must reopen, LatestCommitted() must be a complete commit (its hook state
+// store must reopen, LatestCommitted() must be a complete commit (its snapshot
 // and snapshot present and intact) and no older than the last commit the writer
 // saw return (Durability::kSync).
 TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
@@ -530,9 +503,9 @@ TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
     for (;; ++step) {
       StoreStatus s;
       if (step % 3 == 0) {
-        s = store->CommitSnapshotAsync(record_for(step, 0), hook_state_for(step, 8, 0), state_for(step)).get();
+        s = store->CommitSnapshotAsync(record_for(step, 0), state_for(step)).get();
       } else {
-        s = store->Commit(record_for(step, 0), hook_state_for(step, 8, 0));
+        s = store->Commit(record_for(step, 0));
       }
       if (!s.ok()) {
         std::cerr << s.ToString() << "\n";
@@ -564,11 +537,6 @@ TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
     EXPECT_GE(latest.step, previous);
     previous = latest.step;
     EXPECT_EQ(latest.rng_state, "rng-" + std::to_string(latest.step));
-    for (int b = 0; b < 8; ++b) {
-      std::vector<at::Tensor> hook;
-      ASSERT_TRUE(store->GetHookState(latest.step, "d1g35t", 0, b, 0, false, &hook).ok()) << "partial step " << latest.step;
-      EXPECT_TRUE(at::equal(hook[0], at::full({150}, double(latest.step) + 0.5)));
-    }
     CommitRecord snap;
     if (store->LatestSnapshot(&snap).ok()) {
       std::vector<NamedTensor> state;

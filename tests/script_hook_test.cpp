@@ -8,9 +8,11 @@
 #include <gtest/gtest.h>
 
 #include "fsutil.h"
+#include "sha256.h"
 #include "ftcomm/broadcast.h"
 #include "ftcomm/process_group.h"
-#include "ftcomm/script_hook.h"
+#include "ftcomm/hook_check.h"
+#include "ftcomm/script_comm_hook.h"
 #include "support/multiprocess.h"
 #include "support/reducer_model.h"
 
@@ -541,6 +543,13 @@ TEST_F(HookFiles, APtArchiveFromPythonLoadsAndRuns) {
     const at::Tensor mean = (rank_values(0, 64) + rank_values(1, 64)) / 2;
     EXPECT_LE((run(comm, *b.bucket) - mean).abs().max().item<double>(), 1e-3);
   });
+}
+
+// The digest every rank compares (OpenSSL's SHA-256): the FIPS 180-2 test vectors.
+TEST(HookDigest, Sha256MatchesTheStandardVectors) {
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
 }  // namespace

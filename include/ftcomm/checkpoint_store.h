@@ -1,11 +1,10 @@
-// Durable per-rank state: bucket layouts, hook state and per-step commit records in
-// RocksDB, and training snapshots (parameters, buffers, optimizer state) in blob
-// files named by their commit record.
+// Durable per-rank state: bucket layouts and per-step commit records in RocksDB,
+// and training snapshots (parameters, buffers, optimizer state, hook state) in
+// blob files named by their commit record.
 //
 // Guarantees:
-//  * A commit is atomic: its record, its hook state and (for a snapshot) the
-//    reference to its blob become visible together in one synced WriteBatch, after
-//    the blob is on disk. After any crash, LatestCommitted() is the last commit that
+//  * A commit is atomic: its record and (for a snapshot) the reference to its blob
+//    become visible together in one synced WriteBatch, after the blob is on disk. After any crash, LatestCommitted() is the last commit that
 //    completed; never a partial one.
 //  * Durability policy: with Durability::kSync (default) Commit() returns after the
 //    WAL is fsync'ed, so a returned commit survives power loss. With kProcessCrash it
@@ -34,6 +33,8 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+
+#include "ftcomm/bucket_layout.h"
 
 namespace ftcomm {
 
@@ -78,21 +79,6 @@ struct CheckpointStoreOptions {
   int keep_snapshots = 2;          // retention: newest K snapshots and the commits after the oldest of them
 };
 
-// How gradients map to buckets, and each bucket's shape; what c10d::Reducer
-// computed (after its first-iteration rebuild) and what a resumed job must reuse.
-struct BucketLayout {
-  struct Bucket {
-    std::vector<int64_t> parameter_indices;
-    std::vector<int64_t> offsets, lengths;
-    std::vector<std::vector<int64_t>> sizes;
-    int dtype = 0;       // c10::ScalarType
-    std::string device;  // e.g. "cpu", "cuda:0"
-  };
-  std::vector<Bucket> buckets;
-  // Stable 64-bit hash of everything above (hex in keys and messages).
-  uint64_t signature() const;
-};
-
 struct CommitRecord {
   int64_t step = -1;
   int64_t epoch = 0;           // membership epoch
@@ -110,15 +96,6 @@ struct CommitRecord {
   uint64_t blob_bytes = 0;
   uint64_t blob_checksum = 0;
   int64_t unix_ms = 0;
-};
-
-// One piece of hook state. Keyed by hook digest x layout signature x bucket x rank
-// x kind, so it can never be applied to another hook or bucket.
-struct HookStateEntry {
-  int bucket = 0;
-  int rank = 0;
-  bool replicated = true;      // equal on every rank (resendable) vs rank-local
-  std::vector<at::Tensor> tensors;
 };
 
 struct NamedTensor {
@@ -143,17 +120,15 @@ class CheckpointStore {
   virtual StoreStatus GetLayout(uint64_t signature, BucketLayout* layout) = 0;
   virtual StoreStatus ListLayouts(std::vector<uint64_t>* signatures) = 0;
 
-  // Metadata commit: the record and its hook state, atomically, per the durability
-  // policy. Steps must increase (a resume from an older step first discards the
+  // Metadata commit: the record, atomically, per the durability policy. Steps must increase (a resume from an older step first discards the
   // newer commits with DiscardCommits). Blocks until durable.
-  virtual StoreStatus Commit(const CommitRecord& record, const std::vector<HookStateEntry>& hook_state) = 0;
+  virtual StoreStatus Commit(const CommitRecord& record) = 0;
 
   // Snapshot commit: copies `state` to host memory now (the caller may go on
   // training and change its tensors as soon as this returns), then writes the blob
   // and the commit on a background thread. One snapshot is in flight at a time; a
   // second call waits for the first. The future yields the commit's status.
   virtual std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
-                                                              const std::vector<HookStateEntry>& hook_state,
                                                               const std::vector<NamedTensor>& state) = 0;
   // Waits for a snapshot in flight, if any, and for the retention pass that
   // follows its commit.
@@ -165,13 +140,9 @@ class CheckpointStore {
   virtual StoreStatus LatestSnapshot(CommitRecord* record) = 0;
   // Every complete commit, oldest first.
   virtual StoreStatus ListCommits(std::vector<CommitRecord>* records) = 0;
-  // Loads one hook-state entry of commit `step`. NotFound when this hook digest,
-  // layout, bucket, rank or kind has none at that step.
-  virtual StoreStatus GetHookState(int64_t step, const std::string& hook_digest, uint64_t layout_signature,
-                                   int bucket, int rank, bool replicated, std::vector<at::Tensor>* tensors) = 0;
   // Loads a snapshot's tensors, verifying the blob's size and checksum.
   virtual StoreStatus LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) = 0;
-  // Removes the commits of `steps` (their records, hook state and blobs), in one
+  // Removes the commits of `steps` (their records and blobs), in one
   // synced batch; blobs are collected after it. For a resume from an older step
   // (newer commits cannot be continued) and for commits whose snapshot is damaged.
   virtual StoreStatus DiscardCommits(const std::vector<int64_t>& steps) = 0;
@@ -179,7 +150,5 @@ class CheckpointStore {
   virtual const CheckpointStoreOptions& options() const = 0;
 };
 
-// Hex form of a layout signature, as in keys, messages and `ftcomm inspect`.
-std::string signature_hex(uint64_t signature);
 
 }  // namespace ftcomm

@@ -17,7 +17,7 @@
 
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/recovery.h"
-#include "ftcomm/script_hook.h"
+#include "ftcomm/script_comm_hook.h"
 
 namespace c10d {
 class Reducer;
@@ -41,9 +41,6 @@ struct DdpOptions {
   std::map<std::string, std::string> settings;
   std::set<std::string> allow_changed_settings;
   ScriptCommHookOptions hook_options;
-  // Called at named points of recover() ("resync": after the agreement, before
-  // any state moves); for fault injection in tests and demos.
-  std::function<void(const std::string& phase)> on_phase;
 };
 
 struct RecoveryReport {
@@ -71,8 +68,15 @@ class DistributedDataParallel {
   ~DistributedDataParallel();
 
   // Collective. Restores the newest step every rank can resume from (own store,
-  // else a peer's copy through broadcast_coalesced); returns what it did.
+  // else a peer's copy through broadcast_coalesced); returns what it did. The
+  // same as prepare_recovery() then finish_recovery().
   RecoveryReport recover();
+  // The two halves of recover(), for callers that act between them: prepare
+  // agrees on the step (discarding what cannot be continued, checking the
+  // settings) and loads it on the ranks that hold it; finish resyncs the others,
+  // restores rank-local hook state and builds the Reducer on the agreed buckets.
+  const RecoveryPlan& prepare_recovery();
+  RecoveryReport finish_recovery();
 
   // Around each step, as DDP does.
   void before_forward();
@@ -96,6 +100,8 @@ class DistributedDataParallel {
   DdpOptions options_;
   std::unique_ptr<c10d::Reducer> reducer_;
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
+  struct PendingRecovery;
+  std::unique_ptr<PendingRecovery> pending_;  // between prepare_recovery and finish_recovery
   std::unique_ptr<CheckpointStore> store_;
 };
 

@@ -14,6 +14,7 @@
 
 #include "ftcomm/broadcast.h"
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/hook_check.h"
 #include "ftcomm/script_hook.h"
 #include "ftcomm/process_group.h"
 #include "cli.h"

@@ -25,6 +25,7 @@
 #include <torch/serialize.h>
 
 #include "cli.h"
+#include "events.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
 #include "log.h"
@@ -60,6 +61,7 @@ struct TrainArgs {
   int log_every = 10;
   double timeout_s = 60;
   std::vector<std::string> allow_changes;
+  std::string events;
 };
 
 constexpr const char* kTrainDescription = R"(ftcomm train: one rank of fault-tolerant data-parallel training.
@@ -152,6 +154,10 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "Repeatable")
       ->type_name("RANK:STEP[:PHASE][@ATTEMPT]");
   app.add_option("--summary-json", a.summary, "written by rank 0 at the end (checked at start)");
+  app.add_option("--events", a.events,
+                 "append structured events as JSON lines to FILE ('-': stderr): each rank's start and injected "
+                 "failure, rank 0's recovery (phases with durations, resync bytes), every step (loss, step and comm "
+                 "time) and the end");
   app.add_option("--log-every", a.log_every, "progress line every N steps (0: none)")->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
   if (int rc = ftcomm::cli::parse(app, argv, "ftcomm train"); rc >= 0) return rc;
   for (const auto& kv : hook_args) a.hook_args.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
@@ -308,6 +314,8 @@ int train_main(const std::vector<std::string>& argv) {
   if (args.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
   auto pg = ftcomm::make_process_group(pgo);
   const int rank = pg->getRank(), world = pg->getSize();
+  const ftcomm::tools::EventLog events(args.events, rank, pgo.restart_count);
+  events.emit("start", {{"world_size", world}, {"steps", args.steps}, {"model", args.model}, {"hook", args.hook}});
   for (const auto& f : args.failures) {
     TORCH_CHECK(f.rank < world, "--fail-at ", f.rank, ":", f.step, " names rank ", f.rank, ", but this job has ranks 0 to ",
                 world - 1);
@@ -318,6 +326,7 @@ int train_main(const std::vector<std::string>& argv) {
         ftcomm::detail::log_line("ftcomm train: rank " + std::to_string(rank) + ": injected failure at step " +
                                  std::to_string(step) + " (" + phase + ", attempt " +
                                  std::to_string(pgo.restart_count) + ")");
+        events.emit("failure_injected", {{"step", step}, {"phase", phase}});
         ::kill(::getpid(), SIGKILL);
       }
     }
@@ -360,14 +369,26 @@ int train_main(const std::vector<std::string>& argv) {
   options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
-  options.on_phase = [&](const std::string& phase) { maybe_fail(-1, phase); };
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   // Errors from here on are reported before anything is torn down (see
   // exit_with_error): the group's and the Reducer's destructors could delay the
   // message past torchrun's SIGTERM.
   try {
     const auto restart_t0 = Clock::now();
-    const auto report = ddp.recover();
+    ddp.prepare_recovery();
+    maybe_fail(-1, "resync");  // --fail-at R:S:resync: after the agreement, before any state moves
+    const auto report = ddp.finish_recovery();
+    if (rank == 0) {
+      events.emit("recovery", {{"resumed_from_step", report.resumed_from_step},
+                               {"newest_snapshot_step", report.newest_snapshot_step},
+                               {"phases_ms",
+                                {{"agreement", report.agreement_ms}, {"load", report.load_ms}, {"resync", report.resync_ms}}},
+                               {"resync_bytes", report.resync_bytes},
+                               {"resynced_ranks", report.resynced_ranks},
+                               {"local_state", report.local_state},
+                               {"changed_settings", report.changed_settings}});
+    }
+    if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
     const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
     // Every rank has the same report, so every rank stops here together.
     TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
@@ -423,7 +444,12 @@ int train_main(const std::vector<std::string>& argv) {
         torch::save(state, args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt");
       }
       maybe_fail(step + 1, "commit");
-      if (step == start) first_step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
+      const double step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
+      if (step == start) first_step_ms = step_ms;
+      if (rank == 0 && events.enabled()) {
+        events.emit("step", {{"step", step + 1}, {"loss", *loss_last}, {"step_ms", step_ms},
+                             {"comm_ms_total", ddp.comm_seconds() * 1000}});
+      }
       ++steps_since_log;
       if (rank == 0 && args.log_every > 0 && ((step + 1) % args.log_every == 0 || step + 1 == args.steps)) {
         const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
@@ -467,6 +493,7 @@ int train_main(const std::vector<std::string>& argv) {
       TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");
     }
     if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
+    if (rank == 0) events.emit("done", {{"steps", args.steps}, {"param_digest", digest}});
   } catch (const std::exception& e) {
     ftcomm::cli::exit_with_error("train", e);
   }

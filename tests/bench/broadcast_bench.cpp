@@ -22,6 +22,9 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
 #include "ftcomm/broadcast.h"
 #include "ftcomm/process_group.h"
 #include "support/multiprocess.h"
@@ -43,44 +46,30 @@ struct Args {
   double direct_min_mb = -1, pipeline_mb = -1;
 };
 
-constexpr const char* kUsage =
-    "Usage: ftcomm_bench_broadcast [--world N] [--workloads a,b,c] [--iters N] [--buffer-mb M]\n"
-    "                              [--scale F] [--device cpu|cuda] [--backend auto|gloo|nccl] [--json FILE]\n"
-    "                              [--threads N] [--methods ours,c10d,per_tensor,flat_limit]\n"
-    "                              [--direct-min-mb M] [--pipeline-mb M]   (ours: BroadcastCoalescedOptions, the\n"
-    "                              generic and the nccl_ fields alike)\n"
-    "Workloads: a = ~100M-parameter transformer state (~390 fp32 tensors), b = 10,000 x 1 KiB,\n"
-    "           c = 8 x 64 MiB. --scale shrinks every workload (for smoke runs).\n";
-
+// Exits with CLI11's code on --help or a bad command line.
 Args parse(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto v = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::cerr << k << " needs a value\n" << kUsage;
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (k == "--world") a.world = std::stoi(v());
-    else if (k == "--workloads") a.workloads = v();
-    else if (k == "--iters") a.iters = std::stoi(v());
-    else if (k == "--buffer-mb") a.buffer_mb = std::stod(v());
-    else if (k == "--direct-min-mb") a.direct_min_mb = std::stod(v());
-    else if (k == "--pipeline-mb") a.pipeline_mb = std::stod(v());
-    else if (k == "--scale") a.scale = std::stod(v());
-    else if (k == "--device") a.device = v();
-    else if (k == "--backend") a.backend = v();
-    else if (k == "--json") a.json = v();
-    else if (k == "--threads") a.threads = std::stoi(v());
-    else if (k == "--methods") a.methods = v();
-    else if (k == "--help" || k == "-h") { std::cout << kUsage; std::exit(0); }
-    else { std::cerr << "unknown option " << k << "\n" << kUsage; std::exit(2); }
-  }
-  if (a.world < 1 || a.iters < 1 || a.scale <= 0) {
-    std::cerr << "--world and --iters must be at least 1 and --scale positive\n";
-    std::exit(2);
+  CLI::App app("broadcast_coalesced against c10d's, per-tensor broadcasts and one flat buffer. Workloads: a = "
+               "~100M-parameter transformer state (~390 fp32 tensors), b = 10,000 x 1 KiB, c = 8 x 64 MiB; --scale "
+               "shrinks every workload (for smoke runs)",
+               "ftcomm_bench_broadcast");
+  app.add_option("--world", a.world, "CPU ranks to spawn")->check(CLI::Range(1, 64))->capture_default_str();
+  app.add_option("--workloads", a.workloads)->capture_default_str();
+  app.add_option("--iters", a.iters, "timed iterations")->check(CLI::Range(1, 100000))->capture_default_str();
+  app.add_option("--buffer-mb", a.buffer_mb)->check(CLI::Range(0.001, 1e5))->capture_default_str();
+  app.add_option("--direct-min-mb", a.direct_min_mb, "ours: BroadcastCoalescedOptions (negative: defaults)");
+  app.add_option("--pipeline-mb", a.pipeline_mb, "ours: BroadcastCoalescedOptions (negative: defaults)");
+  app.add_option("--scale", a.scale)->check(CLI::Range(1e-9, 1e6))->capture_default_str();
+  app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  app.add_option("--backend", a.backend)->check(CLI::IsMember({"auto", "gloo", "nccl"}))->capture_default_str();
+  app.add_option("--json", a.json, "write the results here");
+  app.add_option("--threads", a.threads, "intra-op threads per rank (0: 1 when ranks share the host)")
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--methods", a.methods)->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    std::exit(app.exit(e));
   }
   return a;
 }
@@ -236,17 +225,20 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
                 ratio >= t.min ? "met" : "MISSED");
   }
   if (!args.json.empty()) {
-    std::ofstream out(args.json);
-    out << "{\n  \"world\": " << world << ", \"device\": \"" << device.str() << "\", \"buffer_mb\": " << args.buffer_mb
-        << ", \"iters\": " << args.iters << ", \"threads\": " << threads << ", \"scale\": " << args.scale << ",\n  \"results\": [\n";
-    for (size_t i = 0; i < results.size(); ++i) {
-      const auto& r = results[i];
-      out << "    {\"workload\": \"" << r.workload << "\", \"method\": \"" << r.method << "\", \"tensors\": " << r.tensors
-          << ", \"bytes\": " << r.bytes << ", \"median_ms\": " << r.median_ms << ", \"min_ms\": " << r.min_ms
-          << ", \"gbps\": " << r.bytes / (r.median_ms * 1e6) << ", \"correct\": " << (r.correct ? "true" : "false")
-          << "}" << (i + 1 < results.size() ? "," : "") << "\n";
+    nlohmann::json out = {{"world", world},   {"device", device.str()}, {"buffer_mb", args.buffer_mb},
+                          {"iters", args.iters}, {"threads", threads},   {"scale", args.scale},
+                          {"results", nlohmann::json::array()}};
+    for (const auto& r : results) {
+      out["results"].push_back({{"workload", r.workload},
+                                {"method", r.method},
+                                {"tensors", r.tensors},
+                                {"bytes", r.bytes},
+                                {"median_ms", r.median_ms},
+                                {"min_ms", r.min_ms},
+                                {"gbps", r.bytes / (r.median_ms * 1e6)},
+                                {"correct", r.correct}});
     }
-    out << "  ]\n}\n";
+    std::ofstream(args.json) << out.dump(2) << "\n";
   }
   return all_correct ? 0 : 1;
 }

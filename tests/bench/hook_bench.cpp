@@ -19,12 +19,15 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include "ftcomm/process_group.h"
-#include "ftcomm/script_hook.h"
+#include "ftcomm/hook_check.h"
+#include "ftcomm/script_comm_hook.h"
 #include "support/multiprocess.h"
 #include "support/reducer_model.h"
 
@@ -43,53 +46,32 @@ struct Args {
   std::string device = "cpu";
 };
 
-constexpr const char* kUsage =
-    "Usage: ftcomm_bench_hooks [--world N] [--steps N] [--rounds N] [--widths a,b,...] [--batch B]\n"
-    "                          [--bucket-mb M] [--device cpu|cuda] [--backend auto|gloo|nccl] [--json FILE]\n"
-    "                          [--no-agree] [--bucket-timing cpu|cuda]\n"
-    "CPU: spawns --world ranks on this host. CUDA: run one rank per GPU under torchrun, e.g.\n"
-    "  torchrun --no-python --nproc-per-node=2 ftcomm_bench_hooks --device cuda\n";
-
+// Exits with CLI11's code on --help or a bad command line.
 Args parse(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    auto v = [&] {
-      if (i + 1 >= argc) {
-        std::cerr << k << " needs a value\n" << kUsage;
-        std::exit(2);
-      }
-      return std::string(argv[++i]);
-    };
-    if (k == "--world") a.world = std::stoi(v());
-    else if (k == "--steps") a.steps = std::stoi(v());
-    else if (k == "--rounds") a.rounds = std::stoi(v());
-    else if (k == "--batch") a.batch = std::stoi(v());
-    else if (k == "--bucket-mb") a.bucket_mb = std::stod(v());
-    else if (k == "--json") a.json = v();
-    else if (k == "--no-agree") a.no_agree = true;
-    else if (k == "--bucket-timing") a.bucket_timing = v();
-    else if (k == "--backend") a.backend = v();
-    else if (k == "--device") a.device = v();
-    else if (k == "--widths") {
-      a.widths.clear();
-      std::stringstream in(v());
-      std::string w;
-      while (std::getline(in, w, ',')) a.widths.push_back(std::stoll(w));
-    } else if (k == "--help" || k == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    } else {
-      std::cerr << "unknown option " << k << "\n" << kUsage;
-      std::exit(2);
-    }
-  }
-  if (a.device != "cpu" && a.device != "cuda") {
-    std::cerr << "--device must be cpu or cuda, not '" << a.device << "'\n";
-    std::exit(2);
+  CLI::App app("Step time of DDP training through c10d::Reducer: TorchScript hooks against c10d's built-ins. CPU: "
+               "spawns --world ranks on this host. CUDA: one rank per GPU under torchrun, e.g. torchrun --no-python "
+               "--nproc-per-node=2 ftcomm_bench_hooks --device cuda",
+               "ftcomm_bench_hooks");
+  app.add_option("--world", a.world, "CPU ranks to spawn")->check(CLI::Range(1, 64))->capture_default_str();
+  app.add_option("--steps", a.steps, "timed steps per method and round")->check(CLI::Range(1, 100000))->capture_default_str();
+  app.add_option("--rounds", a.rounds, "rounds (methods interleaved)")->check(CLI::Range(1, 10000))->capture_default_str();
+  app.add_option("--batch", a.batch, "samples per rank")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  app.add_option("--bucket-mb", a.bucket_mb, "bucket size")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
+  app.add_option("--widths", a.widths, "MLP layer widths")->delimiter(',')->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  app.add_option("--json", a.json, "write the results here");
+  app.add_flag("--no-agree", a.no_agree, "measure without the per-bucket agreement");
+  app.add_option("--bucket-timing", a.bucket_timing, "per-bucket PowerSGD timing at world 1 instead")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--backend", a.backend)->check(CLI::IsMember({"auto", "gloo", "nccl"}))->capture_default_str();
+  app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    std::exit(app.exit(e));
   }
   if (a.device == "cuda" && !ftcomm::launched_by_torchrun()) {
-    std::cerr << "--device cuda runs one rank per GPU: start it under torchrun --nproc-per-node=<GPUs>\n" << kUsage;
+    std::cerr << "--device cuda runs one rank per GPU: start it under torchrun --nproc-per-node=<GPUs>\n";
     std::exit(2);
   }
   return a;
@@ -183,17 +165,16 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   std::printf("correctness of what was timed: allreduce grads bit-equal %s, fp16 grads bit-equal %s\n",
               allreduce_equal ? "yes" : "NO", fp16_equal ? "yes" : "NO");
   if (!args.json.empty()) {
-    std::ofstream out(args.json);
-    out << "{\"world\": " << pg->getSize() << ", \"device\": \"" << device.str() << "\", \"backend\": \"" << backend
-        << "\", \"params\": " << numel << ", \"batch\": " << args.batch
-        << ", \"bucket_mb\": " << args.bucket_mb << ", \"median_step_ms\": {";
-    bool first = true;
-    for (auto& [k, v] : med) {
-      out << (first ? "" : ", ") << "\"" << k << "\": " << v;
-      first = false;
-    }
-    out << "}, \"allreduce_bit_equal\": " << (allreduce_equal ? "true" : "false")
-        << ", \"fp16_bit_equal\": " << (fp16_equal ? "true" : "false") << "}\n";
+    const nlohmann::json out = {{"world", pg->getSize()},
+                                {"device", device.str()},
+                                {"backend", backend},
+                                {"params", numel},
+                                {"batch", args.batch},
+                                {"bucket_mb", args.bucket_mb},
+                                {"median_step_ms", med},
+                                {"allreduce_bit_equal", allreduce_equal},
+                                {"fp16_bit_equal", fp16_equal}};
+    std::ofstream(args.json) << out.dump(2) << "\n";
   }
   return allreduce_equal && fp16_equal ? 0 : 1;
 }

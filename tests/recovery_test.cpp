@@ -1,0 +1,221 @@
+// Recovery's steps (include/ftcomm/recovery.h) called directly, as any trainer
+// calls them: ranks as threads over Gloo (tier 1) and as forked processes over a
+// TCP store (tier 2), each rank with its own checkpoint store.
+#include <unistd.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "fsutil.h"
+#include "ftcomm/process_group.h"
+#include "ftcomm/recovery.h"
+#include "support/multiprocess.h"
+
+namespace ftcomm {
+namespace {
+
+constexpr int64_t kBig = (int64_t(1) << 60) + 2;  // above 2^53: lost through float64
+
+std::string test_hook(const std::string& name) {
+  return std::string(FTCOMM_TEST_SOURCE_DIR) + "/hooks/" + name + ".py";
+}
+
+class Scratch {
+ public:
+  Scratch() {
+    char tmpl[] = "/tmp/ftcomm-recovery-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~Scratch() { detail::remove_tree(path_); }
+  std::string rank_dir(int rank) const { return path_ + "/rank" + std::to_string(rank); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+std::unique_ptr<CheckpointStore> open_rank_store(const std::string& dir, int rank) {
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "recovery-test";
+  o.rank = rank;
+  o.keep_snapshots = 4;
+  std::unique_ptr<CheckpointStore> store;
+  check(CheckpointStore::Open(o, &store));
+  return store;
+}
+
+// A small model's state: parameters and momentum filled with `value`, and the
+// int64 hook's rank-local counter at kBig + rank (one bucket).
+TrainingState make_state(float value, bool with_counter, int rank) {
+  TrainingState s;
+  s.parameters = {at::full({8, 4}, value), at::full({4}, value + 1)};
+  s.optimizer = {at::full({8, 4}, value / 2), at::full({4}, value / 2)};
+  s.hook = ScriptHook::load(test_hook("int64_counter"));
+  if (with_counter) s.hook->state().at("count").insert(0, at::full({1}, kBig + rank, at::kLong));
+  return s;
+}
+
+void commit(CheckpointStore& store, const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const TrainingState& state,
+            int64_t step, std::map<std::string, std::string> settings = {}) {
+  CommitRecord r;
+  r.step = step;
+  r.world_size = pg->getSize();
+  r.hook_digest = state.hook->digest();
+  r.settings = std::move(settings);
+  check(store.CommitSnapshotAsync(r, snapshot_tensors(pg, state)).get());
+}
+
+int64_t counter_of(const TrainingState& state) {
+  const auto counts = state.hook->state().at("count");
+  return counts.contains(0) ? counts.at(0).item<int64_t>() : -1;
+}
+
+// A replaced rank (empty store) is resynced from a peer, and its rank-local int64
+// state comes back bit for bit from its buddy (rank r + 1 keeps r's copy).
+TEST(RecoveryThreads, AReplacedRankIsResyncedAndGetsItsBuddyCopyBitForBit) {
+  Scratch scratch;
+  const int world = 3;
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store));
+    {
+      auto ckpt = open_rank_store(scratch.rank_dir(rank), rank);
+      commit(*ckpt, pg, make_state(3.0f, true, rank), 10);
+    }
+    pg->barrier()->wait();
+    if (rank == 1) detail::remove_tree(scratch.rank_dir(1));  // the node and its disk are gone
+    pg->barrier()->wait();
+    auto ckpt = open_rank_store(scratch.rank_dir(rank), rank);
+    TrainingState state = make_state(-1.0f, false, rank);  // a fresh process: other values, no hook state
+    const LocalCheckpoint local = load_newest_intact(ckpt.get(), world, rank);
+    const RecoveryPlan plan = agree_on_step(pg, local);
+    EXPECT_EQ(plan.step, 10);
+    EXPECT_EQ(plan.source, 0);
+    EXPECT_EQ(plan.resync, std::vector<int>{1});
+    if (plan.has_step(rank)) restore_from_checkpoint(plan, local, state, scratch.rank_dir(rank));
+    EXPECT_GT(resync(pg, plan, state), 0);
+    const RankLocalOutcome outcome = restore_rank_local(pg, plan, local, state);
+    EXPECT_NE(outcome.summary.find("rank 1: restored from rank 2's buddy copy"), std::string::npos) << outcome.summary;
+    EXPECT_TRUE(at::equal(state.parameters[0], at::full({8, 4}, 3.0f))) << "rank " << rank;
+    EXPECT_TRUE(at::equal(state.optimizer[1], at::full({4}, 1.5f))) << "rank " << rank;
+    EXPECT_EQ(counter_of(state), kBig + rank) << "rank " << rank << "'s int64 state changed";
+  });
+}
+
+// A lagging rank (its newest snapshot is older) is resynced to the newest step.
+TEST(RecoveryThreads, ALaggingRankIsResyncedToTheNewestStep) {
+  Scratch scratch;
+  const int world = 2;
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store));
+    auto ckpt = open_rank_store(scratch.rank_dir(rank), rank);
+    commit(*ckpt, pg, make_state(1.0f, true, rank), 10);
+    const TrainingState at20 = make_state(2.0f, true, rank);
+    const auto tensors = snapshot_tensors(pg, at20);  // collective: every rank takes part
+    if (rank == 0) {
+      CommitRecord r;
+      r.step = 20;
+      r.world_size = world;
+      r.hook_digest = at20.hook->digest();
+      check(ckpt->CommitSnapshotAsync(r, tensors).get());  // rank 1 died before its step-20 commit
+    }
+    TrainingState state = make_state(0.0f, false, rank);
+    const LocalCheckpoint local = load_newest_intact(ckpt.get(), world, rank);
+    EXPECT_EQ(local.step, rank == 0 ? 20 : 10);
+    const RecoveryPlan plan = agree_on_step(pg, local);
+    ASSERT_EQ(plan.step, 20);
+    EXPECT_EQ(plan.resync, std::vector<int>{1});
+    EXPECT_TRUE(discard_unusable(ckpt.get(), plan, local).empty());
+    if (plan.has_step(rank)) restore_from_checkpoint(plan, local, state, scratch.rank_dir(rank));
+    resync(pg, plan, state);
+    restore_rank_local(pg, plan, local, state);
+    EXPECT_TRUE(at::equal(state.parameters[1], at::full({4}, 3.0f))) << "rank " << rank;
+    EXPECT_EQ(counter_of(state), kBig + rank);
+  });
+}
+
+// Ranks that would build different buckets are stopped together, naming both
+// signatures; on a resume every rank takes the source's buckets.
+TEST(RecoveryThreads, BucketLayoutsAreAgreedOrRefusedOnEveryRank) {
+  const int world = 2;
+  std::atomic<int> refused{0};
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store));
+    RecoveryPlan fresh;
+    fresh.rank_steps = {-1, -1};
+    const std::vector<std::vector<size_t>> mine = rank == 0 ? std::vector<std::vector<size_t>>{{0, 1}, {2}}
+                                                            : std::vector<std::vector<size_t>>{{0}, {1, 2}};
+    try {
+      agree_on_buckets(pg, fresh, mine);
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("bucket layouts differ"), std::string::npos) << e.what();
+      ++refused;
+    }
+    RecoveryPlan resume;
+    resume.step = 10;
+    resume.source = 1;
+    resume.rank_steps = {10, 10};
+    const auto agreed = agree_on_buckets(pg, resume, mine);
+    EXPECT_EQ(agreed, (std::vector<std::vector<size_t>>{{0}, {1, 2}})) << "rank " << rank;
+  });
+  EXPECT_EQ(refused.load(), world);
+}
+
+// A changed setting stops every rank (naming it and both values) unless allowed.
+TEST(RecoveryThreads, AChangedSettingIsRefusedOnEveryRankUnlessAllowed) {
+  Scratch scratch;
+  const int world = 2;
+  std::atomic<int> refused{0};
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store));
+    auto ckpt = open_rank_store(scratch.rank_dir(rank), rank);
+    commit(*ckpt, pg, make_state(1.0f, true, rank), 10, {{"lr", "0.05"}, {"batch", "32"}});
+    const LocalCheckpoint local = load_newest_intact(ckpt.get(), world, rank);
+    const RecoveryPlan plan = agree_on_step(pg, local);
+    try {
+      check_settings(pg, plan, local, {{"lr", "0.1"}, {"batch", "32"}}, {});
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("'lr' was 0.05 in the checkpoint and is 0.1 now"), std::string::npos)
+          << e.what();
+      ++refused;
+    }
+    const auto changes = check_settings(pg, plan, local, {{"lr", "0.1"}, {"batch", "32"}}, {"lr"});
+    EXPECT_EQ(changes, std::vector<std::string>{"lr: 0.05 -> 0.1"});
+  });
+  EXPECT_EQ(refused.load(), world);
+}
+
+// Tier 2: the same resync across processes, over a TCP store: the replaced rank's
+// process starts with nothing and ends with the source's state and its own
+// rank-local state from its buddy.
+TEST(RecoveryForked, AReplacedRankInItsOwnProcessResumesBitExactly) {
+  const auto outcomes = testing::run_ranks(3, std::chrono::seconds(120), [](const testing::RankContext& ctx) {
+    auto pg = make_process_group(testing::spawned_options(ctx, StoreKind::kTcp));
+    const std::string dir = ctx.dir + "/rank" + std::to_string(ctx.rank);
+    {
+      auto ckpt = open_rank_store(dir, ctx.rank);
+      commit(*ckpt, pg, make_state(5.0f, true, ctx.rank), 30);
+    }
+    pg->barrier()->wait();
+    if (ctx.rank == 2) detail::remove_tree(dir);
+    pg->barrier()->wait();
+    auto ckpt = open_rank_store(dir, ctx.rank);
+    TrainingState state = make_state(0.0f, false, ctx.rank);
+    const LocalCheckpoint local = load_newest_intact(ckpt.get(), 3, ctx.rank);
+    const RecoveryPlan plan = agree_on_step(pg, local);
+    TORCH_CHECK(plan.step == 30 && plan.resync == std::vector<int>{2}, "unexpected plan");
+    if (plan.has_step(ctx.rank)) restore_from_checkpoint(plan, local, state, dir);
+    resync(pg, plan, state);
+    restore_rank_local(pg, plan, local, state);
+    TORCH_CHECK(at::equal(state.parameters[0], at::full({8, 4}, 5.0f)), "parameters differ on rank ", ctx.rank);
+    TORCH_CHECK(counter_of(state) == kBig + ctx.rank, "rank-local int64 state differs on rank ", ctx.rank);
+  });
+  testing::expect_ranks_ok(outcomes, 3);
+}
+
+}  // namespace
+}  // namespace ftcomm
