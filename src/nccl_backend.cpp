@@ -7,12 +7,9 @@
 
 namespace ftcomm::detail {
 
-c10::intrusive_ptr<c10d::Backend> make_nccl_backend(
-    const c10::intrusive_ptr<c10d::Store>& store,
-    int rank,
-    int world_size,
-    std::chrono::milliseconds timeout,
-    int device_index) {
+c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                    int world_size, std::chrono::milliseconds timeout,
+                                                    int device_index) {
   const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
   c10::cuda::set_device(device.index());
   auto options = c10d::ProcessGroupNCCL::Options::create();

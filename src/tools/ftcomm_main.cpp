@@ -127,16 +127,18 @@ int inspect(const std::vector<std::string>& args) {
   if (json) {
     nlohmann::json out = {{"dir", dir}, {"commits", nlohmann::json::array()}, {"layouts", nlohmann::json::array()}};
     for (const auto& c : commits) {
-      out["commits"].push_back({{"step", c.step},
-                                {"epoch", c.epoch},
-                                {"world_size", c.world_size},
-                                {"data_position", c.data_position},
-                                {"hook_digest", c.hook_digest},
-                                {"layout_signature", ftcomm::signature_hex(c.layout_signature)},
-                                {"snapshot", c.has_snapshot},
-                                {"snapshot_bytes", c.blob_bytes},
-                                {"settings", c.settings},
-                                {"unix_ms", c.unix_ms}});
+      nlohmann::json commit;
+      commit["step"] = c.step;
+      commit["epoch"] = c.epoch;
+      commit["world_size"] = c.world_size;
+      commit["data_position"] = c.data_position;
+      commit["hook_digest"] = c.hook_digest;
+      commit["layout_signature"] = ftcomm::signature_hex(c.layout_signature);
+      commit["snapshot"] = c.has_snapshot;
+      commit["snapshot_bytes"] = c.blob_bytes;
+      commit["settings"] = c.settings;
+      commit["unix_ms"] = c.unix_ms;
+      out["commits"].push_back(std::move(commit));
     }
     for (uint64_t sig : layouts) {
       ftcomm::BucketLayout layout;

@@ -495,6 +495,13 @@ int train_main(const std::vector<std::string>& argv) {
     if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
     if (rank == 0) events.emit("done", {{"steps", args.steps}, {"param_digest", digest}});
   } catch (const std::exception& e) {
+    // A snapshot in flight is finished first (it is local disk work, and it may
+    // be the newest step this rank can resume from); nothing else is torn down.
+    try {
+      ddp.flush();
+    } catch (const std::exception&) {
+      // Its own error is reported by the next attempt's recovery.
+    }
     ftcomm::cli::exit_with_error("train", e);
   }
   return 0;

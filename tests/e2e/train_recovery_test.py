@@ -342,10 +342,13 @@ def reliability_cases(runner, workdir):
         took = time.time() - start
         expect_in(r["output"], "hook stuck did not return within 4 s on rank")
         if stuck_rank >= 0:
-            # The stuck rank names itself; its peer hears it at the agreement.
-            expect_in(r["output"], f"within 4 s on rank {stuck_rank} in bucket",
-                      f"ftcomm train (rank {1 - stuck_rank}): hook stuck did not return within 4 s on rank {stuck_rank}",
-                      "(the ranks agreed)")
+            # The stuck rank names itself; its peer hears it at the agreement and
+            # reports the same error, unless torchrun's SIGTERM (sent once the stuck
+            # rank has exited) reaches it first on a loaded machine.
+            expect_in(r["output"], f"within 4 s on rank {stuck_rank} in bucket")
+            peer = f"ftcomm train (rank {1 - stuck_rank}): hook stuck did not return within 4 s on rank {stuck_rank}"
+            assert (peer in r["output"] and "(the ranks agreed)" in r["output"]) or "SIGTERM" in r["output"], \
+                r["output"][-3000:]
         assert took < 60, f"a stuck hook took {took:.0f}s to end the job"
 
     def file_size_limit():
