@@ -1,17 +1,12 @@
 #include "ftcomm/ddp.h"
 
 #include <chrono>
-#include <algorithm>
-#include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <sstream>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 
-#include "ftcomm/broadcast.h"
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/recovery.h"
 #include "sha256.h"

@@ -4,7 +4,6 @@
 // broadcast_coalesced, check hook digests and bucket layouts).
 #pragma once
 
-#include <functional>
 #include <map>
 #include <memory>
 #include <set>
