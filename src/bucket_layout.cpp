@@ -15,7 +15,7 @@ BucketLayout bucket_layout_of(const c10d::Reducer& reducer, const std::vector<at
     BucketLayout::Bucket b;
     const at::Tensor& buffer = bucket.getBuffer();
     b.dtype = static_cast<int>(buffer.scalar_type());
-    b.device = buffer.device().str();
+    b.device = c10::DeviceTypeName(buffer.device().type(), /*lower_case=*/true);
     for (const at::Tensor& p : bucket.getParameters()) {
       auto it = index.find(p.unsafeGetTensorImpl());
       TORCH_CHECK(it != index.end(), "bucket_layout_of: the Reducer holds a parameter that is not in `params`");
@@ -50,7 +50,8 @@ std::string layout_mismatch(const BucketLayout& layout, const std::vector<at::Te
             << p.sizes();
         return why.str();
       }
-      if (static_cast<int>(p.scalar_type()) != bucket.dtype || p.device().str() != bucket.device) {
+      if (static_cast<int>(p.scalar_type()) != bucket.dtype ||
+          c10::DeviceTypeName(p.device().type(), /*lower_case=*/true) != bucket.device) {
         why << "bucket " << b << " is " << static_cast<c10::ScalarType>(bucket.dtype) << " on " << bucket.device
             << ", parameter " << i << " is " << p.scalar_type() << " on " << p.device();
         return why.str();
@@ -64,6 +65,29 @@ std::string layout_mismatch(const BucketLayout& layout, const std::vector<at::Te
     }
   }
   return "";
+}
+
+BucketLayout layout_of(const std::vector<std::vector<size_t>>& buckets, const std::vector<at::Tensor>& params) {
+  BucketLayout layout;
+  for (const auto& indices : buckets) {
+    BucketLayout::Bucket b;
+    int64_t offset = 0;
+    for (size_t i : indices) {
+      TORCH_CHECK(i < params.size(), "layout_of: parameter ", i, " of ", params.size());
+      const at::Tensor& p = params[i];
+      if (b.parameter_indices.empty()) {
+        b.dtype = static_cast<int>(p.scalar_type());
+        b.device = c10::DeviceTypeName(p.device().type(), /*lower_case=*/true);
+      }
+      b.parameter_indices.push_back(static_cast<int64_t>(i));
+      b.offsets.push_back(offset);
+      b.lengths.push_back(p.numel());
+      b.sizes.push_back(p.sizes().vec());
+      offset += p.numel();
+    }
+    layout.buckets.push_back(std::move(b));
+  }
+  return layout;
 }
 
 std::vector<std::vector<size_t>> bucket_indices(const BucketLayout& layout) {

@@ -201,6 +201,7 @@ bool decode_layout(const std::string& s, BucketLayout* l) {
     for (auto& x : b.sizes) d.i64s(&x);
     int64_t dtype = 0;
     d.i64(&dtype), d.str(&b.device);
+    b.device = b.device.substr(0, b.device.find(':'));  // "cuda:0" in layouts written before device types
     b.dtype = static_cast<int>(dtype);
   }
   return d.done();
@@ -342,7 +343,9 @@ class RocksCheckpointStore final : public CheckpointStore {
                                    options_.dir);
     }
     if (!s.ok()) return from(s, "reading a bucket layout");
-    if (!decode_layout(value, layout) || layout->signature() != signature) {
+    // The signature is over the bytes as written (a layout written before device
+    // types replaced device names, "cuda:0", still checks against its own).
+    if (!decode_layout(value, layout) || detail::checksum64(value.data(), value.size(), 0x1a7) != signature) {
       return StoreStatus::Corruption("bucket layout " + signature_hex(signature) + " in " + options_.dir +
                                      " does not decode to its signature");
     }

@@ -134,7 +134,8 @@ RecoveryReport DistributedDataParallel::finish_recovery() {
       pg_, plan,
       layout ? bucket_indices(*layout)
              : std::get<0>(c10d::compute_bucket_assignment_by_size(
-                   state_.parameters, {static_cast<size_t>(options_.bucket_bytes)}, sparse)));
+                   state_.parameters, {static_cast<size_t>(options_.bucket_bytes)}, sparse)),
+      state_.parameters);
   reducer_ = std::make_unique<c10d::Reducer>(state_.parameters, buckets, pg_, sparse, options_.bucket_bytes, false,
                                              false, std::unordered_map<size_t, std::string>(), options_.bucket_bytes,
                                              false, false, std::vector<int64_t>());

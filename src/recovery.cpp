@@ -10,6 +10,7 @@
 
 #include "control.h"
 #include "ftcomm/broadcast.h"
+#include "ftcomm/bucket_layout.h"
 #include "log.h"
 
 namespace ftcomm {
@@ -335,7 +336,8 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
 }
 
 std::vector<std::vector<size_t>> agree_on_buckets(const Group& pg, const RecoveryPlan& plan,
-                                                  std::vector<std::vector<size_t>> candidate) {
+                                                  std::vector<std::vector<size_t>> candidate,
+                                                  const std::vector<at::Tensor>& parameters) {
   if (!plan.fresh()) {
     // The source's buckets, flattened as count, then each bucket's size and indices.
     std::vector<int64_t> flat;
@@ -356,9 +358,7 @@ std::vector<std::vector<size_t>> agree_on_buckets(const Group& pg, const Recover
   }
   // Every rank must reduce the same buckets; a mismatch would silently mix
   // gradients of different parameters.
-  BucketLayout chosen;
-  for (const auto& b : candidate) chosen.buckets.push_back({std::vector<int64_t>(b.begin(), b.end()), {}, {}, {}, 0, ""});
-  const auto signatures = control::allgather(pg, static_cast<int64_t>(chosen.signature()));
+  const auto signatures = control::allgather(pg, static_cast<int64_t>(layout_of(candidate, parameters).signature()));
   for (int r = 1; r < pg->getSize(); ++r) {
     TORCH_CHECK(signatures[r] == signatures[0], "bucket layouts differ: rank 0 uses ",
                 signature_hex(static_cast<uint64_t>(signatures[0])), ", rank ", r, " uses ",

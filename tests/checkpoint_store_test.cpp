@@ -147,6 +147,8 @@ TEST(CheckpointStoreLayout, AResumedReducerRebuildsTheStoredBuckets) {
     first.step(4, 1);  // after the rebuild
     const BucketLayout layout = bucket_layout_of(first.reducer(), first.parameters());
     ASSERT_GT(layout.buckets.size(), 1u);
+    // What recovery agrees on (layout_of the buckets' indices) is what a commit records.
+    EXPECT_EQ(layout_of(bucket_indices(layout), first.parameters()).signature(), layout.signature());
     {
       auto ckpt = open_store(tmp.sub("r"));
       ASSERT_TRUE(ckpt->PutLayout(layout).ok());

@@ -145,12 +145,13 @@ TEST(RecoveryThreads, BucketLayoutsAreAgreedOrRefusedOnEveryRank) {
   std::atomic<int> refused{0};
   testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
     auto pg = make_process_group(testing::thread_options(rank, world, store));
+    const std::vector<at::Tensor> params = {at::zeros({4, 4}), at::zeros({4}), at::zeros({2, 3})};
     RecoveryPlan fresh;
     fresh.rank_steps = {-1, -1};
     const std::vector<std::vector<size_t>> mine = rank == 0 ? std::vector<std::vector<size_t>>{{0, 1}, {2}}
                                                             : std::vector<std::vector<size_t>>{{0}, {1, 2}};
     try {
-      agree_on_buckets(pg, fresh, mine);
+      agree_on_buckets(pg, fresh, mine, params);
     } catch (const c10::Error& e) {
       EXPECT_NE(std::string(e.what()).find("bucket layouts differ"), std::string::npos) << e.what();
       ++refused;
@@ -159,7 +160,7 @@ TEST(RecoveryThreads, BucketLayoutsAreAgreedOrRefusedOnEveryRank) {
     resume.step = 10;
     resume.source = 1;
     resume.rank_steps = {10, 10};
-    const auto agreed = agree_on_buckets(pg, resume, mine);
+    const auto agreed = agree_on_buckets(pg, resume, mine, params);
     EXPECT_EQ(agreed, (std::vector<std::vector<size_t>>{{0}, {1, 2}})) << "rank " << rank;
   });
   EXPECT_EQ(refused.load(), world);

@@ -24,7 +24,7 @@ struct BucketLayout {
     std::vector<int64_t> offsets, lengths;
     std::vector<std::vector<int64_t>> sizes;
     int dtype = 0;       // c10::ScalarType
-    std::string device;  // e.g. "cpu", "cuda:0"
+    std::string device;  // the device type, "cpu" or "cuda": no index, ranks use different GPUs
   };
   std::vector<Bucket> buckets;
   // Stable 64-bit hash of everything above (hex in keys and messages).
@@ -41,6 +41,11 @@ BucketLayout bucket_layout_of(const c10d::Reducer& reducer, const std::vector<at
 // Empty when `layout` fits `params` (every parameter in exactly one bucket, with
 // its size, dtype and device); else what does not fit, for an error message.
 std::string layout_mismatch(const BucketLayout& layout, const std::vector<at::Tensor>& params);
+
+// The layout c10d::Reducer gives `buckets` of `params` (the bucket_indices
+// argument of its constructor): gradients back to back in each bucket. Its
+// signature is the one a commit records for the Reducer's buckets.
+BucketLayout layout_of(const std::vector<std::vector<size_t>>& buckets, const std::vector<at::Tensor>& params);
 
 // The bucket_indices argument of c10d::Reducer's constructor.
 std::vector<std::vector<size_t>> bucket_indices(const BucketLayout& layout);

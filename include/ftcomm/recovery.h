@@ -104,12 +104,14 @@ struct RankLocalOutcome {
 RankLocalOutcome restore_rank_local(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
                                     const LocalCheckpoint& local, TrainingState& state);
 
-// Collective: the buckets every rank uses, the plan's source's `candidate` (its
-// stored layout, or a fresh assignment) on a resume. Throws on every rank when
-// ranks end up with different buckets, naming both signatures.
+// Collective: the buckets of `parameters` every rank uses, the plan's source's
+// `candidate` (its stored layout, or a fresh assignment) on a resume. The ranks
+// compare the full layout's signature (layout_of), the one a commit records;
+// throws on every rank when they differ, naming both.
 std::vector<std::vector<size_t>> agree_on_buckets(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                                   const RecoveryPlan& plan,
-                                                  std::vector<std::vector<size_t>> candidate);
+                                                  std::vector<std::vector<size_t>> candidate,
+                                                  const std::vector<at::Tensor>& parameters);
 
 // Collective (when there is rank-local hook state): what a snapshot of `state`
 // holds, named for restore_from_checkpoint: parameters, buffers, optimizer,
