@@ -70,11 +70,14 @@ std::vector<int64_t> broadcast_fixed(const Group& pg, const std::vector<int64_t>
   return to_vector(data);
 }
 
+// How many items the root sends (every rank learns it first).
+int64_t broadcast_count(const Group& pg, size_t count, int root, const Options& o) {
+  return broadcast_fixed(pg, {static_cast<int64_t>(pg->getRank() == root ? count : 0)}, root, o)[0];
+}
+
 std::vector<int64_t> broadcast(const Group& pg, const std::vector<int64_t>& values, int root, const Options& o) {
   const bool is_root = pg->getRank() == root;
-  at::Tensor count = on(at::tensor({static_cast<int64_t>(is_root ? values.size() : 0)}, at::kLong), o);
-  broadcast_in_place(pg, count, root, o);
-  const int64_t n = count.to(at::kCPU).item<int64_t>();
+  const int64_t n = broadcast_count(pg, values.size(), root, o);
   at::Tensor data = on(is_root ? at::tensor(values, at::kLong) : at::empty({n}, at::kLong), o);
   if (n > 0) broadcast_in_place(pg, data, root, o);
   return to_vector(data);
@@ -82,9 +85,7 @@ std::vector<int64_t> broadcast(const Group& pg, const std::vector<int64_t>& valu
 
 std::string broadcast_bytes(const Group& pg, const std::string& bytes, int root, const Options& o) {
   const bool is_root = pg->getRank() == root;
-  at::Tensor count = on(at::tensor({static_cast<int64_t>(is_root ? bytes.size() : 0)}, at::kLong), o);
-  broadcast_in_place(pg, count, root, o);
-  const int64_t n = count.to(at::kCPU).item<int64_t>();
+  const int64_t n = broadcast_count(pg, bytes.size(), root, o);
   at::Tensor host = at::empty({n}, at::kByte);
   if (is_root && n > 0) std::memcpy(host.data_ptr(), bytes.data(), static_cast<size_t>(n));
   at::Tensor data = on(host, o);

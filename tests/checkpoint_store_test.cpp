@@ -377,6 +377,15 @@ std::string read_text(const std::string& path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+// Opens `dir` for writing (job "job"), for tests of refusals.
+StoreStatus try_open(const std::string& dir) {
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  std::unique_ptr<CheckpointStore> store;
+  return CheckpointStore::Open(o, &store);
+}
+
 // A store with commits and snapshots, closed.
 void fill_store(const std::string& dir, int64_t steps) {
   auto store = open_store(dir);
@@ -395,11 +404,7 @@ TEST(CheckpointStoreErrors, MissingCurrentIsRefusedEveryTimeAndNothingIsWritten)
   ASSERT_EQ(::unlink((dir + "/CURRENT").c_str()), 0);
   const auto before = listing(dir);
   for (int attempt = 0; attempt < 3; ++attempt) {
-    CheckpointStoreOptions o;
-    o.dir = dir;
-    o.job_id = "job";
-    std::unique_ptr<CheckpointStore> store;
-    auto s = CheckpointStore::Open(o, &store);
+    auto s = try_open(dir);
     EXPECT_TRUE(s.IsCorruption()) << s.ToString();
     EXPECT_NE(s.message().find("no CURRENT"), std::string::npos) << s.message();
     EXPECT_NE(s.message().find("nothing was written"), std::string::npos) << s.message();
@@ -430,10 +435,7 @@ TEST(CheckpointStoreErrors, MissingManifestIsRefusedWithTheFix) {
   ASSERT_FALSE(manifest.empty());
   ASSERT_EQ(::unlink((dir + "/" + manifest.substr(0, manifest.find('\n'))).c_str()), 0);
   const auto before = listing(dir);
-  CheckpointStoreOptions o;
-  o.dir = dir;
-  std::unique_ptr<CheckpointStore> store;
-  auto s = CheckpointStore::Open(o, &store);
+  auto s = try_open(dir);
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find("mv DIR DIR.damaged"), std::string::npos) << s.message();
   EXPECT_EQ(listing(dir), before);
@@ -444,10 +446,7 @@ TEST(CheckpointStoreErrors, ADirectoryOfOtherFilesIsNotTakenOver) {
   const std::string dir = tmp.sub("r");
   ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
   std::ofstream(dir + "/notes.txt") << "mine";
-  CheckpointStoreOptions o;
-  o.dir = dir;
-  std::unique_ptr<CheckpointStore> store;
-  auto s = CheckpointStore::Open(o, &store);
+  auto s = try_open(dir);
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find("is not a checkpoint store"), std::string::npos) << s.message();
   EXPECT_EQ(detail::list_dir(dir), std::vector<std::string>{"notes.txt"});
