@@ -7,6 +7,8 @@
 #              digest with an uninterrupted run
 #   broadcast  broadcast_coalesced benchmark over NCCL
 #   fallback   a forced NCCL init failure falls back to Gloo
+#   python     the Python package: installed from the carried wheels' build tools, its
+#              pytest suite on the GPUs (NCCL, CUDA RNG), its hook and commit benchmarks
 # STAGES picks stages (default: all of them, in this order); QUICK=1 is
 # STAGES="build recovery broadcast fallback" with only the targets those need.
 # Results go to $RESULTS (default $OUT or build-gpu/results). Exit status: the
@@ -27,7 +29,7 @@ if ! gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); then
 fi
 nvidia-smi -L | tee "$results/gpus.txt"
 [ "$gpus" -ge 2 ] || echo "gpu-multi: only $gpus GPU; the MultiGpu tests will skip and world size is 1"
-stages=${STAGES:-build tests hooks recovery broadcast fallback}
+stages=${STAGES:-build tests hooks recovery broadcast fallback python}
 [ "${QUICK:-0}" = 1 ] && stages="build recovery broadcast fallback"
 failed=0
 stage() { echo; echo "=== $1 ($(date +%T))"; }
@@ -78,7 +80,22 @@ ok=a['param_digest']==b['param_digest']; print('digest equal', ok); raise System
       NCCL_NET=ftcomm-no-such-net torchrun --no-python --nproc-per-node="$gpus" --master-port=29745 build-gpu/ftcomm \
         doctor 2>&1 | grep -E "process group|doctor" | tee "$results/fallback.txt"
       grep -q "cuda->gloo" "$results/fallback.txt" || note_failure fallback ;;
-    *) echo "gpu-multi: unknown stage '$s' (known: build tests hooks recovery broadcast fallback)" >&2; exit 2 ;;
+    python)
+      stage "the Python package on $gpus GPUs"
+      python3 -m pip install -q --no-index --find-links .gpu-deps/wheels scikit-build-core pytest >/dev/null 2>&1
+      python3 -m pip install -q --no-build-isolation . >"$results/pip.log" 2>&1 || { note_failure python; tail "$results/pip.log"; continue; }
+      FTCOMM_TEST_DEVICE=cuda python3 -m pytest -q tests/python -k "recovery or restarted" \
+        >"$results/pytest-cuda.log" 2>&1 || note_failure python
+      tail -5 "$results/pytest-cuda.log"
+      torchrun --nproc-per-node="$gpus" --master-port=29746 tests/bench/python_hooks_bench.py --device cuda \
+        --batch 256 --rounds 5 --steps 10 --json "$results/bench-py-hooks-nccl.json" >"$results/bench-py-hooks-nccl.txt" 2>&1 \
+        || note_failure python
+      tail -12 "$results/bench-py-hooks-nccl.txt"
+      torchrun --nproc-per-node="$gpus" --master-port=29747 tests/bench/ft_commit_bench.py --device cuda \
+        --dir "$(mktemp -d)" --json "$results/bench-commit-cuda.json" >"$results/bench-commit-cuda.txt" 2>&1 \
+        || note_failure python
+      tail -12 "$results/bench-commit-cuda.txt" ;;
+    *) echo "gpu-multi: unknown stage '$s' (known: build tests hooks recovery broadcast fallback python)" >&2; exit 2 ;;
   esac
 done
 echo

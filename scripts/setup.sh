@@ -2,11 +2,12 @@
 # Installs what ftcomm builds against. Idempotent: each step checks first and says
 # what it does. Safe to run on a fresh Debian 12 machine or again on a set-up one.
 #
-#   scripts/setup.sh            # Debian packages + torch==2.11.0 from PyPI
+#   scripts/setup.sh            # Debian packages, torch==2.11.0 from PyPI, the ftcomm Python package
 #
 # Environment:
 #   FTCOMM_TORCH_VERSION  torch version to pin (default 2.11.0)
-#   PYTHON                interpreter to install torch into (default python3)
+#   PYTHON                interpreter to install torch and ftcomm into (default python3)
+#   FTCOMM_SKIP_PYTHON_PACKAGE=1   skip building and installing the Python package
 set -euo pipefail
 
 TORCH_VERSION=${FTCOMM_TORCH_VERSION:-2.11.0}
@@ -35,4 +36,21 @@ else
   say "torch $have present"
 fi
 say "torch cmake prefix: $("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+
+# The Python package's build backend and test runner, then the package itself:
+# built against this torch (its bundled pybind11), incrementally in build-py/.
+pydeps=()
+"$PYTHON" -c 'import scikit_build_core' 2>/dev/null || pydeps+=("scikit-build-core>=0.10")
+"$PYTHON" -c 'import pytest' 2>/dev/null || pydeps+=(pytest)
+if ((${#pydeps[@]})); then
+  say "installing from PyPI: ${pydeps[*]}"
+  "$PYTHON" -m pip install -q --disable-pip-version-check "${pydeps[@]}"
+else
+  say "scikit-build-core and pytest present"
+fi
+if [ "${FTCOMM_SKIP_PYTHON_PACKAGE:-0}" != 1 ]; then
+  say "installing the ftcomm Python package (pip install --no-build-isolation .; the first build takes a few minutes)"
+  (cd "$(dirname "$0")/.." && "$PYTHON" -m pip install -q --disable-pip-version-check --no-build-isolation .)
+  say "ftcomm $("$PYTHON" -c 'import ftcomm; print(ftcomm.__version__)' 2>/dev/null) importable"
+fi
 say "done"

@@ -14,8 +14,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#ifdef FTCOMM_WITH_NCCL
 #include "log.h"
+#ifdef FTCOMM_WITH_NCCL
 #include "nccl_backend.h"
 #endif
 
@@ -133,6 +133,26 @@ int cuda_device_count() {
 }
 
 }  // namespace
+
+std::string agree_nccl_usable(c10d::Store& store, int rank, int world, const std::string& local_failure,
+                              int device) {
+  // First agree that NCCL can be tried at all, so no rank enters NCCL's
+  // rendezvous alone and waits there for peers that will never come.
+  std::string failure = agree(store, "nccl_precheck", rank, world, local_failure);
+  if (!failure.empty()) return failure;
+  // NCCL refuses two ranks on one GPU; find that here instead of inside its init.
+  const std::string where = host_name() + " cuda:" + std::to_string(device);
+  const auto places = exchange(store, "nccl_devices", rank, world, where);
+  for (int a = 0; a < world; ++a) {
+    for (int b = a + 1; b < world; ++b) {
+      if (places[a] == places[b]) {
+        return "ranks " + std::to_string(a) + " and " + std::to_string(b) + " share " + places[a] +
+            "; NCCL needs one GPU per rank (set LOCAL_RANK or CUDA_VISIBLE_DEVICES per rank)";
+      }
+    }
+  }
+  return "";
+}
 
 Backend parse_backend(const std::string& name) {
   if (name == "auto") return Backend::kAuto;
@@ -275,23 +295,13 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
 #else
     local = "built without NCCL";
 #endif
-    std::string failure = agree(*store, "nccl_precheck", o.rank, o.world_size, local);
 #ifdef FTCOMM_WITH_NCCL
     const int device = gpus > 0 ? (o.local_rank >= 0 ? o.local_rank % gpus : o.rank % gpus) : -1;
-    if (failure.empty()) {
-      // NCCL refuses two ranks on one GPU; find that here instead of inside its init.
-      const std::string where = host_name() + " cuda:" + std::to_string(device);
-      const auto places = exchange(*store, "nccl_devices", o.rank, o.world_size, where);
-      for (int a = 0; a < o.world_size && failure.empty(); ++a) {
-        for (int b = a + 1; b < o.world_size; ++b) {
-          if (places[a] == places[b]) {
-            failure = "ranks " + std::to_string(a) + " and " + std::to_string(b) + " share " + places[a] +
-                "; NCCL needs one GPU per rank (set LOCAL_RANK or CUDA_VISIBLE_DEVICES per rank)";
-            break;
-          }
-        }
-      }
-    }
+#else
+    const int device = -1;
+#endif
+    std::string failure = agree_nccl_usable(*store, o.rank, o.world_size, local, device);
+#ifdef FTCOMM_WITH_NCCL
     if (failure.empty()) {
       c10::intrusive_ptr<c10d::Backend> nccl;
       std::string init_error;

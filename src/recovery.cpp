@@ -29,10 +29,38 @@ std::string join(const std::vector<int64_t>& values) {
 }
 
 // --- how state is named in a snapshot ------------------------------------------
-// "param/<i>", "buffer/<i>", "extra/<i>" (optimizer state), and hook state as
-// "<kind>/<name>/<bucket>" with kind hook_r (replicated), hook_l (rank-local) or
-// buddy_l (the previous rank's rank-local state). Snapshots written before the
-// device type was recorded end CUDA hook state's name in "@cuda".
+// "param/<i>", "buffer/<i>", "extra/<i>" (optimizer state), "object/<i>",
+// "local/<i>" (the trainer's rank-local state) with its buddy copy
+// "buddy_local/<i>", and hook state as "<kind>/<name>/<bucket>" with kind hook_r
+// (replicated), hook_l (rank-local) or buddy_l (the previous rank's rank-local
+// state). Snapshots written before the device type was recorded end CUDA hook
+// state's name in "@cuda".
+
+// The name of rank r - 1's copy of a rank-local entry, and back.
+std::string buddy_name(const std::string& name) {
+  return name.rfind("hook_l/", 0) == 0 ? "buddy_l/" + name.substr(7) : "buddy_" + name;
+}
+std::string from_buddy_name(const std::string& name) {
+  if (name.rfind("buddy_l/", 0) == 0) return "hook_l/" + name.substr(8);
+  if (name.rfind("buddy_local/", 0) == 0) return name.substr(6);
+  return "";
+}
+
+at::Device home_device(c10::DeviceType home, at::Device accelerator) {
+  return home == c10::DeviceType::CPU ? at::Device(at::kCPU) : accelerator;
+}
+
+// The entries "<prefix>0", "<prefix>1", ... of `items`, in order, each on its
+// home device; stops at the first index missing.
+std::vector<at::Tensor> indexed_entries(const std::map<std::string, const NamedTensor*>& items,
+                                        const std::string& prefix, at::Device accelerator) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0;; ++i) {
+    const auto it = items.find(prefix + std::to_string(i));
+    if (it == items.end()) return out;
+    out.push_back(it->second->tensor.to(home_device(it->second->home, accelerator), false, /*copy=*/true));
+  }
+}
 
 struct HookEntry {
   std::string kind, name;
@@ -80,7 +108,7 @@ void restore_hook_tensors(ScriptHook& hook, const std::vector<NamedTensor>& item
     if (!parse_hook_entry(nt.name, &home, &e) || !kinds.count(e.kind)) continue;
     TORCH_CHECK(state.contains(e.name), "snapshot holds hook state '", e.name, "' that hook ", hook.name(),
                 " does not declare; was it written by another hook?");
-    const at::Device device = home == c10::DeviceType::CPU ? at::Device(at::kCPU) : accelerator;
+    const at::Device device = home_device(home, accelerator);
     state.at(e.name).insert_or_assign(e.bucket, nt.tensor.to(device, /*non_blocking=*/false, /*copy=*/true));
   }
 }
@@ -247,7 +275,11 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
                              const std::string& where) {
   at::NoGradGuard no_grad;
   std::map<std::string, at::Tensor> by_name;
-  for (const auto& nt : local.tensors) by_name[nt.name] = nt.tensor;
+  std::map<std::string, const NamedTensor*> entries;
+  for (const auto& nt : local.tensors) {
+    by_name[nt.name] = nt.tensor;
+    entries[nt.name] = &nt;
+  }
   auto fill = [&](std::vector<at::Tensor>& tensors, const std::string& prefix, const char* what) {
     for (size_t i = 0; i < tensors.size(); ++i) {
       auto it = by_name.find(prefix + std::to_string(i));
@@ -260,6 +292,14 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
   fill(state.parameters, "param/", "parameter");
   fill(state.buffers, "buffer/", "buffer");
   fill(state.optimizer, "extra/", "optimizer state");
+  state.objects = indexed_entries(entries, "object/", state.accelerator());
+  if (!state.rank_local.empty()) {
+    auto mine = indexed_entries(entries, "local/", state.accelerator());
+    TORCH_CHECK(mine.size() == state.rank_local.size(), "checkpoint ", where, " holds ", mine.size(),
+                " rank-local tensors, this trainer keeps ", state.rank_local.size(),
+                ". Was it written by another trainer? Point the checkpoint directory elsewhere to start afresh");
+    state.rank_local = std::move(mine);
+  }
   if (!state.hook) return;
   TORCH_CHECK(local.record.hook_digest == state.hook->digest(), "checkpoint ", where, " of step ", plan.step,
               " was written with hook digest ", local.record.hook_digest, ", this run's hook ", state.hook->name(),
@@ -273,8 +313,11 @@ int64_t resync(const Group& pg, const RecoveryPlan& plan, TrainingState& state) 
   // The replicated hook state's manifest comes from the source; the rest has the
   // same shapes on every rank.
   std::vector<NamedTensor> replicated;
-  if (pg->getRank() == plan.source && state.hook) {
-    replicated = hook_tensors(*state.hook, /*replicated=*/true);
+  if (pg->getRank() == plan.source) {
+    if (state.hook) replicated = hook_tensors(*state.hook, /*replicated=*/true);
+    for (size_t i = 0; i < state.objects.size(); ++i) {
+      replicated.push_back({"object/" + std::to_string(i), state.objects[i], state.objects[i].device().type()});
+    }
     for (auto& nt : replicated) nt.tensor = nt.tensor.to(at::kCPU);
   }
   broadcast_manifest(pg, plan.source, &replicated);
@@ -284,8 +327,11 @@ int64_t resync(const Group& pg, const RecoveryPlan& plan, TrainingState& state) 
   for (auto& o : state.optimizer) all.push_back(o);
   for (auto& nt : replicated) all.push_back(nt.tensor);
   const int64_t bytes = broadcast_tensors(pg, all, plan.source);
-  if (!plan.has_step(pg->getRank()) && state.hook) {
-    restore_hook_tensors(*state.hook, replicated, {"hook_r"}, state.accelerator());
+  if (!plan.has_step(pg->getRank())) {
+    if (state.hook) restore_hook_tensors(*state.hook, replicated, {"hook_r"}, state.accelerator());
+    std::map<std::string, const NamedTensor*> entries;
+    for (const auto& nt : replicated) entries[nt.name] = &nt;
+    state.objects = indexed_entries(entries, "object/", state.accelerator());
   }
   return bytes;
 }
@@ -298,17 +344,20 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
     return out;
   }
   const int rank = pg->getRank(), world = pg->getSize();
-  const bool has_local = state.hook && !state.hook->local_state().empty();
+  const bool hook_local = state.hook && !state.hook->local_state().empty();
+  const bool has_local = hook_local || !state.rank_local.empty();
+  const std::string what = hook_local ? "rank-local hook state of " + state.hook->name() : "rank-local state";
   std::vector<std::string> notes;
   for (int lost : plan.resync) {
     const int buddy = (lost + 1) % world;
     if (world == 1 || !plan.has_step(buddy)) {
       if (has_local) {
-        notes.push_back(rank_text(lost) + ": reset to empty (lost with its store and " + rank_text(buddy) +
-                        "'s copy; policy: reset)");
+        notes.push_back(rank_text(lost) + (hook_local ? ": reset to empty" : ": reset") + " (lost with its store and " +
+                        rank_text(buddy) + "'s copy; policy: reset)");
         if (rank == lost) {
-          detail::log_line("ftcomm: " + rank_text(rank) + ": rank-local hook state of " + state.hook->name() +
-                           " was lost with its store and with " + rank_text(buddy) + "'s copy; reset to empty");
+          detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " was lost with its store and with " +
+                           rank_text(buddy) + "'s copy; reset" +
+                           (state.rank_local.empty() ? " to empty" : " (the trainer's keeps its current value)"));
         }
       }
       continue;
@@ -316,14 +365,21 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
     std::vector<NamedTensor> copy;
     if (rank == buddy) {
       for (const auto& nt : local.tensors) {
-        if (nt.name.rfind("buddy_l/", 0) == 0) copy.push_back({"hook_l/" + nt.name.substr(8), nt.tensor, nt.home});
+        const std::string own = from_buddy_name(nt.name);
+        if (!own.empty()) copy.push_back({own, nt.tensor, nt.home});
       }
     }
     broadcast_manifest(pg, buddy, &copy);
     std::vector<at::Tensor> tensors;
     for (auto& nt : copy) tensors.push_back(nt.tensor);
     out.bytes += broadcast_tensors(pg, tensors, buddy);
-    if (rank == lost && state.hook) restore_hook_tensors(*state.hook, copy, {"hook_l"}, state.accelerator());
+    if (rank == lost) {
+      if (state.hook) restore_hook_tensors(*state.hook, copy, {"hook_l"}, state.accelerator());
+      std::map<std::string, const NamedTensor*> entries;
+      for (const auto& nt : copy) entries[nt.name] = &nt;
+      auto mine = indexed_entries(entries, "local/", state.accelerator());
+      if (mine.size() == state.rank_local.size()) state.rank_local = std::move(mine);
+    }
     if (has_local) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");
   }
   if (notes.empty()) {
@@ -378,19 +434,33 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
   add(state.parameters, "param/");
   add(state.buffers, "buffer/");
   add(state.optimizer, "extra/");
-  if (!state.hook) return out;
-  const auto replicated = hook_tensors(*state.hook, /*replicated=*/true);
-  const auto local = hook_tensors(*state.hook, /*replicated=*/false);
-  out.insert(out.end(), replicated.begin(), replicated.end());
+  add(state.objects, "object/");
+  std::vector<NamedTensor> local;
+  for (size_t i = 0; i < state.rank_local.size(); ++i) {
+    local.push_back({"local/" + std::to_string(i), state.rank_local[i].detach(), state.rank_local[i].device().type()});
+  }
+  if (state.hook) {
+    const auto replicated = hook_tensors(*state.hook, /*replicated=*/true);
+    const auto hook_local = hook_tensors(*state.hook, /*replicated=*/false);
+    out.insert(out.end(), replicated.begin(), replicated.end());
+    local.insert(local.end(), hook_local.begin(), hook_local.end());
+  }
   out.insert(out.end(), local.begin(), local.end());
-  // The buddy copy: this rank also keeps rank (r - 1)'s rank-local hook state, so
-  // a replaced rank r - 1 resumes bit-exactly. Every rank has the same local
-  // state layout (same hook, same buckets): one allgather of its bytes.
+  // The buddy copy: this rank also keeps rank (r - 1)'s rank-local state, so a
+  // replaced rank r - 1 resumes bit-exactly. Every rank has the same local state
+  // layout (same hook, same buckets, same trainer): one allgather of its bytes,
+  // after one of its size, so that a rank whose size differs fails on every rank.
   const int world = pg->getSize();
   if (world > 1 && !local.empty()) {
     std::vector<at::Tensor> parts;
     for (const auto& nt : local) parts.push_back(as_bytes(nt.tensor));
     at::Tensor flat = at::cat(parts);
+    const auto sizes = control::allgather(pg, flat.numel());
+    for (int r = 0; r < world; ++r) {
+      TORCH_CHECK(sizes[r] == flat.numel(), "rank-local state differs in size: rank ", pg->getRank(), " keeps ",
+                  flat.numel(), " bytes, rank ", r, " keeps ", sizes[r],
+                  "; every rank must keep the same rank-local state (same hook, buckets and trainer)");
+    }
     std::vector<std::vector<at::Tensor>> gathered(1);
     for (int r = 0; r < world; ++r) gathered[0].push_back(at::empty_like(flat));
     std::vector<at::Tensor> in{flat};
@@ -399,7 +469,7 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
     int64_t at = 0;
     for (const auto& nt : local) {
       const auto n = static_cast<int64_t>(nt.tensor.nbytes());
-      out.push_back({"buddy_" + nt.name.substr(5), from_bytes(theirs.narrow(0, at, n), nt.tensor), nt.home});
+      out.push_back({buddy_name(nt.name), from_bytes(theirs.narrow(0, at, n), nt.tensor), nt.home});
       at += n;
     }
   }

@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/checkpointer.h"
 #include "ftcomm/recovery.h"
 #include "ftcomm/script_comm_hook.h"
 
@@ -40,22 +41,6 @@ struct DdpOptions {
   std::map<std::string, std::string> settings;
   std::set<std::string> allow_changed_settings;
   ScriptCommHookOptions hook_options;
-};
-
-struct RecoveryReport {
-  int64_t resumed_from_step = -1;  // -1: fresh start
-  // The newest snapshot any rank's store named; above resumed_from_step when
-  // newer snapshots were damaged and recovery fell back to an older one.
-  int64_t newest_snapshot_step = -1;
-  std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
-  std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
-
-  double agreement_ms = 0, load_ms = 0, resync_ms = 0;
-  int64_t resync_bytes = 0;
-  std::vector<int> resynced_ranks;  // ranks that lacked the step
-  // What happened to rank-local hook state, for every rank (the same text on
-  // every rank).
-  std::string local_state;
 };
 
 class DistributedDataParallel {
@@ -89,19 +74,15 @@ class DistributedDataParallel {
   const std::shared_ptr<ScriptHook>& hook() const { return state_.hook; }
   // Seconds spent in the comm hook so far (its compute and collectives).
   double comm_seconds() const;
-  CheckpointStore* store() { return store_.get(); }
+  CheckpointStore* store() { return checkpointer_->store(); }
 
  private:
-  // options_.settings plus the hook's parameters as "hook.<name>".
-  std::map<std::string, std::string> effective_settings() const;
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   TrainingState state_;  // parameters, optimizer state (the trainer's extra_state), hook
   DdpOptions options_;
   std::unique_ptr<c10d::Reducer> reducer_;
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
-  struct PendingRecovery;
-  std::unique_ptr<PendingRecovery> pending_;  // between prepare_recovery and finish_recovery
-  std::unique_ptr<CheckpointStore> store_;
+  std::unique_ptr<Checkpointer> checkpointer_;
 };
 
 // The shortest text that reads back as `v` (how settings are recorded).

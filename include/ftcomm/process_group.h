@@ -87,6 +87,15 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
     const ProcessGroupOptions& options,
     ProcessGroupChoice* choice = nullptr);
 
+// Collective over `store` (every rank of a group calls it, before NCCL's own
+// initialisation is tried): whether NCCL can serve CUDA tensors on every rank.
+// `local_failure` is this rank's reason it cannot (empty: it can); `device` its
+// GPU, and two ranks on one GPU of one host are refused. Empty when NCCL can be
+// tried, else the first rank's reason ("rank R: ..."). Waits at most the store's
+// timeout.
+std::string agree_nccl_usable(c10d::Store& store, int rank, int world, const std::string& local_failure,
+                              int device);
+
 // The store make_process_group would use, already prefixed; exposed for tools
 // that rendezvous before building a group (e.g. agreeing on a restart step).
 c10::intrusive_ptr<c10d::Store> make_store(const ProcessGroupOptions& options);

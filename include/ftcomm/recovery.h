@@ -40,6 +40,14 @@ struct TrainingState {
   std::vector<at::Tensor> parameters;
   std::vector<at::Tensor> buffers;    // replicated, not trained (e.g. running statistics)
   std::vector<at::Tensor> optimizer;  // e.g. momentum; replicated
+  // Replicated state whose count and shapes only the checkpoint knows: a PyTorch
+  // optimizer's state (created at its first step), the trainer's own state as
+  // bytes. Restored and resynced whole: these tensors are replaced, not filled.
+  std::vector<at::Tensor> objects;
+  // This rank's own state (e.g. its RNG states), kept like rank-local hook state:
+  // rank r + 1 holds a byte-exact copy. Every rank's must have the same total
+  // byte size. Replaced on restore.
+  std::vector<at::Tensor> rank_local;
   std::shared_ptr<ScriptHook> hook;   // its replicated and rank-local state; may be null
   // This rank's accelerator: the device of its first CUDA parameter, else CPU.
   at::Device accelerator() const;
@@ -84,23 +92,24 @@ std::vector<std::string> check_settings(const c10::intrusive_ptr<c10d::ProcessGr
                                         const LocalCheckpoint& local, const std::map<std::string, std::string>& current,
                                         const std::set<std::string>& allowed);
 
-// On a rank that holds the agreed step: parameters, buffers, optimizer state and
-// all hook state from its own snapshot. Throws naming `where` when the snapshot
-// does not fit the state (another model or hook).
+// On a rank that holds the agreed step: parameters, buffers, optimizer state,
+// objects, rank-local state and all hook state from its own snapshot. Throws
+// naming `where` when the snapshot does not fit the state (another model or hook).
 void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
                              const std::string& where);
 
 // Collective: one manifest and one broadcast_coalesced from the plan's source
-// bring parameters, buffers, optimizer and replicated hook state to the ranks
-// that lack the step. Returns the bytes sent.
+// bring parameters, buffers, optimizer, objects and replicated hook state to the
+// ranks that lack the step. Returns the bytes sent.
 int64_t resync(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan, TrainingState& state);
 
 struct RankLocalOutcome {
   std::string summary;  // the same on every rank: what happened to each rank's state
   int64_t bytes = 0;
 };
-// Collective: rank-local hook state of each rank that lacks the step comes from
-// its buddy (rank r + 1 keeps r's copy, byte for byte), else is reset (logged).
+// Collective: rank-local state (the hook's and the trainer's) of each rank that
+// lacks the step comes from its buddy (rank r + 1 keeps r's copy, byte for
+// byte), else is reset: the hook's to empty, the trainer's kept as it is (logged).
 RankLocalOutcome restore_rank_local(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
                                     const LocalCheckpoint& local, TrainingState& state);
 
@@ -115,7 +124,8 @@ std::vector<std::vector<size_t>> agree_on_buckets(const c10::intrusive_ptr<c10d:
 
 // Collective (when there is rank-local hook state): what a snapshot of `state`
 // holds, named for restore_from_checkpoint: parameters, buffers, optimizer,
-// hook state, and the buddy copy of rank (r - 1)'s rank-local hook state.
+// objects, rank-local state, hook state, and the buddy copy of rank (r - 1)'s
+// rank-local state (the hook's and the trainer's).
 std::vector<NamedTensor> snapshot_tensors(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                           const TrainingState& state);
 

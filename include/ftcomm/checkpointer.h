@@ -1,0 +1,98 @@
+// Commits and recovery for one rank of a data-parallel job: a trainer's
+// TrainingState and the c10d::Reducer that reduces its gradients, against the
+// rank's CheckpointStore. DistributedDataParallel (ftcomm's C++ trainer) and the
+// Python package's FaultTolerant (around PyTorch's own DDP) both run on it.
+//
+//   Checkpointer ckpt(pg, options);
+//   ckpt.prepare_recovery(state);                       // collective
+//   auto report = ckpt.finish_recovery(state, fresh, &buckets);  // collective
+//   ... build the Reducer on `buckets`, or re-bucket an existing one ...
+//   for each step: train; ckpt.commit(step, state, reducer, position);  // collective when due
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "ftcomm/checkpoint_store.h"
+#include "ftcomm/recovery.h"
+
+namespace c10d {
+class Reducer;
+}
+
+namespace ftcomm {
+
+struct CheckpointerOptions {
+  std::string ckpt_dir;  // this rank's store; empty: none (recovery still agrees, commits do nothing)
+  std::string job_id;    // a store of another job is refused
+  int commit_every = 10;  // a snapshot every K steps; 0: none
+  int keep_snapshots = 2;
+  // The trainer's settings that change the result (learning rate, batch, model,
+  // ...), recorded with every commit together with the hook's parameters
+  // ("hook.<name>"). A resume refuses a change, naming the setting and both
+  // values, unless its name (or "all") is in allow_changed_settings.
+  std::map<std::string, std::string> settings;
+  std::set<std::string> allow_changed_settings;
+};
+
+struct RecoveryReport {
+  int64_t resumed_from_step = -1;  // -1: fresh start
+  // The newest snapshot any rank's store named; above resumed_from_step when
+  // newer snapshots were damaged and recovery fell back to an older one.
+  int64_t newest_snapshot_step = -1;
+  int64_t data_position = 0;  // what the resumed commit recorded
+  std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
+  std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
+
+  double agreement_ms = 0, load_ms = 0, resync_ms = 0;
+  int64_t resync_bytes = 0;
+  std::vector<int> resynced_ranks;  // ranks that lacked the step
+  // What happened to rank-local state, for every rank (the same text on every
+  // rank).
+  std::string local_state;
+};
+
+class Checkpointer {
+ public:
+  // Opens this rank's store when options.ckpt_dir is set.
+  Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, CheckpointerOptions options);
+  ~Checkpointer();
+
+  // Collective: agrees on the newest step some rank holds intact, discards this
+  // rank's commits that cannot be continued, checks the settings and loads the
+  // step into `state` on the ranks that hold it.
+  const RecoveryPlan& prepare_recovery(TrainingState& state);
+  // Collective: resyncs the ranks that lack the step, restores rank-local state
+  // and agrees on the buckets: on a resume the source's stored layout, else
+  // `fresh_buckets` (which must then be the same on every rank).
+  RecoveryReport finish_recovery(TrainingState& state, std::vector<std::vector<size_t>> fresh_buckets,
+                                 std::vector<std::vector<size_t>>* buckets);
+
+  bool due(int64_t step) const;
+  // After the optimizer step `step`: when due, persists the Reducer's bucket
+  // layout and snapshots `state` in the background (the previous snapshot is
+  // waited for first). Collective when due. Returns whether it committed.
+  bool commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
+  // Waits for a snapshot in flight; throws its error.
+  void flush();
+
+  CheckpointStore* store() { return store_.get(); }
+  const CheckpointerOptions& options() const { return options_; }
+  // options.settings plus the hook's parameters as "hook.<name>".
+  std::map<std::string, std::string> effective_settings(const TrainingState& state) const;
+
+ private:
+  struct Pending;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  CheckpointerOptions options_;
+  std::unique_ptr<CheckpointStore> store_;
+  std::unique_ptr<Pending> pending_;  // between prepare_recovery and finish_recovery
+};
+
+}  // namespace ftcomm

@@ -1,0 +1,174 @@
+"""Bit-exact recovery for PyTorch's DistributedDataParallel."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import _C, _state
+from .hooks import Hook
+
+
+class FaultTolerant:
+    """Commits a DDP job's state to one RocksDB store per rank and resumes it bit-exactly.
+
+    What is saved at each commit, and restored by :meth:`resume`:
+
+    * the model's parameters (replicated) and buffers (BatchNorm statistics included;
+      rank-local, as each rank updates them with its own batch after DDP's broadcast);
+    * the optimizer's full ``state_dict`` (its tensors, and the numbers and lists of
+      ``param_groups``);
+    * the hook's replicated and rank-local state (e.g. PowerSGD's error feedback);
+    * torch's CPU RNG state and, when the model is on a GPU, that GPU's RNG state
+      (rank-local: rank r + 1 keeps a byte-exact copy of rank r's rank-local state);
+    * ``user_state``, the trainer's own small state (a data position, a scheduler's
+      ``state_dict()``, an epoch): picklable values and tensors, the same on every rank;
+    * the Reducer's bucket layout, which a resume reuses.
+
+    On :meth:`resume`, the ranks agree on the newest step some rank holds intact
+    (damaged snapshots are skipped); ranks that lack it (a replaced rank with an
+    empty disk) get it from a peer with ``broadcast_coalesced``; rank-local state
+    comes from the rank's own store or its buddy's copy. A store of another world
+    size or job, a damaged store, and changed settings are refused with an error
+    that names the problem and the fix.
+
+    Args:
+        model: the DDP model (a hook, if any, registered with :func:`ftcomm.register_hook`).
+        optimizer: its optimizer.
+        ckpt_dir: the stores' directory; rank r uses ``<ckpt_dir>/rank<r>``.
+        commit_every: a snapshot every K steps (0: none).
+        hook: the :class:`ftcomm.Hook` of ``model``, whose state is saved (default:
+            the one registered on ``model``).
+        keep_snapshots: how many snapshots each store keeps.
+        job_id: the job's name; a store written under another is refused.
+        settings: name -> value of what changes the result (learning rate, batch, ...);
+            a resume with other values is refused unless the name (or ``"all"``) is
+            in ``allow_changed_settings``. Hook parameters are recorded as ``hook.<name>``.
+        user_state: the trainer's own dict; :meth:`resume` updates it in place.
+    """
+
+    def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, ckpt_dir: str, *,
+                 commit_every: int = 10, hook: Optional[Hook] = None, keep_snapshots: int = 2,
+                 job_id: str = "ftcomm", settings: Optional[dict] = None,
+                 allow_changed_settings: Iterable[str] = (), user_state: Optional[dict] = None):
+        if not isinstance(model, DistributedDataParallel):
+            raise TypeError(f"FaultTolerant needs a torch.nn.parallel.DistributedDataParallel model, got "
+                            f"{type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"FaultTolerant needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 0:
+            raise ValueError(f"commit_every must be a whole number of steps, 0 or more; got {commit_every!r}")
+        if not ckpt_dir:
+            raise ValueError("ckpt_dir is empty; give the directory the ranks' stores live in")
+        self.model = model
+        self.optimizer = optimizer
+        self.hook = hook if hook is not None else getattr(model, "_ftcomm_hook", None)
+        self.user_state = user_state if user_state is not None else {}
+        self.report: dict = {}
+        pg = model.process_group
+        self.rank = pg.rank()
+        self.world_size = pg.size()
+        self.ckpt_dir = os.path.join(os.fspath(ckpt_dir), f"rank{self.rank}")
+        self._params = model._build_params_for_reducer()[0]
+        self._device = next((p.device for p in self._params if p.device.type == "cuda"), None)
+        self._resumed = False
+        self._ckpt = _C.Checkpointer(pg, self.ckpt_dir, str(job_id), commit_every, int(keep_snapshots),
+                                     {str(k): _setting(v) for k, v in (settings or {}).items()},
+                                     set(map(str, allow_changed_settings)))
+
+    # --- what is saved ---------------------------------------------------------
+    def _buffers(self) -> list:
+        # Everything in the module's state_dict that the Reducer does not train:
+        # buffers, and frozen parameters.
+        ids = {id(p) for p in self._params}
+        named = self.model.module.state_dict(keep_vars=True)
+        return [t.detach() for t in named.values() if id(t) not in ids]
+
+    def _rng(self) -> list:
+        rng = [torch.get_rng_state()]
+        if self._device is not None:
+            rng.append(torch.cuda.get_rng_state(self._device))
+        return rng
+
+    def _c_state(self) -> _C.State:
+        state = _C.State()
+        state.parameters = self._params
+        state.objects = _state.pack({"optimizer": self.optimizer.state_dict(), "user": self.user_state})
+        state.rank_local = self._rng() + self._buffers()
+        state.hook = self.hook._impl if self.hook is not None else None
+        return state
+
+    # --- the protocol ------------------------------------------------------------
+    def resume(self) -> int:
+        """Collective, once, before the first step: restores the newest step the job can
+        resume from and returns it (0 on a fresh job). ``self.report`` says what
+        happened (resumed step, resynced ranks, bytes, times, rank-local state)."""
+        if self._resumed:
+            raise RuntimeError("FaultTolerant.resume() runs once, before the first step")
+        self._resumed = True
+        with torch.no_grad():
+            report, objects, rank_local = self._ckpt.resume(self._c_state(), self.model.reducer)
+        self.report = dict(report)
+        step = self.report["resumed_from_step"]
+        if step >= 0:
+            parts = _state.unpack(list(objects))
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.user_state.clear()
+            self.user_state.update(parts["user"])
+            rng = self._rng()
+            torch.set_rng_state(rank_local[0].cpu())
+            if self._device is not None:
+                torch.cuda.set_rng_state(rank_local[1].cpu(), self._device)
+            for mine, saved in zip(self._buffers(), rank_local[len(rng):]):
+                mine.copy_(saved)
+        if self.rank == 0:
+            r = self.report
+            if step < 0:
+                print(f"ftcomm: fresh start ({self.world_size} ranks, stores under {os.path.dirname(self.ckpt_dir)})",
+                      file=sys.stderr, flush=True)
+            else:
+                resynced = f", resynced ranks {r['resynced_ranks']} ({r['resync_bytes']} bytes)" \
+                    if r["resynced_ranks"] else ""
+                print(f"ftcomm: resumed from step {step}{resynced}; rank-local state: {r['local_state']}; "
+                      f"agreement {r['agreement_ms']:.1f} ms, load {r['load_ms']:.1f} ms, "
+                      f"resync {r['resync_ms']:.1f} ms", file=sys.stderr, flush=True)
+        return max(step, 0)
+
+    def step_done(self, step: int) -> bool:
+        """Collective when due: call after ``optimizer.step()`` of step ``step`` (1, 2, ...).
+        Every ``commit_every`` steps it snapshots the state (copied to host now,
+        written in the background; the previous snapshot is waited for first).
+        Returns whether it committed."""
+        if not self._resumed:
+            raise RuntimeError("call FaultTolerant.resume() before the first step")
+        if not self._ckpt.due(step):
+            return False
+        with torch.no_grad():
+            return self._ckpt.commit(step, self._c_state(), self.model.reducer, step)
+
+    def commits(self) -> list:
+        """This rank's commits, oldest first (step, world size, layout, snapshot bytes, settings)."""
+        return [dict(c) for c in self._ckpt.commits()]
+
+    def flush(self) -> None:
+        """Waits for the snapshot in flight; raises its error."""
+        self._ckpt.flush()
+
+    def close(self) -> None:
+        """Waits for the snapshot in flight (call at the end of training)."""
+        self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _setting(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)

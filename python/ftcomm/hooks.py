@@ -1,0 +1,127 @@
+"""Scripted comm hooks on PyTorch's DistributedDataParallel."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import _C
+
+
+class Hook:
+    """A TorchScript comm hook running inside a DDP model's Reducer (no Python, no GIL).
+
+    Made by :func:`register_hook`. Every rank runs the same hook (its digest was
+    agreed); a hook that fails or returns a bad result on some ranks fails (or,
+    with ``on_error="fallback"``, falls back to a mean allreduce) on all of them.
+    """
+
+    def __init__(self, impl: _C.Hook):
+        self._impl = impl
+
+    @property
+    def name(self) -> str:
+        return self._impl.name
+
+    @property
+    def path(self) -> str:
+        return self._impl.path
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the hook's source, agreed by every rank."""
+        return self._impl.digest
+
+    @property
+    def params(self) -> dict:
+        return dict(self._impl.params)
+
+    @property
+    def fallbacks(self) -> int:
+        """Buckets reduced by the fallback allreduce because the hook failed somewhere."""
+        return self._impl.fallbacks
+
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds spent running the hook (its compute and collectives)."""
+        return self._impl.busy_seconds
+
+    @property
+    def replicated_state(self) -> list:
+        return list(self._impl.replicated_state)
+
+    @property
+    def local_state(self) -> list:
+        return list(self._impl.local_state)
+
+    def __repr__(self) -> str:
+        return f"ftcomm.Hook({self.name!r}, digest={self.digest[:12]}, params={self.params})"
+
+
+def _check_cpu_backend(pg: dist.ProcessGroup) -> None:
+    try:
+        pg._get_backend(torch.device("cpu"))
+    except Exception:
+        raise RuntimeError(
+            "ftcomm's hooks agree across ranks with small CPU collectives, and this model's process group has no "
+            "CPU backend; create it with ftcomm.init_process_group() or backend='cpu:gloo,cuda:nccl'"
+        ) from None
+
+
+def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[str] = (), on_error: str = "fail",
+                  hook_timeout: float = 30.0, agree_per_bucket: bool = True, **params) -> Hook:
+    """Runs a TorchScript comm hook inside ``model``'s Reducer. Collective.
+
+    Args:
+        model: a ``torch.nn.parallel.DistributedDataParallel`` model without a comm hook.
+        hook: a library hook's name (``ftcomm.list_hooks()``), or a ``.py`` / ``.pt`` file.
+        pins: when given, the hook's SHA-256 digest must be one of these.
+        on_error: ``"fail"`` (every rank raises, naming the hook and the failing rank)
+            or ``"fallback"`` (every rank reduces that bucket with a mean allreduce).
+        hook_timeout: seconds one hook call may take before it fails on every rank; 0: unbounded.
+            Keep it below the process group's timeout.
+        agree_per_bucket: the per-bucket agreement that keeps a failing hook from
+            hanging peers; leave it on.
+        **params: the hook's parameters, e.g. ``rank=4, start_iter=2`` for powersgd.
+
+    Returns:
+        The :class:`Hook`: its digest, parameters and fallback count. Pass it to
+        :class:`FaultTolerant` so its state is saved and restored.
+    """
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"register_hook needs a torch.nn.parallel.DistributedDataParallel model, got "
+                        f"{type(model).__name__}; wrap it first: DistributedDataParallel(model)")
+    if getattr(model, "_ftcomm_hook", None) is not None or model._comm_hooks:
+        raise RuntimeError("this DDP model already has a comm hook; DDP runs one hook per model "
+                           "(register it once, before training)")
+    pg = model.process_group
+    _check_cpu_backend(pg)
+    impl = _C.load_hook(pg, str(hook), {str(k): str(v) for k, v in params.items()}, list(pins), on_error,
+                        float(hook_timeout), bool(agree_per_bucket))
+    try:
+        impl.attach(model.reducer)
+    except RuntimeError as e:
+        if "only be called once" in str(e):
+            raise RuntimeError("this DDP model already has a comm hook (a built-in one?); DDP runs one hook per "
+                               "model") from None
+        raise
+    handle = Hook(impl)
+    model._ftcomm_hook = handle
+    return handle
+
+
+def list_hooks() -> list:
+    """The library hooks' names."""
+    return list(_C.list_hooks())
+
+
+def hook_check(hook: str, *, world_size: int = 2, numel: int = 1 << 14, steps: int = 3, hook_timeout: float = 30.0,
+               **params) -> dict:
+    """``ftcomm hook check`` from Python: runs ``hook`` on synthetic buckets over a real
+    Gloo group of ``world_size`` threads and checks every result's shape, dtype,
+    device and finiteness. Raises naming the hook and the first problem; returns
+    what it checked (name, digest, state, parameters, buckets checked)."""
+    return dict(_C.hook_check(str(hook), int(world_size), int(numel), int(steps),
+                              {str(k): str(v) for k, v in params.items()}, float(hook_timeout)))

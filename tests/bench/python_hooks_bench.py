@@ -1,0 +1,156 @@
+"""PyTorch's DistributedDataParallel with ftcomm's TorchScript hooks against the same
+DDP with PyTorch's own Python hooks, one run, same model, group and batches.
+
+    torchrun --nproc-per-node=2 tests/bench/python_hooks_bench.py [--device cuda] [--widths ...]
+
+Every method is a DDP model of the same initial weights; each round runs every
+method for --steps forward+backward steps (round-robin, so drift hits all alike)
+and the median round is reported. What was timed is checked: after the last round
+each method's gradients are compared with the default DDP's (bit-equal expected
+for allreduce; fp16/bf16 against PyTorch's counterpart; PowerSGD as relative error).
+Rank 0 prints a table and, with --json, writes it.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+import ftcomm
+
+
+def mlp(widths):
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--widths", default="1024,2048,2048,2048,1024")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--powersgd-bucket-mb", type=float, default=0,
+                   help="DDP bucket_cap_mb of both PowerSGD models (0: DDP's default). PyTorch's Python "
+                        "powerSGD_hook on Gloo crashes or hangs with several buckets (its collectives are issued "
+                        "from future callbacks, in different orders on different ranks); one bucket avoids it")
+    p.add_argument("--only", default="", help="comma-separated method names")
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+
+    pg = ftcomm.init_process_group(timeout=300)
+    rank, world = pg.rank(), pg.size()
+    device = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
+    widths = [int(w) for w in a.widths.split(",")]
+    r = a.powersgd_rank
+
+    def python_powersgd():
+        return powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=r, start_powerSGD_iter=2,
+                                           use_error_feedback=True, warm_start=True)
+
+    # (name, how, the PyTorch hook it is compared with)
+    methods = [
+        ("ddp default (c10d built-in allreduce)", None, None),
+        ("pytorch allreduce_hook", ("py", default_hooks.allreduce_hook, lambda: None), None),
+        ("ftcomm allreduce", ("ts", "allreduce", {}), "pytorch allreduce_hook"),
+        ("pytorch fp16_compress_hook", ("py", default_hooks.fp16_compress_hook, lambda: None), None),
+        ("ftcomm fp16_compress", ("ts", "fp16_compress", {}), "pytorch fp16_compress_hook"),
+        ("pytorch bf16_compress_hook", ("py", default_hooks.bf16_compress_hook, lambda: None), None),
+        ("ftcomm bf16_compress", ("ts", "bf16_compress", {}), "pytorch bf16_compress_hook"),
+        (f"pytorch powerSGD_hook r{r}", ("py", powerSGD_hook.powerSGD_hook, python_powersgd), None),
+        (f"ftcomm powersgd r{r}", ("ts", "powersgd", {"rank": r, "start_iter": 2}), f"pytorch powerSGD_hook r{r}"),
+    ]
+    if a.only:
+        keep = set(a.only.split(","))
+        methods = [m for m in methods if m[0] in keep or m[0] == methods[0][0]]
+
+    models = []
+    for name, how, _ in methods:
+        torch.manual_seed(0)
+        powersgd = "powersgd" in name.lower()
+        cap = {"bucket_cap_mb": a.powersgd_bucket_mb} if powersgd and a.powersgd_bucket_mb else {}
+        model = DistributedDataParallel(mlp(widths).to(device), device_ids=[device.index] if device.index is not None
+                                        else None, **cap)
+        if how is not None and how[0] == "py":
+            model.register_comm_hook(how[2](), how[1])
+        elif how is not None:
+            ftcomm.register_hook(model, how[1], **how[2])
+        models.append(model)
+
+    gen = torch.Generator().manual_seed(100 + rank)
+    batches = [(torch.randn(a.batch, widths[0], generator=gen).to(device),
+                torch.randn(a.batch, widths[-1], generator=gen).to(device)) for _ in range(a.steps)]
+
+    def step(model, x, y):
+        model.zero_grad(set_to_none=False)
+        nn.functional.mse_loss(model(x), y).backward()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for model in models:  # warm up: bucket rebuild, PowerSGD past start_iter, CUDA kernels
+        for i in range(4):
+            step(model, *batches[i % len(batches)])
+    sync()
+    times = [[] for _ in models]
+    for _ in range(a.rounds):
+        for i, model in enumerate(models):
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            for x, y in batches:
+                step(model, x, y)
+            sync()
+            times[i].append((time.perf_counter() - t0) / len(batches) * 1000)
+    # Every rank's time is its own; the step is as slow as the slowest rank.
+    med = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX, group=dist.new_group(backend="gloo"))
+
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]).float() for m in models]
+    names = [m[0] for m in methods]
+    ref = grads[0]
+
+    def rel(a_, b_):
+        return ((a_ - b_).norm() / b_.norm()).item()
+
+    rows = []
+    for i, name in enumerate(names):
+        vs_default = med[i].item() / med[0].item()
+        counterpart = names.index(methods[i][2]) if methods[i][2] in names else None
+        check = "equal" if torch.equal(grads[i], ref) else f"rel err {rel(grads[i], ref):.2e} vs default"
+        if counterpart is not None and check != "equal":
+            c = grads[counterpart]
+            check = "equal to pytorch's" if torch.equal(grads[i], c) else \
+                f"rel err {rel(grads[i], c):.2e} vs pytorch's, {rel(grads[i], ref):.2e} vs default"
+        rows.append({"method": name, "step_ms": med[i].item(), "vs_default": vs_default,
+                     "vs_pytorch_hook": (med[i] / med[counterpart]).item() if counterpart is not None else None,
+                     "check": check})
+    if rank == 0:
+        numel = sum(p.numel() for p in models[0].parameters())
+        print(f"\nPython DDP step (forward+backward), world {world}, {device.type}, model {numel} params "
+              f"({numel * 4 / 1e6:.1f} MB grads), batch {a.batch}, median of {a.rounds} rounds x {a.steps} steps"
+              + (f"; PowerSGD models with bucket_cap_mb={a.powersgd_bucket_mb:g}" if a.powersgd_bucket_mb else ""))
+        print(f"{'method':40s} {'step ms':>9s} {'x default':>10s} {'x pytorch hook':>15s}  check")
+        for row in rows:
+            vs = f"{row['vs_pytorch_hook']:.3f}" if row["vs_pytorch_hook"] is not None else "-"
+            print(f"{row['method']:40s} {row['step_ms']:9.2f} {row['vs_default']:10.3f} {vs:>15s}  {row['check']}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"world": world, "device": device.type, "params": numel, "batch": a.batch,
+                           "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
