@@ -533,7 +533,11 @@ TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
     auto store = open_store(dir + "/store");
     ASSERT_TRUE(store);
     CommitRecord latest;
-    ASSERT_TRUE(store->LatestCommitted(&latest).ok()) << "kill " << i;
+    const StoreStatus found = store->LatestCommitted(&latest);
+    if (found.IsNotFound() && acknowledged == 0 && previous == 0) {
+      continue;  // killed before its first commit (a slow start on a loaded machine): nothing to lose yet
+    }
+    ASSERT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
     EXPECT_GE(latest.step, acknowledged) << "a commit that returned was lost";
     EXPECT_GE(latest.step, previous);
     previous = latest.step;
