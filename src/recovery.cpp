@@ -50,10 +50,17 @@ at::Device home_device(c10::DeviceType home, at::Device accelerator) {
   return home == c10::DeviceType::CPU ? at::Device(at::kCPU) : accelerator;
 }
 
+using Entries = std::map<std::string, const NamedTensor*>;
+
+Entries by_name(const std::vector<NamedTensor>& items) {
+  Entries out;
+  for (const auto& nt : items) out[nt.name] = &nt;
+  return out;
+}
+
 // The entries "<prefix>0", "<prefix>1", ... of `items`, in order, each on its
 // home device; stops at the first index missing.
-std::vector<at::Tensor> indexed_entries(const std::map<std::string, const NamedTensor*>& items,
-                                        const std::string& prefix, at::Device accelerator) {
+std::vector<at::Tensor> indexed_entries(const Entries& items, const std::string& prefix, at::Device accelerator) {
   std::vector<at::Tensor> out;
   for (size_t i = 0;; ++i) {
     const auto it = items.find(prefix + std::to_string(i));
@@ -274,19 +281,14 @@ std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& pla
 void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
                              const std::string& where) {
   at::NoGradGuard no_grad;
-  std::map<std::string, at::Tensor> by_name;
-  std::map<std::string, const NamedTensor*> entries;
-  for (const auto& nt : local.tensors) {
-    by_name[nt.name] = nt.tensor;
-    entries[nt.name] = &nt;
-  }
+  const Entries entries = by_name(local.tensors);
   auto fill = [&](std::vector<at::Tensor>& tensors, const std::string& prefix, const char* what) {
     for (size_t i = 0; i < tensors.size(); ++i) {
-      auto it = by_name.find(prefix + std::to_string(i));
-      TORCH_CHECK(it != by_name.end() && it->second.sizes() == tensors[i].sizes(), "checkpoint ", where,
+      auto it = entries.find(prefix + std::to_string(i));
+      TORCH_CHECK(it != entries.end() && it->second->tensor.sizes() == tensors[i].sizes(), "checkpoint ", where,
                   " does not fit this model: ", what, " ", i, " is missing or has another shape. Was it written by "
                   "another --model? Point --ckpt elsewhere to start afresh");
-      tensors[i].detach().copy_(it->second);
+      tensors[i].detach().copy_(it->second->tensor);
     }
   };
   fill(state.parameters, "param/", "parameter");
@@ -329,9 +331,7 @@ int64_t resync(const Group& pg, const RecoveryPlan& plan, TrainingState& state) 
   const int64_t bytes = broadcast_tensors(pg, all, plan.source);
   if (!plan.has_step(pg->getRank())) {
     if (state.hook) restore_hook_tensors(*state.hook, replicated, {"hook_r"}, state.accelerator());
-    std::map<std::string, const NamedTensor*> entries;
-    for (const auto& nt : replicated) entries[nt.name] = &nt;
-    state.objects = indexed_entries(entries, "object/", state.accelerator());
+    state.objects = indexed_entries(by_name(replicated), "object/", state.accelerator());
   }
   return bytes;
 }
@@ -375,9 +375,7 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
     out.bytes += broadcast_tensors(pg, tensors, buddy);
     if (rank == lost) {
       if (state.hook) restore_hook_tensors(*state.hook, copy, {"hook_l"}, state.accelerator());
-      std::map<std::string, const NamedTensor*> entries;
-      for (const auto& nt : copy) entries[nt.name] = &nt;
-      auto mine = indexed_entries(entries, "local/", state.accelerator());
+      auto mine = indexed_entries(by_name(copy), "local/", state.accelerator());
       if (mine.size() == state.rank_local.size()) state.rank_local = std::move(mine);
     }
     if (has_local) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");

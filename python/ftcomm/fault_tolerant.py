@@ -119,11 +119,11 @@ class FaultTolerant:
             self.optimizer.load_state_dict(parts["optimizer"])
             self.user_state.clear()
             self.user_state.update(parts["user"])
-            rng = self._rng()
             torch.set_rng_state(rank_local[0].cpu())
             if self._device is not None:
                 torch.cuda.set_rng_state(rank_local[1].cpu(), self._device)
-            for mine, saved in zip(self._buffers(), rank_local[len(rng):]):
+            rng_count = 1 if self._device is None else 2  # as _rng() lays them out
+            for mine, saved in zip(self._buffers(), rank_local[rng_count:]):
                 mine.copy_(saved)
         if self.rank == 0:
             r = self.report

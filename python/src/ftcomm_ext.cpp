@@ -118,7 +118,7 @@ py::dict report_dict(const RecoveryReport& r) {
 // own Reducer, which a resume re-buckets to the agreed stored layout.
 class PyCheckpointer {
  public:
-  PyCheckpointer(Group pg, CheckpointerOptions options) : pg_(pg) {
+  PyCheckpointer(Group pg, CheckpointerOptions options) {
     py::gil_scoped_release release;
     impl_ = std::make_unique<Checkpointer>(std::move(pg), std::move(options));
   }
@@ -173,7 +173,6 @@ class PyCheckpointer {
   }
 
  private:
-  Group pg_;
   std::unique_ptr<Checkpointer> impl_;
 };
 

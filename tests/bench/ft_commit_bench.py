@@ -28,13 +28,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ftcomm
-
-
-def mlp(widths):
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+from bench_models import mlp
 
 
 def main():

@@ -23,10 +23,10 @@ import time
 import torch
 import torch.nn as nn
 
+from bench_models import mlp
 
-def mlp():
-    return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
-                         nn.Linear(2048, 1024))
+
+WIDTHS = [1024, 2048, 2048, 1024]  # 8.4M parameters
 
 
 def worker(a):
@@ -37,7 +37,7 @@ def worker(a):
     pg = ftcomm.init_process_group(timeout=120)
     rank = pg.rank()
     torch.manual_seed(0)
-    model = DistributedDataParallel(mlp())
+    model = DistributedDataParallel(mlp(WIDTHS))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     step = 0
     if a.mode == "ftcomm":
@@ -105,7 +105,9 @@ def main():
     reference = tempfile.mkdtemp()
     launch("ftcomm", reference, 0)
     ref_digest = open(os.path.join(reference, "digest")).read()
-    print(f"world {a.nproc}, CPU, MLP 12.6M params + Adam, K={a.every}, rank 1 killed after step {a.kill_at}")
+    params = sum(p.numel() for p in mlp(WIDTHS).parameters())
+    print(f"world {a.nproc}, CPU, MLP {params / 1e6:.1f}M params + Adam ({3 * params * 4 / 1e6:.0f} MB of state), "
+          f"K={a.every}, rank 1 killed after step {a.kill_at}")
     for mode in ("ftcomm", "torch.save"):
         times, lost = [], []
         for _ in range(a.tries):
