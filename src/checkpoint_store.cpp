@@ -148,6 +148,11 @@ std::string encode_record(const CommitRecord& r) {
     e.str(k);
     e.str(v);
   }
+  // Added with just-in-time commits: a record without them is periodic, with
+  // every buddy part.
+  e.u64(r.just_in_time ? 1 : 0);
+  e.str(r.jit_reason);
+  e.u64(r.buddy_parts);
   return std::move(e.out());
 }
 
@@ -169,6 +174,14 @@ bool decode_record(const std::string& s, CommitRecord* r) {
       if (!d.str(&k) || !d.str(&v)) return false;
       r->settings[k] = v;
     }
+  }
+  r->just_in_time = false;
+  r->jit_reason.clear();
+  r->buddy_parts = CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook;
+  if (d.ok() && !d.done()) {
+    uint64_t jit = 0;
+    if (!d.u64(&jit) || !d.str(&r->jit_reason) || !d.u64(&r->buddy_parts)) return false;
+    r->just_in_time = jit != 0;
   }
   return d.done();
 }
@@ -606,7 +619,15 @@ class RocksCheckpointStore final : public CheckpointStore {
     for (const auto& r : all) if (r.has_snapshot) snaps.push_back(&r);
     const int keep = std::max(1, options_.keep_snapshots);
     if (static_cast<int>(snaps.size()) <= keep) return StoreStatus::OK();
-    const int64_t oldest_kept = snaps[snaps.size() - keep]->step;
+    int64_t oldest_kept = snaps[snaps.size() - keep]->step;
+    // Just-in-time snapshots lack the buddy copies a failed peer may need; the
+    // newest periodic snapshot, which has them, is always kept.
+    for (auto it = snaps.rbegin(); it != snaps.rend(); ++it) {
+      if (!(*it)->just_in_time) {
+        oldest_kept = std::min(oldest_kept, (*it)->step);
+        break;
+      }
+    }
     rocksdb::WriteBatch batch;
     for (const auto& r : all) {
       if (r.step >= oldest_kept) break;

@@ -1,5 +1,6 @@
 #include "ftcomm/checkpointer.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include "control.h"
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/ddp.h"
+#include "log.h"
 
 namespace ftcomm {
 namespace {
@@ -62,11 +64,27 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
 
   auto start = Clock::now();
   pending_->local = load_newest_intact(store_.get(), world, rank);
+  RecoveryNeeds needs;
+  needs.hook_local = state.hook && !state.hook->local_state().empty();
+  needs.trainer_local = !state.rank_local.empty();
+  needs.policy = options_.local_state_policy;
+  // A plan that passes over a rank's newest snapshot makes it load an older one,
+  // which may turn out damaged: then that rank drops it and the ranks agree
+  // again (each round drops one candidate, so this ends).
+  for (;;) {
+    pending_->plan = agree_on_step(pg_, pending_->local, needs);
+    const bool loaded = load_agreed_step(store_.get(), pending_->plan, rank, &pending_->local);
+    const auto all = control::allgather(pg_, int64_t(loaded ? 1 : 0));
+    if (std::all_of(all.begin(), all.end(), [](int64_t v) { return v == 1; })) break;
+  }
   const LocalCheckpoint& local = pending_->local;
-  pending_->plan = agree_on_step(pg_, local);
   const RecoveryPlan& plan = pending_->plan;
   report.agreement_ms = ms_since(start);
   report.newest_snapshot_step = plan.newest_snapshot_step;
+  report.newest_step = plan.newest_step;
+  report.resumed_just_in_time = plan.just_in_time;
+  report.policy = policy_name(plan.policy);
+  report.local_state_reset = plan.local_reset;
   report.resynced_ranks = plan.resync;
   report.discarded_steps = discard_unusable(store_.get(), plan, local);
   report.changed_settings =
@@ -135,6 +153,37 @@ bool Checkpointer::commit(int64_t step, const TrainingState& state, const c10d::
 
 void Checkpointer::flush() {
   if (store_) check(store_->WaitForSnapshot());
+}
+
+bool Checkpointer::commit_just_in_time(int64_t step, int64_t data_position, const BucketLayout& layout,
+                                       const TrainingState& state, const std::vector<NamedTensor>& tensors,
+                                       uint64_t buddy_parts, const std::string& reason) {
+  if (!store_ || step < 1) return false;
+  const auto start = Clock::now();
+  // The periodic snapshot in flight is this rank's own disk work: finish it
+  // first (it may be of this very step). Its error, if any, is the next
+  // recovery's to report; the just-in-time commit goes on regardless.
+  const StoreStatus in_flight = store_->WaitForSnapshot();
+  if (!in_flight.ok()) detail::log_line("ftcomm: rank " + std::to_string(pg_->getRank()) + ": " + in_flight.ToString());
+  CommitRecord latest;
+  if (store_->LatestCommitted(&latest).ok() && latest.step >= step) return false;
+  check(store_->PutLayout(layout));
+  CommitRecord record;
+  record.step = step;
+  record.world_size = pg_->getSize();
+  record.data_position = data_position;
+  record.hook_digest = state.hook ? state.hook->digest() : "";
+  record.layout_signature = layout.signature();
+  record.settings = effective_settings(state);
+  record.just_in_time = true;
+  record.jit_reason = reason;
+  record.buddy_parts = buddy_parts;
+  store_->CommitSnapshotAsync(record, tensors);
+  check(store_->WaitForSnapshot());
+  detail::log_line("ftcomm: rank " + std::to_string(pg_->getRank()) + ": saved step " + std::to_string(step) +
+                   " just in time (" + reason + ") to " + options_.ckpt_dir + " in " +
+                   std::to_string(static_cast<int64_t>(ms_since(start))) + " ms");
+  return true;
 }
 
 }  // namespace ftcomm

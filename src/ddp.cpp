@@ -45,6 +45,7 @@ DistributedDataParallel::DistributedDataParallel(c10::intrusive_ptr<c10d::Proces
   co.keep_snapshots = options_.keep_snapshots;
   co.settings = options_.settings;
   co.allow_changed_settings = options_.allow_changed_settings;
+  co.local_state_policy = options_.local_state_policy;
   checkpointer_ = std::make_unique<Checkpointer>(pg_, std::move(co));
 }
 
@@ -75,6 +76,9 @@ RecoveryReport DistributedDataParallel::finish_recovery() {
   auto comm = std::make_unique<ScriptCommHook>(pg_, state_.hook, options_.hook_options);
   comm_ = comm.get();
   reducer_->register_comm_hook(std::move(comm));
+  if (options_.just_in_time && checkpointer_->store() != nullptr) {
+    jit_ = std::make_unique<JustInTime>(pg_, checkpointer_.get(), options_.jit_options);
+  }
   return report;
 }
 
@@ -88,8 +92,17 @@ void DistributedDataParallel::before_backward(const at::Tensor& loss) {
   reducer_->prepare_for_backward({loss});
 }
 
+void DistributedDataParallel::before_update() {
+  if (jit_) jit_->begin_update();
+}
+
 void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {
+  if (jit_) jit_->step_finished(step, state_, *reducer_, data_position);
   checkpointer_->commit(step, state_, *reducer_, data_position);
+}
+
+bool DistributedDataParallel::save_just_in_time(const std::string& reason) {
+  return jit_ ? jit_->save(reason) : false;
 }
 
 double DistributedDataParallel::comm_seconds() const {

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -12,6 +14,7 @@
 #include "ftcomm/broadcast.h"
 #include "ftcomm/bucket_layout.h"
 #include "log.h"
+#include "tensor_bytes.h"
 
 namespace ftcomm {
 namespace {
@@ -120,19 +123,6 @@ void restore_hook_tensors(ScriptHook& hook, const std::vector<NamedTensor>& item
   }
 }
 
-// Rank-local state crosses ranks as raw bytes, so every dtype comes back bit for
-// bit (an int64 above 2^53 included).
-at::Tensor as_bytes(const at::Tensor& t) {
-  at::Tensor c = t.detach().to(at::kCPU).contiguous().reshape({-1});
-  return c.numel() == 0 ? at::empty({0}, at::kByte) : c.view(at::kByte);
-}
-
-at::Tensor from_bytes(const at::Tensor& bytes, const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options().device(at::kCPU).memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() > 0) out.reshape({-1}).view(at::kByte).copy_(bytes);
-  return out;
-}
-
 // Root's (name, dtype, shape, home) list to every rank, which allocates to match.
 void broadcast_manifest(const Group& pg, int root, std::vector<NamedTensor>* items) {
   nlohmann::json manifest = nlohmann::json::array();
@@ -186,6 +176,9 @@ LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int r
     if (s.ok()) {
       local.record = *it;
       local.step = it->step;
+      for (auto older = it; older != commits.rend(); ++older) {
+        if (older->has_snapshot) local.candidates.push_back({older->step, older->just_in_time, older->buddy_parts});
+      }
       break;
     }
     local.damaged.push_back(it->step);
@@ -196,30 +189,151 @@ LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int r
   return local;
 }
 
-RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local) {
+const char* policy_name(LocalStatePolicy policy) {
+  return policy == LocalStatePolicy::kExact ? "exact" : "reset";
+}
+
+RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& candidates, const RecoveryNeeds& needs) {
   RecoveryPlan plan;
-  const int world = pg->getSize();
-  const auto gathered = control::allgather(pg, std::vector<int64_t>{local.step, local.newest});
-  for (const auto& g : gathered) {
-    plan.rank_steps.push_back(g[0]);
-    plan.newest_snapshot_step = std::max(plan.newest_snapshot_step, g[1]);
+  plan.policy = needs.policy;
+  const int world = static_cast<int>(candidates.size());
+  auto held = [&](int r, int64_t step) -> const SnapshotCandidate* {
+    for (const auto& c : candidates[static_cast<size_t>(r)]) {
+      if (c.step == step) return &c;
+    }
+    return nullptr;
+  };
+  // Whether rank r's rank-local state at `step` can be had: its own snapshot, or
+  // its buddy's (rank r + 1) copy of every part it keeps.
+  auto local_ok = [&](int r, int64_t step) {
+    if (held(r, step) || (!needs.hook_local && !needs.trainer_local)) return true;
+    if (world == 1) return false;
+    const SnapshotCandidate* buddy = held((r + 1) % world, step);
+    if (buddy == nullptr) return false;
+    const uint64_t want = (needs.hook_local ? CommitRecord::kBuddyHook : 0) |
+                          (needs.trainer_local ? CommitRecord::kBuddyTrainer : 0);
+    return (buddy->buddy_parts & want) == want;
+  };
+  std::set<int64_t, std::greater<int64_t>> steps;
+  for (const auto& rank_candidates : candidates) {
+    for (const auto& c : rank_candidates) steps.insert(c.step);
   }
-  plan.step = *std::max_element(plan.rank_steps.begin(), plan.rank_steps.end());
+  if (steps.empty()) {
+    plan.rank_steps.assign(static_cast<size_t>(world), -1);
+    return plan;
+  }
+  plan.newest_step = *steps.begin();
+  int64_t chosen = -1;
+  if (needs.policy == LocalStatePolicy::kExact) {
+    for (int64_t step : steps) {
+      bool all = true;
+      for (int r = 0; r < world && all; ++r) all = local_ok(r, step);
+      if (all) {
+        chosen = step;
+        break;
+      }
+    }
+  }
+  // kReset, or no step has every rank's state: the newest step.
+  if (chosen < 0) chosen = plan.newest_step;
+  plan.step = chosen;
   for (int r = 0; r < world; ++r) {
-    if (plan.rank_steps[r] == plan.step && plan.source < 0) plan.source = r;
-    if (plan.rank_steps[r] != plan.step) plan.resync.push_back(r);
+    const SnapshotCandidate* mine = held(r, chosen);
+    const auto& rank_candidates = candidates[static_cast<size_t>(r)];
+    plan.rank_steps.push_back(mine ? chosen : (rank_candidates.empty() ? -1 : rank_candidates.front().step));
+    if (mine && plan.source < 0) {
+      plan.source = r;
+      plan.just_in_time = mine->just_in_time;
+    }
+    if (!mine) plan.resync.push_back(r);
+    if (!local_ok(r, chosen)) plan.local_reset.push_back(r);
   }
-  if (plan.newest_snapshot_step > plan.step && pg->getRank() == 0) {
+  return plan;
+}
+
+RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local) {
+  return agree_on_step(pg, local, RecoveryNeeds{false, false, LocalStatePolicy::kReset});
+}
+
+RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const RecoveryNeeds& needs) {
+  const int world = pg->getSize();
+  // Fixed size on every rank: the newest step the store names, the number of
+  // candidates, then (step, just_in_time | buddy_parts << 1) for the newest few.
+  constexpr size_t kMaxCandidates = 8;
+  std::vector<int64_t> mine{local.newest, static_cast<int64_t>(std::min(local.candidates.size(), kMaxCandidates))};
+  for (size_t i = 0; i < kMaxCandidates; ++i) {
+    const bool have = i < local.candidates.size();
+    mine.push_back(have ? local.candidates[i].step : -1);
+    mine.push_back(have ? int64_t(local.candidates[i].just_in_time) | int64_t(local.candidates[i].buddy_parts << 1) : 0);
+  }
+  const auto gathered = control::allgather(pg, mine);
+  std::vector<std::vector<SnapshotCandidate>> candidates(static_cast<size_t>(world));
+  int64_t newest_named = -1;
+  for (int r = 0; r < world; ++r) {
+    const auto& g = gathered[static_cast<size_t>(r)];
+    newest_named = std::max(newest_named, g[0]);
+    for (int64_t i = 0; i < g[1]; ++i) {
+      const int64_t flags = g[static_cast<size_t>(3 + 2 * i)];
+      candidates[static_cast<size_t>(r)].push_back(
+          {g[static_cast<size_t>(2 + 2 * i)], (flags & 1) != 0, static_cast<uint64_t>(flags >> 1)});
+    }
+  }
+  RecoveryPlan plan = plan_recovery(candidates, needs);
+  plan.newest_snapshot_step = newest_named;
+  if (pg->getRank() != 0) return plan;
+  if (newest_named > plan.newest_step) {
     std::vector<int64_t> ranks;
     for (int r = 0; r < world; ++r) {
-      if (gathered[r][1] > plan.step) ranks.push_back(r);
+      if (gathered[static_cast<size_t>(r)][0] > plan.newest_step) ranks.push_back(r);
     }
-    detail::log_line("ftcomm: the newest snapshot (step " + std::to_string(plan.newest_snapshot_step) +
+    detail::log_line("ftcomm: the newest snapshot (step " + std::to_string(newest_named) +
                      ") is damaged on every rank that has it (ranks " + join(ranks) + "); " +
                      (plan.step >= 0 ? "resuming from step " + std::to_string(plan.step) + ", the newest intact one"
                                      : "no intact snapshot is left: starting afresh"));
   }
+  if (plan.step >= 0 && plan.step < plan.newest_step) {
+    std::vector<int64_t> lacking;
+    for (int r = 0; r < world; ++r) {
+      bool has_newest = false;
+      for (const auto& c : candidates[static_cast<size_t>(r)]) has_newest |= c.step == plan.newest_step;
+      if (!has_newest) lacking.push_back(r);
+    }
+    detail::log_line("ftcomm: resuming from step " + std::to_string(plan.step) + ", not the newest step " +
+                     std::to_string(plan.newest_step) + ": the rank-local state of rank(s) " + join(lacking) +
+                     " exists no later (policy exact, which keeps the run bit-identical; policy reset resumes from step " +
+                     std::to_string(plan.newest_step) + " with that state started afresh)");
+  }
+  if (!plan.local_reset.empty() && (needs.hook_local || needs.trainer_local)) {
+    std::vector<int64_t> ranks(plan.local_reset.begin(), plan.local_reset.end());
+    detail::log_line("ftcomm: resuming from step " + std::to_string(plan.step) + " with the rank-local state of rank(s) " +
+                     join(ranks) + " started afresh (policy " + policy_name(needs.policy) +
+                     (needs.policy == LocalStatePolicy::kExact ? ": no step has all of it" : "") + ")");
+  }
   return plan;
+}
+
+bool load_agreed_step(CheckpointStore* store, const RecoveryPlan& plan, int rank, LocalCheckpoint* local) {
+  if (store == nullptr || !plan.has_step(rank) || local->step == plan.step) return true;
+  std::vector<CommitRecord> commits;
+  check(store->ListCommits(&commits));
+  for (const auto& c : commits) {
+    if (c.step != plan.step || !c.has_snapshot) continue;
+    std::vector<NamedTensor> tensors;
+    const auto s = store->LoadSnapshot(c, &tensors);
+    if (s.ok()) {
+      local->record = c;
+      local->step = c.step;
+      local->tensors = std::move(tensors);
+      return true;
+    }
+    detail::log_line("ftcomm: " + rank_text(rank) + ": " + s.ToString() + "; the ranks agree on another step");
+    break;
+  }
+  local->damaged.push_back(plan.step);
+  auto& cands = local->candidates;
+  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const SnapshotCandidate& c) { return c.step == plan.step; }),
+              cands.end());
+  return false;
 }
 
 std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local) {
@@ -350,10 +464,11 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
   std::vector<std::string> notes;
   for (int lost : plan.resync) {
     const int buddy = (lost + 1) % world;
+    const bool reset = std::find(plan.local_reset.begin(), plan.local_reset.end(), lost) != plan.local_reset.end();
     if (world == 1 || !plan.has_step(buddy)) {
       if (has_local) {
         notes.push_back(rank_text(lost) + (hook_local ? ": reset to empty" : ": reset") + " (lost with its store and " +
-                        rank_text(buddy) + "'s copy; policy: reset)");
+                        rank_text(buddy) + "'s copy; policy " + policy_name(plan.policy) + ")");
         if (rank == lost) {
           detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " was lost with its store and with " +
                            rank_text(buddy) + "'s copy; reset" +
@@ -378,7 +493,16 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
       auto mine = indexed_entries(by_name(copy), "local/", state.accelerator());
       if (mine.size() == state.rank_local.size()) state.rank_local = std::move(mine);
     }
-    if (has_local) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");
+    if (has_local && !reset) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");
+    if (has_local && reset) {
+      notes.push_back(rank_text(lost) + (hook_local ? ": reset to empty" : ": reset") + " (" + rank_text(buddy) +
+                      "'s just-in-time commit of step " + std::to_string(plan.step) +
+                      " has no full copy of it; policy " + policy_name(plan.policy) + ")");
+      if (rank == lost) {
+        detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " does not exist at step " +
+                         std::to_string(plan.step) + "; started afresh (policy " + policy_name(plan.policy) + ")");
+      }
+    }
   }
   if (notes.empty()) {
     out.summary = "restored from each rank's store";
@@ -422,7 +546,19 @@ std::vector<std::vector<size_t>> agree_on_buckets(const Group& pg, const Recover
   return candidate;
 }
 
-std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& state) {
+std::string trainer_buddy_name(size_t index) {
+  return buddy_name("local/" + std::to_string(index));
+}
+
+std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook) {
+  std::vector<NamedTensor> out = hook_tensors(hook, /*replicated=*/true);
+  for (auto& nt : hook_tensors(hook, /*replicated=*/false)) out.push_back(std::move(nt));
+  for (auto& nt : out) nt.tensor = nt.tensor.detach().clone();
+  return out;
+}
+
+std::vector<NamedTensor> own_state_tensors(const TrainingState& state, const std::vector<NamedTensor>& hook_state,
+                                           const std::vector<at::Tensor>& rank_local) {
   std::vector<NamedTensor> out;
   auto add = [&](const std::vector<at::Tensor>& tensors, const std::string& prefix) {
     for (size_t i = 0; i < tensors.size(); ++i) {
@@ -433,17 +569,22 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
   add(state.buffers, "buffer/");
   add(state.optimizer, "extra/");
   add(state.objects, "object/");
-  std::vector<NamedTensor> local;
-  for (size_t i = 0; i < state.rank_local.size(); ++i) {
-    local.push_back({"local/" + std::to_string(i), state.rank_local[i].detach(), state.rank_local[i].device().type()});
-  }
+  add(rank_local, "local/");
+  out.insert(out.end(), hook_state.begin(), hook_state.end());
+  return out;
+}
+
+std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& state) {
+  std::vector<NamedTensor> hook_state;
   if (state.hook) {
-    const auto replicated = hook_tensors(*state.hook, /*replicated=*/true);
-    const auto hook_local = hook_tensors(*state.hook, /*replicated=*/false);
-    out.insert(out.end(), replicated.begin(), replicated.end());
-    local.insert(local.end(), hook_local.begin(), hook_local.end());
+    hook_state = hook_tensors(*state.hook, /*replicated=*/true);
+    for (auto& nt : hook_tensors(*state.hook, /*replicated=*/false)) hook_state.push_back(std::move(nt));
   }
-  out.insert(out.end(), local.begin(), local.end());
+  std::vector<NamedTensor> out = own_state_tensors(state, hook_state, state.rank_local);
+  std::vector<NamedTensor> local;
+  for (const auto& nt : out) {
+    if (nt.name.rfind("local/", 0) == 0 || nt.name.rfind("hook_l/", 0) == 0) local.push_back(nt);
+  }
   // The buddy copy: this rank also keeps rank (r - 1)'s rank-local state, so a
   // replaced rank r - 1 resumes bit-exactly. Every rank has the same local state
   // layout (same hook, same buckets, same trainer): one allgather of its bytes,
@@ -451,7 +592,7 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
   const int world = pg->getSize();
   if (world > 1 && !local.empty()) {
     std::vector<at::Tensor> parts;
-    for (const auto& nt : local) parts.push_back(as_bytes(nt.tensor));
+    for (const auto& nt : local) parts.push_back(detail::as_bytes(nt.tensor));
     at::Tensor flat = at::cat(parts);
     const auto sizes = control::allgather(pg, flat.numel());
     for (int r = 0; r < world; ++r) {
@@ -467,7 +608,7 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
     int64_t at = 0;
     for (const auto& nt : local) {
       const auto n = static_cast<int64_t>(nt.tensor.nbytes());
-      out.push_back({buddy_name(nt.name), from_bytes(theirs.narrow(0, at, n), nt.tensor), nt.home});
+      out.push_back({buddy_name(nt.name), detail::from_bytes(theirs.narrow(0, at, n), nt.tensor), nt.home});
       at += n;
     }
   }

@@ -76,7 +76,7 @@ struct CheckpointStoreOptions {
   bool create_if_missing = true;   // false: a missing directory is an error
   bool read_only = false;          // no lock, no writes (ftcomm inspect)
   Durability durability = Durability::kSync;
-  int keep_snapshots = 2;          // retention: newest K snapshots and the commits after the oldest of them
+  int keep_snapshots = 2;          // retention: newest K snapshots (and the newest periodic one) and the commits after the oldest of them
 };
 
 struct CommitRecord {
@@ -90,6 +90,17 @@ struct CommitRecord {
   // The settings that change the result (hook parameters, learning rate, batch,
   // ...), name -> value as text; a resume compares them with its own.
   std::map<std::string, std::string> settings;
+  // A just-in-time commit: written by a survivor at a failure (a peer's collective
+  // error, a stalled step, torchrun's SIGTERM) from the state of its last finished
+  // step, without any collective. It holds this rank's whole state but buddy
+  // copies only of what reached it before the failure (buddy_parts).
+  bool just_in_time = false;
+  std::string jit_reason;  // what set it off, e.g. "SIGTERM", "collective error: ..."
+  // Which buddy copies of rank (r - 1)'s rank-local state this snapshot holds
+  // (kBuddy* bits). A periodic snapshot holds every part there is.
+  static constexpr uint64_t kBuddyTrainer = 1;  // the trainer's rank-local state ("local/<i>")
+  static constexpr uint64_t kBuddyHook = 2;     // the hook's rank-local state
+  uint64_t buddy_parts = kBuddyTrainer | kBuddyHook;
   // Set by the store: whether this commit carries a snapshot, and its blob.
   bool has_snapshot = false;
   std::string blob_file;

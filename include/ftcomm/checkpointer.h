@@ -19,6 +19,7 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include "ftcomm/bucket_layout.h"
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/recovery.h"
 
@@ -39,6 +40,9 @@ struct CheckpointerOptions {
   // values, unless its name (or "all") is in allow_changed_settings.
   std::map<std::string, std::string> settings;
   std::set<std::string> allow_changed_settings;
+  // Which step a resume picks when a rank's own state is missing at the newest
+  // one (see LocalStatePolicy).
+  LocalStatePolicy local_state_policy = LocalStatePolicy::kExact;
 };
 
 struct RecoveryReport {
@@ -47,6 +51,12 @@ struct RecoveryReport {
   // newer snapshots were damaged and recovery fell back to an older one.
   int64_t newest_snapshot_step = -1;
   int64_t data_position = 0;  // what the resumed commit recorded
+  // The newest step any rank held intact; newest_step - resumed_from_step steps
+  // were given up (to the policy, or to damage). -1: none.
+  int64_t newest_step = -1;
+  bool resumed_just_in_time = false;  // the resumed step is a just-in-time commit
+  std::string policy;                 // "exact" or "reset"
+  std::vector<int> local_state_reset;  // ranks whose rank-local state started afresh
   std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
   std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
 
@@ -81,6 +91,13 @@ class Checkpointer {
   bool commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   // Waits for a snapshot in flight; throws its error.
   void flush();
+
+  // Not collective: commits `tensors` (own_state_tensors of the state after step
+  // `step`, with the buddy copies `buddy_parts` says) as a just-in-time snapshot,
+  // synchronously, after the snapshot in flight. Returns false, writing nothing,
+  // when there is no store or the store already holds `step` or a later one.
+  bool commit_just_in_time(int64_t step, int64_t data_position, const BucketLayout& layout, const TrainingState& state,
+                           const std::vector<NamedTensor>& tensors, uint64_t buddy_parts, const std::string& reason);
 
   CheckpointStore* store() { return store_.get(); }
   const CheckpointerOptions& options() const { return options_; }

@@ -16,6 +16,7 @@
 
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/checkpointer.h"
+#include "ftcomm/just_in_time.h"
 #include "ftcomm/recovery.h"
 #include "ftcomm/script_comm_hook.h"
 
@@ -41,6 +42,11 @@ struct DdpOptions {
   std::map<std::string, std::string> settings;
   std::set<std::string> allow_changed_settings;
   ScriptCommHookOptions hook_options;
+  // Just-in-time commits at a failure (see just_in_time.h); needs ckpt_dir.
+  bool just_in_time = true;
+  JustInTimeOptions jit_options;
+  // Which step a resume picks when a rank's own state is missing at the newest.
+  LocalStatePolicy local_state_policy = LocalStatePolicy::kExact;
 };
 
 class DistributedDataParallel {
@@ -65,9 +71,16 @@ class DistributedDataParallel {
   // Around each step, as DDP does.
   void before_forward();
   void before_backward(const at::Tensor& loss);
-  // After the optimizer step `step`: snapshots every commit_every steps (in the
+  // Before the optimizer step (or any other change of the trainer's state): from
+  // here until after_step, a failure saves nothing just in time.
+  void before_update();
+  // After the optimizer step `step`: marks the step finished (the state a
+  // just-in-time commit saves), then snapshots every commit_every steps (in the
   // background; the previous snapshot is waited for first).
   void after_step(int64_t step, int64_t data_position);
+  // After an error on the trainer's thread: saves the last finished step just in
+  // time (no collective). Returns whether a commit was written.
+  bool save_just_in_time(const std::string& reason);
   // Waits for a snapshot in flight.
   void flush();
 
@@ -83,6 +96,7 @@ class DistributedDataParallel {
   std::unique_ptr<c10d::Reducer> reducer_;
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
   std::unique_ptr<Checkpointer> checkpointer_;
+  std::unique_ptr<JustInTime> jit_;  // from finish_recovery() on, when enabled and there is a store
 };
 
 // The shortest text that reads back as `v` (how settings are recorded).

@@ -18,6 +18,7 @@
 // refusal is decided together, so no rank waits on a peer that has given up.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -53,6 +54,13 @@ struct TrainingState {
   at::Device accelerator() const;
 };
 
+// One snapshot a rank's store holds, as recovery weighs it.
+struct SnapshotCandidate {
+  int64_t step = -1;
+  bool just_in_time = false;
+  uint64_t buddy_parts = 0;  // CommitRecord::kBuddy* bits
+};
+
 // This rank's newest intact snapshot, found on its own.
 struct LocalCheckpoint {
   int64_t step = -1;    // -1: none intact (or no store)
@@ -61,6 +69,32 @@ struct LocalCheckpoint {
   std::vector<NamedTensor> tensors;
   std::vector<int64_t> damaged;  // snapshots that failed to load (size, checksum, missing file)
   std::vector<int64_t> commits;  // every commit the store holds
+  // Every snapshot not known to be damaged, newest first: the loaded one, then
+  // older ones (checked when loaded, see load_agreed_step).
+  std::vector<SnapshotCandidate> candidates;
+};
+
+// What to do when a rank's own state (the hook's error feedback, the trainer's
+// RNG) exists at no newer step than an older commit: typically the rank that
+// failed, whose peers saved a just-in-time commit it has no copy in.
+enum class LocalStatePolicy {
+  // Resume from the newest step at which every rank's rank-local state exists
+  // (its own snapshot, or its buddy's copy), so the run stays bit-identical.
+  // When no step has it all (a store and its buddy's both lost), the newest step
+  // with that rank's state reset, as kReset.
+  kExact,
+  // Resume from the newest step any rank holds; a rank whose rank-local state is
+  // missing there starts it afresh (the hook's empty, as PyTorch's PowerSGD does
+  // when a bucket changes; the trainer's as it is in the new process).
+  kReset,
+};
+const char* policy_name(LocalStatePolicy policy);
+
+// What a resume needs besides replicated state, the same on every rank.
+struct RecoveryNeeds {
+  bool hook_local = false;     // the hook keeps rank-local state
+  bool trainer_local = false;  // the trainer keeps rank-local state (TrainingState::rank_local)
+  LocalStatePolicy policy = LocalStatePolicy::kExact;
 };
 
 // Newest first, past damaged snapshots (a retained older one is worth more than
@@ -72,7 +106,14 @@ struct RecoveryPlan {
   int source = -1;                  // the first rank that has it
   std::vector<int64_t> rank_steps;  // each rank's newest intact step
   std::vector<int> resync;          // ranks that lack it
-  int64_t newest_snapshot_step = -1;
+  int64_t newest_snapshot_step = -1;  // the newest snapshot any store names, intact or not
+  // The newest step any rank holds intact (a just-in-time commit, typically);
+  // newest_step - step steps were lost to the policy or to damage.
+  int64_t newest_step = -1;
+  bool just_in_time = false;        // the source's snapshot of `step` is a just-in-time one
+  LocalStatePolicy policy = LocalStatePolicy::kExact;
+  std::vector<int> local_reset;     // ranks whose rank-local state is missing at `step`, started afresh
+  int64_t steps_lost() const { return step < 0 ? std::max<int64_t>(0, newest_step) : newest_step - step; }
   bool fresh() const { return step < 0; }
   bool has_step(int rank) const { return step >= 0 && rank_steps[static_cast<size_t>(rank)] == step; }
 };
@@ -80,6 +121,20 @@ struct RecoveryPlan {
 // Collective: the newest step some rank holds intact. Rank 0 says so when newer
 // snapshots were damaged everywhere.
 RecoveryPlan agree_on_step(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const LocalCheckpoint& local);
+// Collective: as above, weighing every rank's candidates against `needs`: the
+// newest step some rank holds whose rank-local state every rank can get back
+// (kExact), or the newest step some rank holds (kReset). Rank 0 logs a choice
+// that passes over a newer step.
+RecoveryPlan agree_on_step(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const LocalCheckpoint& local,
+                           const RecoveryNeeds& needs);
+// The plan as every rank computes it from every rank's candidates (newest first),
+// without communication: what agree_on_step decides, for tests.
+RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& candidates, const RecoveryNeeds& needs);
+
+// On a rank that holds the plan's step but loaded another snapshot (the plan
+// passed over its newest): loads that one into `local`. Returns false, and drops
+// the candidate, when it turns out damaged; the ranks then agree again.
+bool load_agreed_step(CheckpointStore* store, const RecoveryPlan& plan, int rank, LocalCheckpoint* local);
 
 // This rank's commits that cannot be continued (damaged, or newer than the agreed
 // step) leave its store, so the next commit follows its latest. Returns them.
@@ -128,5 +183,16 @@ std::vector<std::vector<size_t>> agree_on_buckets(const c10::intrusive_ptr<c10d:
 // rank-local state (the hook's and the trainer's).
 std::vector<NamedTensor> snapshot_tensors(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                           const TrainingState& state);
+
+// Without any collective: this rank's own part of snapshot_tensors, with the
+// hook's state given as `hook_state` (hook_state_entries) and the trainer's
+// rank-local state as `rank_local`: a just-in-time snapshot takes copies made at
+// the end of the step it saves, as the live ones may be midway through the next.
+std::vector<NamedTensor> own_state_tensors(const TrainingState& state, const std::vector<NamedTensor>& hook_state,
+                                           const std::vector<at::Tensor>& rank_local);
+// The hook's replicated and rank-local state, named as in a snapshot, as copies.
+std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook);
+// The names rank (r - 1)'s trainer-local tensors take in rank r's snapshot.
+std::string trainer_buddy_name(size_t index);
 
 }  // namespace ftcomm

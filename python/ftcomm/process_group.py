@@ -10,6 +10,11 @@ import torch.distributed as dist
 from . import _C
 
 
+# The collective timeout of the group init_process_group made (FaultTolerant's
+# stall_timeout follows it); None before it ran.
+group_timeout_s: float | None = None
+
+
 def _seconds(timeout: float | timedelta) -> float:
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     if not seconds > 0:
@@ -48,6 +53,8 @@ def init_process_group(backend: str = "auto", timeout: float | timedelta = 300.0
             "instead of torch.distributed.init_process_group()"
         )
     seconds = _seconds(timeout)
+    global group_timeout_s
+    group_timeout_s = seconds
     store, rank, world, local_rank, restart, _ = _C.torchrun_store(seconds)
 
     failure = "gloo asked for"

@@ -16,6 +16,7 @@
 #include "ftcomm/checkpointer.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/hook_check.h"
+#include "ftcomm/just_in_time.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/script_comm_hook.h"
 #include "ftcomm/script_hook.h"
@@ -111,6 +112,11 @@ py::dict report_dict(const RecoveryReport& r) {
   d["resync_bytes"] = r.resync_bytes;
   d["resynced_ranks"] = r.resynced_ranks;
   d["local_state"] = r.local_state;
+  d["newest_step"] = r.newest_step;
+  d["steps_lost"] = r.newest_step < 0 ? 0 : r.newest_step - std::max<int64_t>(0, r.resumed_from_step);
+  d["resumed_just_in_time"] = r.resumed_just_in_time;
+  d["policy"] = r.policy;
+  d["local_state_reset"] = r.local_state_reset;
   return d;
 }
 
@@ -118,9 +124,15 @@ py::dict report_dict(const RecoveryReport& r) {
 // own Reducer, which a resume re-buckets to the agreed stored layout.
 class PyCheckpointer {
  public:
-  PyCheckpointer(Group pg, CheckpointerOptions options) {
+  PyCheckpointer(Group pg, CheckpointerOptions options, bool jit, JustInTimeOptions jit_options)
+      : pg_(pg), jit_enabled_(jit), jit_options_(std::move(jit_options)) {
     py::gil_scoped_release release;
     impl_ = std::make_unique<Checkpointer>(std::move(pg), std::move(options));
+  }
+  ~PyCheckpointer() {
+    py::gil_scoped_release release;
+    jit_.reset();
+    impl_.reset();
   }
 
   // Returns (report, objects, rank_local): parameters and buffers are filled in
@@ -135,9 +147,31 @@ class PyCheckpointer {
       const auto current = bucket_indices(bucket_layout_of(*reducer, s.parameters));
       report = impl_->finish_recovery(s, current, &buckets);
       if (report.resumed_from_step >= 0 && buckets != current) reducer->initialize_buckets(buckets);
+      if (jit_enabled_ && impl_->store() != nullptr) jit_ = std::make_unique<JustInTime>(pg_, impl_.get(), jit_options_);
     }
     return py::make_tuple(report_dict(report), s.objects, s.rank_local);
   }
+
+  // Just in time: the optimizer step begins; step `step` finished (its state);
+  // a failure on this thread (saves the last finished step).
+  void begin_update() {
+    if (!jit_) return;
+    py::gil_scoped_release release;
+    jit_->begin_update();
+  }
+  void step_finished(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
+                     int64_t data_position) {
+    if (!jit_) return;
+    const TrainingState s = state.view();
+    py::gil_scoped_release release;
+    jit_->step_finished(step, s, *reducer, data_position);
+  }
+  bool save_just_in_time(const std::string& reason) {
+    if (!jit_) return false;
+    py::gil_scoped_release release;
+    return jit_->save(reason);
+  }
+  bool jit_active() const { return jit_ != nullptr; }
 
   bool commit(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
               int64_t data_position) {
@@ -167,13 +201,19 @@ class PyCheckpointer {
       d["has_snapshot"] = r.has_snapshot;
       d["blob_bytes"] = r.blob_bytes;
       d["settings"] = r.settings;
+      d["just_in_time"] = r.just_in_time;
+      d["jit_reason"] = r.jit_reason;
       out.push_back(d);
     }
     return out;
   }
 
  private:
+  Group pg_;
+  bool jit_enabled_;
+  JustInTimeOptions jit_options_;
   std::unique_ptr<Checkpointer> impl_;
+  std::unique_ptr<JustInTime> jit_;  // from resume() on, when enabled
 };
 
 }  // namespace
@@ -234,18 +274,32 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyCheckpointer>(m, "Checkpointer")
       .def(py::init([](const Group& pg, const std::string& dir, const std::string& job_id, int commit_every,
                        int keep_snapshots, const std::map<std::string, std::string>& settings,
-                       const std::set<std::string>& allow) {
+                       const std::set<std::string>& allow, bool jit, const std::string& policy,
+                       double stall_timeout_s, double update_grace_s) {
+             TORCH_CHECK(policy == "exact" || policy == "reset", "jit_policy must be 'exact' or 'reset', got '", policy,
+                         "'");
+             TORCH_CHECK(stall_timeout_s >= 0, "stall_timeout must be 0 (none) or positive seconds, got ",
+                         stall_timeout_s);
+             JustInTimeOptions jo;
+             jo.stall_timeout = millis(stall_timeout_s);
+             jo.update_grace = millis(update_grace_s);
              CheckpointerOptions o;
+             o.local_state_policy = policy == "exact" ? LocalStatePolicy::kExact : LocalStatePolicy::kReset;
              o.ckpt_dir = dir;
              o.job_id = job_id;
              o.commit_every = commit_every;
              o.keep_snapshots = keep_snapshots;
              o.settings = settings;
              o.allow_changed_settings = allow;
-             return std::make_unique<PyCheckpointer>(pg, std::move(o));
+             return std::make_unique<PyCheckpointer>(pg, std::move(o), jit, std::move(jo));
            }),
            py::arg("pg"), py::arg("dir"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
-           py::arg("settings"), py::arg("allow_changed_settings"))
+           py::arg("settings"), py::arg("allow_changed_settings"), py::arg("jit"), py::arg("jit_policy"),
+           py::arg("stall_timeout_s"), py::arg("update_grace_s"))
+      .def("begin_update", &PyCheckpointer::begin_update)
+      .def("step_finished", &PyCheckpointer::step_finished)
+      .def("save_just_in_time", &PyCheckpointer::save_just_in_time)
+      .def_property_readonly("jit_active", &PyCheckpointer::jit_active)
       .def("resume", &PyCheckpointer::resume)
       .def("commit", &PyCheckpointer::commit)
       .def("due", &PyCheckpointer::due)

@@ -135,6 +135,13 @@ int inspect(const std::vector<std::string>& args) {
       commit["hook_digest"] = c.hook_digest;
       commit["layout_signature"] = ftcomm::signature_hex(c.layout_signature);
       commit["snapshot"] = c.has_snapshot;
+      commit["kind"] = c.just_in_time ? "just-in-time" : "periodic";
+      if (c.just_in_time) {
+        commit["jit_reason"] = c.jit_reason;
+        commit["buddy_copies"] = nlohmann::json::array();
+        if (c.buddy_parts & ftcomm::CommitRecord::kBuddyTrainer) commit["buddy_copies"].push_back("trainer");
+        if (c.buddy_parts & ftcomm::CommitRecord::kBuddyHook) commit["buddy_copies"].push_back("hook");
+      }
       commit["snapshot_bytes"] = c.blob_bytes;
       commit["settings"] = c.settings;
       commit["unix_ms"] = c.unix_ms;
@@ -162,12 +169,20 @@ int inspect(const std::vector<std::string>& args) {
       std::cout << "\n";
     }
     std::cout << "  retention: " << commits.size() << " commits, " << snapshots << " snapshots kept\n\n";
-    std::printf("  %10s %6s %6s %9s %16s %14s  %s\n", "step", "epoch", "world", "snapshot", "layout", "bytes", "hook");
+    std::printf("  %10s %6s %6s %9s %13s %16s %14s  %s\n", "step", "epoch", "world", "snapshot", "kind", "layout",
+                "bytes", "hook");
     for (const auto& c : commits) {
-      std::printf("  %10lld %6lld %6d %9s %16s %14llu  %s\n", static_cast<long long>(c.step),
+      std::printf("  %10lld %6lld %6d %9s %13s %16s %14llu  %s\n", static_cast<long long>(c.step),
                   static_cast<long long>(c.epoch), c.world_size, c.has_snapshot ? "yes" : "-",
-                  ftcomm::signature_hex(c.layout_signature).c_str(), static_cast<unsigned long long>(c.blob_bytes),
-                  c.hook_digest.substr(0, 16).c_str());
+                  c.just_in_time ? "just-in-time" : "periodic", ftcomm::signature_hex(c.layout_signature).c_str(),
+                  static_cast<unsigned long long>(c.blob_bytes), c.hook_digest.substr(0, 16).c_str());
+    }
+    for (const auto& c : commits) {
+      if (!c.just_in_time) continue;
+      std::printf("  step %lld was saved just in time (%s); buddy copy of the previous rank's trainer state: %s, "
+                  "of its hook state: no (periodic commits carry it)\n",
+                  static_cast<long long>(c.step), c.jit_reason.c_str(),
+                  (c.buddy_parts & ftcomm::CommitRecord::kBuddyTrainer) ? "yes" : "no");
     }
   }
   std::cout << "\n  bucket layouts:\n";

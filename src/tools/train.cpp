@@ -14,6 +14,7 @@
 #include <memory>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,7 @@
 #include "events.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
+#include "hook_text.h"
 #include "log.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
@@ -48,6 +50,8 @@ struct TrainArgs {
   bool hook_agree = true;
   std::string ckpt;
   int commit_every = 10;
+  bool jit = true;
+  std::string jit_policy = "exact";
   std::string backend = "auto";
   double bucket_mb = 1;
   struct Failure {
@@ -98,10 +102,11 @@ TrainArgs::Failure parse_failure(const std::string& text) {
   f.rank = static_cast<int>(integer(spec.substr(0, c1), "rank"));
   f.step = integer(spec.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1), "step");
   if (c2 != std::string::npos) f.phase = spec.substr(c2 + 1);
-  if (f.phase != "forward" && f.phase != "backward" && f.phase != "hook" && f.phase != "commit" && f.phase != "resync") {
-    throw bad("has phase '" + f.phase + "', not one of forward, backward, hook, commit, resync");
+  static const std::set<std::string> kPhases{"forward", "backward", "hook", "update", "commit", "resync", "jit", "hang"};
+  if (!kPhases.count(f.phase)) {
+    throw bad("has phase '" + f.phase + "', not one of forward, backward, hook, update, commit, resync, jit, hang");
   }
-  if (f.phase != "resync" && f.step < 1) throw bad("has step 0; steps count from 1");
+  if (f.phase != "resync" && f.phase != "jit" && f.step < 1) throw bad("has step 0; steps count from 1");
   return f;
 }
 
@@ -136,7 +141,21 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "than half of it fails the step on every rank, naming the stuck rank")
       ->check(ftcomm::cli::number_in(1, 86400))->capture_default_str();
   app.add_option("--ckpt", a.ckpt, "checkpoint stores, one per rank under DIR/rank<R>");
-  app.add_option("--commit-every", a.commit_every, "snapshot every K steps")->check(ftcomm::cli::integer_in(1, 1000000000))->capture_default_str();
+  app.add_option("--commit-every", a.commit_every,
+                 "snapshot every K steps; 0: none (with --jit on, a failure still loses at most one step; periodic "
+                 "snapshots are for losing every rank at once)")
+      ->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
+  std::string jit = "on";
+  app.add_option("--jit", jit,
+                 "just-in-time commits: at a failure (a peer's collective error, a step stalled past 0.9 x --timeout, "
+                 "torchrun's SIGTERM) each survivor saves its last finished step, so a resume loses at most the step "
+                 "in progress")
+      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  app.add_option("--jit-policy", a.jit_policy,
+                 "when the failed rank's rank-local hook state (powersgd's or topk's error feedback) exists only at "
+                 "an older commit: exact resumes there (bit-identical), reset resumes from the just-in-time step with "
+                 "that state started afresh")
+      ->check(CLI::IsMember({"exact", "reset"}))->capture_default_str();
   app.add_option("--allow-change", a.allow_changes,
                  "resume although this setting changed since the checkpoint (repeatable): lr, batch, model, data, "
                  "device, hook.<param>, or all");
@@ -150,8 +169,9 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   std::vector<std::string> failures;
   app.add_option("--fail-at", failures,
                  "SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0, the first); PHASE is forward, "
-                 "backward (default), hook, commit, or resync (during recovery at start-up; STEP is ignored). "
-                 "Repeatable")
+                 "backward (default), hook, update (during the optimizer step), commit, resync (during recovery at "
+                 "start-up; STEP is ignored), jit (during that rank's just-in-time save; STEP is ignored), or hang "
+                 "(SIGSTOP instead: the rank hangs in backward). Repeatable")
       ->type_name("RANK:STEP[:PHASE][@ATTEMPT]");
   app.add_option("--summary-json", a.summary, "written by rank 0 at the end (checked at start)");
   app.add_option("--events", a.events,
@@ -163,6 +183,7 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   for (const auto& kv : hook_args) a.hook_args.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
   for (const auto& f : failures) a.failures.push_back(parse_failure(f));
   a.hook_agree = agree == "on";
+  a.jit = jit == "on";
   return std::nullopt;
 }
 
@@ -294,6 +315,12 @@ class CharLm : public Model {
   std::vector<Block> blocks_;
 };
 
+// Steps given up by the resume: from the newest step any rank held intact.
+int64_t recovery_steps_lost(const ftcomm::RecoveryReport& r) {
+  if (r.newest_step < 0) return 0;
+  return r.newest_step - std::max<int64_t>(0, r.resumed_from_step);
+}
+
 }  // namespace
 
 int train_main(const std::vector<std::string>& argv) {
@@ -322,12 +349,13 @@ int train_main(const std::vector<std::string>& argv) {
   }
   auto maybe_fail = [&](int64_t step, const std::string& phase) {
     for (const auto& f : args.failures) {
-      if (f.attempt == pgo.restart_count && f.rank == rank && f.phase == phase && (phase == "resync" || f.step == step)) {
+      if (f.attempt == pgo.restart_count && f.rank == rank && f.phase == phase &&
+          (phase == "resync" || phase == "jit" || f.step == step)) {
         ftcomm::detail::log_line("ftcomm train: rank " + std::to_string(rank) + ": injected failure at step " +
                                  std::to_string(step) + " (" + phase + ", attempt " +
                                  std::to_string(pgo.restart_count) + ")");
         events.emit("failure_injected", {{"step", step}, {"phase", phase}});
-        ::kill(::getpid(), SIGKILL);
+        ::kill(::getpid(), phase == "hang" ? SIGSTOP : SIGKILL);
       }
     }
   };
@@ -360,6 +388,16 @@ int train_main(const std::vector<std::string>& argv) {
   options.pinned_digests = args.hook_digests;
   options.hook_options.agree_per_bucket = args.hook_agree;
   options.commit_every = args.commit_every;
+  options.just_in_time = args.jit;
+  options.local_state_policy =
+      args.jit_policy == "reset" ? ftcomm::LocalStatePolicy::kReset : ftcomm::LocalStatePolicy::kExact;
+  // A step stalls (a hung peer, an NCCL collective that never completes) before
+  // the collective's own deadline passes, so every backend reacts alike.
+  options.jit_options.stall_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 900));
+  options.jit_options.before_commit = [&] { maybe_fail(-1, "jit"); };
+  options.jit_options.on_saved = [&](int64_t step, bool saved, const std::string& reason) {
+    events.emit("jit_saved", {{"step", step}, {"saved", saved}, {"reason", reason}});
+  };
   options.hook_options.hook_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 500));
   // What changes the result besides the hook's parameters (the seed is part of
   // the job's identity; the hook's file is checked by its digest).
@@ -386,7 +424,12 @@ int train_main(const std::vector<std::string>& argv) {
                                {"resync_bytes", report.resync_bytes},
                                {"resynced_ranks", report.resynced_ranks},
                                {"local_state", report.local_state},
-                               {"changed_settings", report.changed_settings}});
+                               {"changed_settings", report.changed_settings},
+                               {"newest_step", report.newest_step},
+                               {"steps_lost", recovery_steps_lost(report)},
+                               {"resumed_just_in_time", report.resumed_just_in_time},
+                               {"policy", report.policy},
+                               {"local_state_reset", report.local_state_reset}});
     }
     if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
     const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
@@ -395,12 +438,14 @@ int train_main(const std::vector<std::string>& argv) {
                 args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
     if (rank == 0) {
       if (report.resumed_from_step >= 0) {
-        std::printf("ftcomm train: resumed from step %lld (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld bytes "
-                    "to %zu ranks); rank-local hook state: %s\n",
-                    static_cast<long long>(report.resumed_from_step), report.agreement_ms, report.load_ms,
+        std::printf("ftcomm train: resumed from step %lld%s (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld "
+                    "bytes to %zu ranks); rank-local hook state: %s; policy %s, %lld step(s) behind the newest saved\n",
+                    static_cast<long long>(report.resumed_from_step),
+                    report.resumed_just_in_time ? ", a just-in-time commit" : "", report.agreement_ms, report.load_ms,
                     report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
-                    report.local_state.c_str());
-        if (report.newest_snapshot_step > report.resumed_from_step) {
+                    report.local_state.c_str(), report.policy.c_str(),
+                    static_cast<long long>(recovery_steps_lost(report)));
+        if (report.newest_snapshot_step > report.newest_step) {
           std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
                       static_cast<long long>(report.newest_snapshot_step),
                       static_cast<long long>(report.resumed_from_step));
@@ -427,7 +472,10 @@ int train_main(const std::vector<std::string>& argv) {
       maybe_fail(step + 1, "backward");
       ddp.before_backward(loss);
       maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
+      maybe_fail(step + 1, "hang");
       loss.backward();
+      ddp.before_update();
+      maybe_fail(step + 1, "update");
       {
         at::NoGradGuard no_grad;
         for (size_t i = 0; i < params.size(); ++i) {
@@ -485,6 +533,11 @@ int train_main(const std::vector<std::string>& argv) {
           {"resync_bytes", report.resync_bytes},
           {"resynced_ranks", report.resynced_ranks},
           {"local_state", report.local_state},
+          {"newest_step", report.newest_step},
+          {"steps_lost", recovery_steps_lost(report)},
+          {"resumed_just_in_time", report.resumed_just_in_time},
+          {"policy", report.policy},
+          {"local_state_reset", report.local_state_reset},
           {"discarded_steps_rank0", report.discarded_steps},
           {"changed_settings", report.changed_settings},
           {"hook", ddp.hook()->name()}};
@@ -495,12 +548,13 @@ int train_main(const std::vector<std::string>& argv) {
     if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
     if (rank == 0) events.emit("done", {{"steps", args.steps}, {"param_digest", digest}});
   } catch (const std::exception& e) {
-    // A snapshot in flight is finished first (it is local disk work, and it may
-    // be the newest step this rank can resume from); nothing else is torn down.
+    // The last finished step goes to this rank's store just in time (after the
+    // snapshot in flight, which is local disk work); nothing else is torn down.
     try {
+      ddp.save_just_in_time(std::string("error: ") + ftcomm::detail::first_line(e.what()));
       ddp.flush();
-    } catch (const std::exception&) {
-      // Its own error is reported by the next attempt's recovery.
+    } catch (const std::exception& save_error) {
+      ftcomm::detail::log_line(std::string("ftcomm train: the just-in-time save failed: ") + save_error.what());
     }
     ftcomm::cli::exit_with_error("train", e);
   }

@@ -5,13 +5,18 @@ steps and phases, restarted by torchrun) must end with the same parameter digest
 an uninterrupted run. Further cases: an external kill -9 from this test, a replaced
 node (one rank's store deleted), a second failure during recovery, three failures in
 one run, a full restart from the stores alone, and a hook file written here and
-deployed by path. Every run has a deadline and is killed at it.
+deployed by path. Just-in-time commits (on by default): a kill at a random step and
+phase with no periodic snapshots loses at most one step; PowerSGD and top-k under
+both policies; a kill during the just-in-time save, two ranks killed at once, every
+rank killed, a hung survivor, torchrun's SIGTERM. Every run has a deadline and is
+killed at it.
 
-    python3 tests/e2e/train_recovery_test.py --ftcomm build/ftcomm [-k SUBSTRING]
+    python3 tests/e2e/train_recovery_test.py --ftcomm build/ftcomm [-k SUBSTRING] [--seed N]
 """
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,13 +59,17 @@ class Runner:
                 f"--max-restarts={restarts}", "--monitor-interval=0.2", f"--master-port={free_port()}",
                 self.ftcomm, "train", "--log-every", "10"] + args
 
-    def train(self, world, hook, extra, steps=STEPS, ckpt=None, restarts=3, external_kill_at=None, expect_fail=False):
+    def train(self, world, hook, extra, steps=STEPS, ckpt=None, restarts=3, external_kill_at=None, expect_fail=False,
+              commit_every=10, external_signal=signal.SIGKILL):
         self.count += 1
         ckpt = ckpt or os.path.join(self.workdir, f"run{self.count}")
         summary = os.path.join(self.workdir, f"run{self.count}.json")
         events_path = os.path.join(self.workdir, f"run{self.count}.events.jsonl")
-        args = ["--steps", str(steps), "--hook", hook, "--ckpt", ckpt, "--commit-every", "10",
-                "--summary-json", summary, "--events", events_path] + hook_args(hook) + extra
+        # noop keeps no replicas: a just-in-time resume would resync its lagging
+        # rank from a peer (see expect_equal), so its runs keep periodic commits only.
+        jit = ["--jit", "off"] if hook == "noop" else []
+        args = ["--steps", str(steps), "--hook", hook, "--ckpt", ckpt, "--commit-every", str(commit_every),
+                "--summary-json", summary, "--events", events_path] + hook_args(hook) + jit + extra
         env = dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore")
         proc = subprocess.Popen(self.command(world, restarts, args), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -75,7 +84,7 @@ class Runner:
                                              capture_output=True, text=True).stdout.split()
                     workers = [int(p) for p in workers if int(p) != proc.pid]
                     if workers:
-                        os.kill(workers[-1], signal.SIGKILL)
+                        os.kill(workers[-1], external_signal)
                         killed = True
                 if time.time() > deadline:
                     raise TimeoutError
@@ -98,11 +107,11 @@ class Runner:
         result["events"] = read_events(events_path)
         return result
 
-    def reference(self, world, hook, model=()):
+    def reference(self, world, hook, model=(), what="param_digest"):
         key = (world, hook, tuple(model))
         if key not in self.references:
-            self.references[key] = self.train(world, hook, list(model), restarts=0)["param_digest"]
-        return self.references[key]
+            self.references[key] = self.train(world, hook, list(model), restarts=0)
+        return self.references[key][what]
 
 
 def expect_equal(runner, world, hook, result, min_restarts=1, model=()):
@@ -196,6 +205,7 @@ def cases(runner, workdir):
         raise AssertionError("a checkpoint of world size 2 was accepted by a job of world size 3")
 
     out += reliability_cases(runner, workdir)
+    out += jit_cases(runner, workdir)
     out += [("checkpoint of another world size is refused", other_world_size), ("external kill -9", external), ("replaced node", replaced_node),
             ("second failure during recovery", second_failure_in_recovery), ("three failures", three_failures),
             ("full restart from the stores", full_restart), ("new hook file by path", new_hook_file)]
@@ -370,9 +380,13 @@ def reliability_cases(runner, workdir):
         failure = next(e for e in ev if e["event"] == "failure_injected")
         assert failure["step"] == 13 and failure["phase"] == "backward", failure
         recovery = next(e for e in ev if e["event"] == "recovery" and e["attempt"] == 1)
-        assert recovery["resumed_from_step"] == 10 and set(recovery["phases_ms"]) == {"agreement", "load", "resync"}
+        # Rank 0 saved step 12 just in time when its peer's death broke step 13.
+        assert recovery["resumed_from_step"] == 12 and set(recovery["phases_ms"]) == {"agreement", "load", "resync"}
+        assert recovery["resumed_just_in_time"] and recovery["steps_lost"] == 0 and recovery["policy"] == "exact"
+        saved = [e for e in ev if e["event"] == "jit_saved" and e["rank"] == 0]
+        assert saved and saved[0]["step"] == 12 and saved[0]["saved"], saved
         steps = [e["step"] for e in ev if e["event"] == "step" and e["attempt"] == 1]
-        assert steps == list(range(11, STEPS + 1)), steps
+        assert steps == list(range(13, STEPS + 1)), steps
         done = next(e for e in ev if e["event"] == "done")
         assert done["param_digest"] == r["param_digest"] == runner.reference(2, "allreduce")
 
@@ -390,11 +404,117 @@ def reliability_cases(runner, workdir):
     return out
 
 
+SEED = int(os.environ.get("FTCOMM_E2E_SEED", str(int(time.time()) % 100000)))
+
+
+def jit_cases(runner, workdir):
+    """Just-in-time commits (the issue: lose at most one step per failure)."""
+    out = []
+    rng = random.Random(SEED)
+    phases = ["forward", "backward", "hook", "update", "commit"]
+
+    def expect_lost_at_most_one(r, fail_step):
+        assert fail_step - 1 <= r["resumed_from_step"] <= fail_step, \
+            f"killed in step {fail_step}, resumed from {r['resumed_from_step']}: more than one step lost"
+        assert r["resumed_just_in_time"], r
+
+    # Hooks without rank-local state, no periodic snapshot at all, a kill at a
+    # random step and phase (the seed is printed; FTCOMM_E2E_SEED repeats it).
+    for hook in ("allreduce", "fp16_compress", "bf16_compress", "int8_quantize"):
+        step, phase, rank = rng.randint(3, STEPS - 3), rng.choice(phases), rng.randint(0, 1)
+
+        def run(hook=hook, step=step, phase=phase, rank=rank):
+            r = runner.train(2, hook, ["--fail-at", f"{rank}:{step}:{phase}"], commit_every=0)
+            expect_equal(runner, 2, hook, r)
+            expect_lost_at_most_one(r, step)
+
+        out.append((f"jit w2 {hook} no periodic commits, rank {rank} killed at step {step} {phase} (seed {SEED})", run))
+
+    def stateful(hook, policy):
+        r = runner.train(2, hook, ["--fail-at", "1:17:hook", "--jit-policy", policy])
+        assert r["policy"] == policy and r["newest_step"] == 16, r
+        if policy == "exact":
+            # Rank 1's error feedback exists only at the periodic commit of step 10.
+            assert r["resumed_from_step"] == 10 and r["steps_lost"] == 6 and not r["resumed_just_in_time"], r
+            expect_in(r["output"], "resuming from step 10, not the newest step 16")
+            expect_equal(runner, 2, hook, r)
+        else:
+            assert r["resumed_from_step"] == 16 and r["resumed_just_in_time"] and r["local_state_reset"] == [1], r
+            expect_in(r["local_state"], "rank 1: reset to empty")
+            want = runner.reference(2, hook, what="loss_last")
+            assert abs(r["loss_last"] - want) <= 0.15 * want, f"loss {r['loss_last']} far from uninterrupted {want}"
+
+    for hook in ("powersgd", "topk"):
+        for policy in ("exact", "reset"):
+            out.append((f"jit w2 {hook} policy {policy}", lambda hook=hook, policy=policy: stateful(hook, policy)))
+
+    def killed_during_the_save():
+        # Rank 1 dies in step 17; rank 0 is killed inside its just-in-time save
+        # of step 16: both fall back to the periodic commit of step 10, intact.
+        r = runner.train(2, "allreduce", ["--fail-at", "1:17:hook", "--fail-at", "0:0:jit"])
+        assert r["resumed_from_step"] == 10 and not r["resumed_just_in_time"], r
+        expect_equal(runner, 2, "allreduce", r)
+        assert any(e["event"] == "failure_injected" and e["phase"] == "jit" for e in r["events"]), r["events"]
+
+    def two_ranks_at_once():
+        r = runner.train(4, "fp16_compress", ["--fail-at", "1:21:backward", "--fail-at", "2:21:backward"],
+                         commit_every=0)
+        assert r["resumed_from_step"] == 20 and r["resynced_ranks"] == [1, 2], r
+        expect_equal(runner, 4, "fp16_compress", r)
+
+    def every_rank(commit_every, want):
+        r = runner.train(2, "allreduce", ["--fail-at", "0:17:hook", "--fail-at", "1:17:hook"],
+                         commit_every=commit_every)
+        assert r["resumed_from_step"] == want, r
+        expect_equal(runner, 2, "allreduce", r)
+
+    def hung_survivor():
+        # Rank 1 hangs (SIGSTOP) in step 13; rank 0's step stalls past 0.9 x
+        # --timeout, it saves step 12 and exits; torchrun SIGKILLs the hung rank
+        # (30 s after its SIGTERM) and restarts the job.
+        r = runner.train(2, "allreduce", ["--fail-at", "1:13:hang", "--timeout", "8"], commit_every=0)
+        expect_in(r["output"], "step 13 stalled for more than 7200 ms", "saved step 12 just in time")
+        assert r["resumed_from_step"] == 12, r
+        expect_equal(runner, 2, "allreduce", r)
+
+    def sigterm():
+        # torchrun's SIGTERM, sent here to one worker: it saves its last finished
+        # step and exits 143; its peer's next collective fails and it saves too.
+        r = runner.train(2, "allreduce", [], steps=400, commit_every=0, external_kill_at=150,
+                         external_signal=signal.SIGTERM)
+        expect_in(r["output"], "SIGTERM; saving step")
+        saved = [e for e in r["events"] if e["event"] == "jit_saved" and e["reason"] == "SIGTERM"]
+        assert saved and saved[0]["saved"], r["events"][-5:]
+        assert r["resumed_just_in_time"] and r["resumed_from_step"] >= saved[0]["step"], r
+        assert r["param_digest"] == runner.train(2, "allreduce", [], steps=400, restarts=0)["param_digest"]
+
+    def inspect_shows_jit():
+        ckpt = os.path.join(workdir, "jit-inspect")
+        runner.train(2, "allreduce", ["--fail-at", "1:17:hook"], ckpt=ckpt, commit_every=0)
+        text = subprocess.run([runner.ftcomm, "inspect", os.path.join(ckpt, "rank0")], capture_output=True,
+                              text=True, check=True).stdout
+        expect_in(text, "just-in-time", "step 16 was saved just in time (error:")
+        data = json.loads(subprocess.run([runner.ftcomm, "inspect", "--json", os.path.join(ckpt, "rank0")],
+                                         capture_output=True, text=True, check=True).stdout)
+        jit = [c for c in data["commits"] if c["kind"] == "just-in-time"]
+        assert [c["step"] for c in jit] == [16] and jit[0]["jit_reason"].startswith("error:"), data["commits"]
+
+    out += [("jit: a kill during the just-in-time save falls back to the periodic commit", killed_during_the_save),
+            ("jit w4: two ranks killed at once", two_ranks_at_once),
+            ("jit: every rank killed, periodic commits", lambda: every_rank(10, 10)),
+            ("jit: every rank killed, no periodic commits (fresh start)", lambda: every_rank(0, -1)),
+            ("jit: a hung survivor saves on its stalled step", hung_survivor),
+            ("jit: torchrun's SIGTERM saves the last finished step", sigterm),
+            ("jit: inspect shows just-in-time commits", inspect_shows_jit)]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ftcomm", required=True)
     parser.add_argument("-k", default="")
     args = parser.parse_args()
+    print(f"e2e: random choices seeded with {SEED} (FTCOMM_E2E_SEED={SEED} repeats them)", flush=True)
     workdir = tempfile.mkdtemp(prefix="ftcomm-e2e-")
     runner = Runner(os.path.abspath(args.ftcomm), workdir)
     passed = failed = 0

@@ -28,7 +28,8 @@ def baseline(tmp_path_factory, hook, nproc, steps=12):
 @pytest.mark.parametrize("hook", sorted(HOOKS))
 def test_kill_mid_backward_resumes_bit_exact(tmp_path, tmp_path_factory, hook):
     """A rank SIGKILLed inside a step (after its forward); torchrun restarts the job,
-    which resumes at the last commit and finishes digest-equal."""
+    which resumes at the last commit (a periodic one, which is also the last
+    finished step) and finishes digest-equal."""
     run = train(tmp_path, "run", hook=hook, hook_arg=HOOKS[hook], kill="1:7:backward", max_restarts=1)
     got = ok(run)
     assert "killed at step 7" in run.output
@@ -63,8 +64,50 @@ def test_world4_failure_during_recovery(tmp_path, tmp_path_factory):
 
 def test_kill_rank0_between_commits_no_hook(tmp_path, tmp_path_factory):
     """Rank 0 (the one DDP broadcasts buffers from) dies after an optimizer step
-    that was not committed; plain DDP without an ftcomm hook."""
-    run = train(tmp_path, "run", hook="none", kill="0:5:commit", max_restarts=1)
+    that was not committed; plain DDP without an ftcomm hook; periodic commits only."""
+    run = train(tmp_path, "run", hook="none", kill="0:5:commit", max_restarts=1, jit=0)
     got = ok(run)
     assert got["report"]["resumed_from_step"] == 4
     assert got["digest"] == baseline(tmp_path_factory, "none", 2)["digest"]
+
+
+# --- just in time -------------------------------------------------------------------
+
+@pytest.mark.parametrize("hook,kill", [("allreduce", "1:7:backward"), ("none", "0:5:forward"),
+                                       ("fp16_compress", "0:9:step"), ("bf16_compress", "1:6:commit"),
+                                       ("int8_quantize", "1:8:term:backward")])
+def test_jit_no_periodic_commits_loses_at_most_one_step(tmp_path, tmp_path_factory, hook, kill):
+    """commit_every=0: only just-in-time commits. A rank killed inside a step (or
+    after its step_done, or sent SIGTERM as torchrun does) costs at most that step;
+    RNG states and BatchNorm buffers of the killed rank come from its buddy's
+    per-step copy, so the run ends digest-equal."""
+    fail_step = int(kill.split(":")[1])
+    run = train(tmp_path, "run", hook=hook, hook_arg=HOOKS.get(hook, []), kill=kill, commit_every=0,
+                max_restarts=1)
+    got = ok(run)
+    report = got["report"]
+    assert fail_step - 1 <= report["resumed_from_step"] <= fail_step, report
+    assert report["resumed_just_in_time"] and report["policy"] == "exact", report
+    assert got["digest"] == baseline(tmp_path_factory, hook, 2)["digest"]
+    assert got["user"] == {"epoch": 2, "seen": 12 * 16}
+    if "term" in kill:
+        assert "SIGTERM; saving step" in run.output, run.output[-3000:]
+
+
+@pytest.mark.parametrize("policy", ["exact", "reset"])
+def test_jit_powersgd_policies(tmp_path, tmp_path_factory, policy):
+    """PowerSGD keeps rank-local error feedback, copied to the buddy only at periodic
+    commits: exact resumes from the periodic commit (bit-identical), reset from the
+    just-in-time step with the killed rank's error feedback started afresh."""
+    run = train(tmp_path, "run", hook="powersgd", hook_arg=HOOKS["powersgd"], kill="1:8:backward", commit_every=4,
+                max_restarts=1, jit_policy=policy)
+    got = ok(run)
+    report = got["report"]
+    assert report["newest_step"] == 7 and report["policy"] == policy, report
+    if policy == "exact":
+        assert report["resumed_from_step"] == 4 and report["steps_lost"] == 3, report
+        assert got["digest"] == baseline(tmp_path_factory, "powersgd", 2)["digest"]
+    else:
+        assert report["resumed_from_step"] == 7 and report["local_state_reset"] == [1], report
+        want = baseline(tmp_path_factory, "powersgd", 2)["loss"]
+        assert abs(got["loss"] - want) <= 0.15 * abs(want), (got["loss"], want)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,10 @@ def main():
     p.add_argument("--commit-every", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kill", default="", help="RANK:STEP:PHASE (forward|backward|step|commit) on attempt 0")
+    p.add_argument("--kill", default="", help="RANK:STEP:PHASE (forward|backward|step|commit) on attempt 0; "
+                   "term:PHASE sends SIGTERM (as torchrun does) instead of SIGKILL")
+    p.add_argument("--jit", type=int, default=1, help="FaultTolerant(jit=...)")
+    p.add_argument("--jit-policy", default="exact")
     p.add_argument("--kill-before-resume", type=int, default=-1, help="this rank dies before resume on attempt 1")
     p.add_argument("--wipe", type=int, default=-1, help="this rank's store is deleted before attempt 1")
     p.add_argument("--job-id", default="trainer")
@@ -76,7 +80,7 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     user = {"epoch": 0, "seen": 0}
     ft = ftcomm.FaultTolerant(model, opt, a.ckpt, commit_every=a.commit_every, hook=hook, job_id=a.job_id,
-                              settings={"lr": a.lr}, user_state=user)
+                              settings={"lr": a.lr}, user_state=user, jit=bool(a.jit), jit_policy=a.jit_policy)
     if attempt == 1 and rank == a.kill_before_resume:
         os.kill(os.getpid(), signal.SIGKILL)
     step = ft.resume()
@@ -85,10 +89,16 @@ def main():
     kill_rank, kill_step, phase = (a.kill.split(":") + ["", "", ""])[:3] if a.kill else ("-1", "-1", "")
     die = attempt == 0 and rank == int(kill_rank)
 
+    how = signal.SIGKILL
+    if phase.startswith("term:"):
+        how, phase = signal.SIGTERM, phase[len("term:"):]
+
     def maybe_die(at_step, at_phase):
         if die and at_step == int(kill_step) and at_phase == phase:
-            print(f"trainer: rank {rank} killed at step {at_step} ({at_phase})", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            print(f"trainer: rank {rank} killed at step {at_step} ({at_phase}, {how.name})", flush=True)
+            os.kill(os.getpid(), how)
+            if how == signal.SIGTERM:
+                time.sleep(60)  # ftcomm's SIGTERM handler saves and exits meanwhile
 
     while step < a.steps:
         x, y = batch(step, rank, 16, device)
@@ -111,7 +121,7 @@ def main():
     digest = ftcomm.digest(module_state + opt_state)
     if rank == 0:
         with open(a.out, "w") as f:
-            json.dump({"digest": digest, "user": user, "attempt": attempt, "report": ft.report,
+            json.dump({"digest": digest, "user": user, "attempt": attempt, "report": ft.report, "loss": loss.item(),
                        "fallbacks": hook.fallbacks if hook else 0}, f)
     print(f"trainer: rank {rank} done at step {step} digest {digest[:16]}", flush=True)
 

@@ -1,0 +1,222 @@
+#include "ftcomm/just_in_time.h"
+
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
+#include "log.h"
+#include "tensor_bytes.h"
+
+namespace ftcomm {
+namespace {
+
+// Process-wide, as signal dispositions are: the handler only sets the flag, the
+// watcher thread does the work.
+std::atomic<bool> g_sigterm{false};
+struct sigaction g_previous_sigterm {};
+
+extern "C" void on_sigterm(int /*signo*/) {
+  g_sigterm.store(true);
+}
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string rank_text(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  return "rank " + std::to_string(pg->getRank());
+}
+
+}  // namespace
+
+struct JustInTime::Replica {
+  int64_t step = -1;
+  int64_t data_position = 0;
+  TrainingState state;                  // the live tensors, which are step's until the next update
+  std::vector<NamedTensor> hook_state;  // copies taken at step_finished
+  std::vector<at::Tensor> rank_local;   // copies taken at step_finished
+  BucketLayout layout;
+  int layouts_taken = 0;
+  // The exchange of rank_local with the buddy at exchange_step (complete unless a failure broke it).
+  c10::intrusive_ptr<c10d::Work> exchange;
+  std::vector<std::vector<at::Tensor>> exchange_out;
+  int64_t exchange_step = -1;
+};
+
+JustInTime::JustInTime(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpointer* checkpointer,
+                       JustInTimeOptions options)
+    : pg_(std::move(pg)), checkpointer_(checkpointer), options_(std::move(options)),
+      replica_(std::make_unique<Replica>()) {
+  TORCH_CHECK(checkpointer_ != nullptr, "JustInTime needs a Checkpointer");
+  if (options_.handle_sigterm) {
+    struct sigaction sa {};
+    sa.sa_handler = on_sigterm;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    installed_sigterm_ = ::sigaction(SIGTERM, &sa, &g_previous_sigterm) == 0;
+  }
+  watcher_ = std::thread([this] { watch(); });
+}
+
+JustInTime::~JustInTime() {
+  {
+    std::lock_guard<std::mutex> lk(watch_mu_);
+    stop_ = true;
+  }
+  watch_cv_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
+  if (installed_sigterm_) ::sigaction(SIGTERM, &g_previous_sigterm, nullptr);
+  // An exchange a failure broke stays with the group (its threads finish it).
+}
+
+bool JustInTime::terminating() {
+  return g_sigterm.load();
+}
+
+int64_t JustInTime::last_finished() const {
+  return last_finished_.load();
+}
+
+void JustInTime::begin_update() {
+  state_mu_.lock();
+  updating_ = true;
+}
+
+void JustInTime::step_finished(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
+                               int64_t data_position) {
+  at::NoGradGuard no_grad;
+  {
+    std::unique_lock<std::timed_mutex> lk(state_mu_, std::defer_lock);
+    if (updating_) {
+      lk = std::unique_lock<std::timed_mutex>(state_mu_, std::adopt_lock);
+    } else {
+      lk.lock();
+    }
+    Replica& r = *replica_;
+    r.step = step;
+    r.data_position = data_position;
+    r.state = state;
+    r.hook_state.clear();
+    if (state.hook && (!state.hook->replicated_state().empty() || !state.hook->local_state().empty())) {
+      r.hook_state = hook_state_entries(*state.hook);
+    }
+    r.rank_local.clear();
+    for (const auto& t : state.rank_local) r.rank_local.push_back(t.detach().clone());
+    // The Reducer settles its buckets after the first iteration; the layout is
+    // read until then (reading it later would race the next backward).
+    if (r.layouts_taken < 3) {
+      r.layout = bucket_layout_of(reducer, state.parameters);
+      ++r.layouts_taken;
+    }
+    updating_ = false;
+    last_finished_ = step;
+    last_progress_ms_ = now_ms();
+  }
+  const int world = pg_->getSize();
+  if (world == 1 || replica_->rank_local.empty()) return;
+  // The buddy copy of this step's rank-local state, before step_finished
+  // returns: a rank that dies right after it has its state at its buddy. (A
+  // background exchange would leave a window in which a kill loses it.) An error
+  // here is a peer's failure, which the caller's save() handles: this step is
+  // saved, without the copy.
+  std::vector<at::Tensor> parts;
+  for (const auto& t : state.rank_local) parts.push_back(detail::as_bytes(t));
+  at::Tensor flat = at::cat(parts);
+  std::vector<std::vector<at::Tensor>> out(1);
+  for (int r = 0; r < world; ++r) out[0].push_back(at::empty_like(flat));
+  std::vector<at::Tensor> in{flat};
+  auto work = pg_->allgather(out, in);
+  {
+    std::lock_guard<std::timed_mutex> lk(state_mu_);
+    replica_->exchange = work;
+    replica_->exchange_out = std::move(out);
+    replica_->exchange_step = step;
+  }
+  work->wait();
+}
+
+bool JustInTime::save(const std::string& reason) {
+  if (updating_) {
+    detail::log_line("ftcomm: " + rank_text(pg_) + ": " + reason + " during the optimizer step after step " +
+                     std::to_string(last_finished_.load()) + "; nothing saved just in time (that state is half-updated)");
+    return false;
+  }
+  std::lock_guard<std::timed_mutex> lk(state_mu_);
+  return save_locked(reason);
+}
+
+bool JustInTime::save_locked(const std::string& reason) {
+  const Replica& r = *replica_;
+  if (r.step < 1) return false;
+  std::vector<NamedTensor> tensors = own_state_tensors(r.state, r.hook_state, r.rank_local);
+  uint64_t parts = 0;
+  const int world = pg_->getSize();
+  if (world > 1 && !r.rank_local.empty() && r.exchange && r.exchange_step == r.step && r.exchange->isCompleted() &&
+      !r.exchange->exception()) {
+    const at::Tensor& theirs = r.exchange_out[0][static_cast<size_t>((pg_->getRank() + world - 1) % world)];
+    int64_t at = 0;
+    for (size_t i = 0; i < r.rank_local.size(); ++i) {
+      const auto n = static_cast<int64_t>(r.rank_local[i].nbytes());
+      tensors.push_back({trainer_buddy_name(i), detail::from_bytes(theirs.narrow(0, at, n), r.rank_local[i]),
+                         r.rank_local[i].device().type()});
+      at += n;
+    }
+    parts |= CommitRecord::kBuddyTrainer;
+  }
+  if (options_.before_commit) options_.before_commit();
+  const bool wrote =
+      checkpointer_->commit_just_in_time(r.step, r.data_position, r.layout, r.state, tensors, parts, reason);
+  if (options_.on_saved) options_.on_saved(r.step, wrote, reason);
+  return wrote;
+}
+
+void JustInTime::save_and_exit(const std::string& reason, int code) {
+  detail::log_line("ftcomm: " + rank_text(pg_) + ": " + reason + "; saving step " +
+                   std::to_string(last_finished_.load()) + " just in time, then exiting");
+  // An optimizer step in progress may finish and become the step saved; the
+  // trainer's thread then blocks at its next begin_update() until the exit.
+  if (!state_mu_.try_lock_for(options_.update_grace)) {
+    detail::log_line("ftcomm: " + rank_text(pg_) + ": the optimizer step did not finish within " +
+                     std::to_string(options_.update_grace.count()) + " ms; nothing saved just in time");
+    std::fflush(nullptr);
+    std::_Exit(code);
+  }
+  try {
+    // Device copies go on a stream of their own: the trainer's stream may be
+    // waiting on a collective that never completes.
+    const at::Device device = replica_->state.accelerator();
+    if (device.is_cuda()) {
+      const auto* impl = c10::impl::getDeviceGuardImpl(device.type());
+      impl->setDevice(device);
+      impl->exchangeStream(impl->getStreamFromGlobalPool(device, /*isHighPriority=*/true));
+    }
+    save_locked(reason);
+  } catch (const std::exception& e) {
+    detail::log_line("ftcomm: " + rank_text(pg_) + ": the just-in-time save failed: " + e.what());
+  }
+  std::fflush(nullptr);
+  std::_Exit(code);
+}
+
+void JustInTime::watch() {
+  std::unique_lock<std::mutex> lk(watch_mu_);
+  while (!stop_) {
+    watch_cv_.wait_for(lk, std::chrono::milliseconds(50));
+    if (stop_) return;
+    if (g_sigterm.load()) save_and_exit("SIGTERM", 128 + SIGTERM);
+    const int64_t stall = options_.stall_timeout.count();
+    if (stall > 0 && last_finished_.load() >= 0 && now_ms() - last_progress_ms_.load() > stall) {
+      save_and_exit("step " + std::to_string(last_finished_.load() + 1) + " stalled for more than " +
+                        std::to_string(stall) + " ms (a hung peer or collective)",
+                    1);
+    }
+  }
+}
+
+}  // namespace ftcomm
