@@ -93,7 +93,7 @@ void DistributedDataParallel::before_backward(const at::Tensor& loss) {
 }
 
 void DistributedDataParallel::before_update() {
-  if (jit_) jit_->begin_update();
+  if (jit_) jit_->begin_update(state_.rank_local);
 }
 
 void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {

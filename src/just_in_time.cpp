@@ -40,13 +40,9 @@ struct JustInTime::Replica {
   int64_t data_position = 0;
   TrainingState state;                  // the live tensors, which are step's until the next update
   std::vector<NamedTensor> hook_state;  // copies taken at step_finished
-  std::vector<at::Tensor> rank_local;   // copies taken at step_finished
+  Exchange local;                       // the trainer's rank-local state and its buddy copy
   BucketLayout layout;
   int layouts_taken = 0;
-  // The exchange of rank_local with the buddy at exchange_step (complete unless a failure broke it).
-  c10::intrusive_ptr<c10d::Work> exchange;
-  std::vector<std::vector<at::Tensor>> exchange_out;
-  int64_t exchange_step = -1;
 };
 
 JustInTime::JustInTime(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpointer* checkpointer,
@@ -72,7 +68,6 @@ JustInTime::~JustInTime() {
   watch_cv_.notify_all();
   if (watcher_.joinable()) watcher_.join();
   if (installed_sigterm_) ::sigaction(SIGTERM, &g_previous_sigterm, nullptr);
-  // An exchange a failure broke stays with the group (its threads finish it).
 }
 
 bool JustInTime::terminating() {
@@ -83,62 +78,66 @@ int64_t JustInTime::last_finished() const {
   return last_finished_.load();
 }
 
-void JustInTime::begin_update() {
+void JustInTime::begin_update(const std::vector<at::Tensor>& rank_local) {
+  // Backward is done, so this step's rank-local state (RNG, buffers) is final:
+  // its buddy copy goes now, before anything changes. A peer that died takes
+  // the exchange down with it; the state is still the last finished step's.
+  Exchange capture = exchange(rank_local);
   state_mu_.lock();
   updating_ = true;
+  pending_ = std::make_unique<Exchange>(std::move(capture));
+}
+
+JustInTime::Exchange JustInTime::exchange(const std::vector<at::Tensor>& rank_local) {
+  at::NoGradGuard no_grad;
+  Exchange e;
+  for (const auto& t : rank_local) e.rank_local.push_back(t.detach().clone());
+  const int world = pg_->getSize();
+  if (world == 1 || e.rank_local.empty()) return e;
+  std::vector<at::Tensor> parts;
+  for (const auto& t : e.rank_local) parts.push_back(detail::as_bytes(t));
+  at::Tensor flat = at::cat(parts);
+  e.gathered.resize(1);
+  for (int r = 0; r < world; ++r) e.gathered[0].push_back(at::empty_like(flat));
+  std::vector<at::Tensor> in{flat};
+  pg_->allgather(e.gathered, in)->wait();
+  e.complete = true;
+  return e;
 }
 
 void JustInTime::step_finished(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
                                int64_t data_position) {
   at::NoGradGuard no_grad;
-  {
-    std::unique_lock<std::timed_mutex> lk(state_mu_, std::defer_lock);
-    if (updating_) {
-      lk = std::unique_lock<std::timed_mutex>(state_mu_, std::adopt_lock);
-    } else {
-      lk.lock();
-    }
-    Replica& r = *replica_;
-    r.step = step;
-    r.data_position = data_position;
-    r.state = state;
-    r.hook_state.clear();
-    if (state.hook && (!state.hook->replicated_state().empty() || !state.hook->local_state().empty())) {
-      r.hook_state = hook_state_entries(*state.hook);
-    }
-    r.rank_local.clear();
-    for (const auto& t : state.rank_local) r.rank_local.push_back(t.detach().clone());
-    // The Reducer settles its buckets after the first iteration; the layout is
-    // read until then (reading it later would race the next backward).
-    if (r.layouts_taken < 3) {
-      r.layout = bucket_layout_of(reducer, state.parameters);
-      ++r.layouts_taken;
-    }
-    updating_ = false;
-    last_finished_ = step;
-    last_progress_ms_ = now_ms();
+  // A trainer that does not call begin_update() exchanges its rank-local state
+  // here, before the replica changes.
+  std::unique_ptr<Exchange> late;
+  if (!updating_) late = std::make_unique<Exchange>(exchange(state.rank_local));
+  std::unique_lock<std::timed_mutex> lk(state_mu_, std::defer_lock);
+  if (updating_) {
+    lk = std::unique_lock<std::timed_mutex>(state_mu_, std::adopt_lock);
+  } else {
+    lk.lock();
   }
-  const int world = pg_->getSize();
-  if (world == 1 || replica_->rank_local.empty()) return;
-  // The buddy copy of this step's rank-local state, before step_finished
-  // returns: a rank that dies right after it has its state at its buddy. (A
-  // background exchange would leave a window in which a kill loses it.) An error
-  // here is a peer's failure, which the caller's save() handles: this step is
-  // saved, without the copy.
-  std::vector<at::Tensor> parts;
-  for (const auto& t : state.rank_local) parts.push_back(detail::as_bytes(t));
-  at::Tensor flat = at::cat(parts);
-  std::vector<std::vector<at::Tensor>> out(1);
-  for (int r = 0; r < world; ++r) out[0].push_back(at::empty_like(flat));
-  std::vector<at::Tensor> in{flat};
-  auto work = pg_->allgather(out, in);
-  {
-    std::lock_guard<std::timed_mutex> lk(state_mu_);
-    replica_->exchange = work;
-    replica_->exchange_out = std::move(out);
-    replica_->exchange_step = step;
+  Replica& r = *replica_;
+  r.step = step;
+  r.data_position = data_position;
+  r.state = state;
+  r.hook_state.clear();
+  if (state.hook && (!state.hook->replicated_state().empty() || !state.hook->local_state().empty())) {
+    r.hook_state = hook_state_entries(*state.hook);
   }
-  work->wait();
+  std::unique_ptr<Exchange> taken = late ? std::move(late) : std::move(pending_);
+  r.local = taken ? std::move(*taken) : Exchange{};
+  // The Reducer settles its buckets after the first iteration; the layout is
+  // read until then (reading it later would race the next backward).
+  if (r.layouts_taken < 3) {
+    r.layout = bucket_layout_of(reducer, state.parameters);
+    ++r.layouts_taken;
+  }
+  pending_.reset();
+  updating_ = false;
+  last_finished_ = step;
+  last_progress_ms_ = now_ms();
 }
 
 bool JustInTime::save(const std::string& reason) {
@@ -154,17 +153,17 @@ bool JustInTime::save(const std::string& reason) {
 bool JustInTime::save_locked(const std::string& reason) {
   const Replica& r = *replica_;
   if (r.step < 1) return false;
-  std::vector<NamedTensor> tensors = own_state_tensors(r.state, r.hook_state, r.rank_local);
+  const std::vector<at::Tensor>& mine = r.local.rank_local;
+  std::vector<NamedTensor> tensors = own_state_tensors(r.state, r.hook_state, mine);
   uint64_t parts = 0;
   const int world = pg_->getSize();
-  if (world > 1 && !r.rank_local.empty() && r.exchange && r.exchange_step == r.step && r.exchange->isCompleted() &&
-      !r.exchange->exception()) {
-    const at::Tensor& theirs = r.exchange_out[0][static_cast<size_t>((pg_->getRank() + world - 1) % world)];
+  if (r.local.complete) {
+    const at::Tensor& theirs = r.local.gathered[0][static_cast<size_t>((pg_->getRank() + world - 1) % world)];
     int64_t at = 0;
-    for (size_t i = 0; i < r.rank_local.size(); ++i) {
-      const auto n = static_cast<int64_t>(r.rank_local[i].nbytes());
-      tensors.push_back({trainer_buddy_name(i), detail::from_bytes(theirs.narrow(0, at, n), r.rank_local[i]),
-                         r.rank_local[i].device().type()});
+    for (size_t i = 0; i < mine.size(); ++i) {
+      const auto n = static_cast<int64_t>(mine[i].nbytes());
+      tensors.push_back({trainer_buddy_name(i), detail::from_bytes(theirs.narrow(0, at, n), mine[i]),
+                         mine[i].device().type()});
       at += n;
     }
     parts |= CommitRecord::kBuddyTrainer;

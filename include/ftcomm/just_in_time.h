@@ -30,8 +30,9 @@
 //
 // Rank-local state: each rank's is in its own just-in-time commit; the buddy
 // copy (rank r + 1 keeps rank r's) of the trainer's rank-local state (small: RNG
-// states, buffers) is exchanged at every step_finished (one small allgather), so
-// it is there for the failed rank too; the hook's rank-local state (error
+// states, buffers) is exchanged at every begin_update (one small allgather, once
+// backward has made that state final), so it is there for a rank that dies
+// later in the step too; the hook's rank-local state (error
 // feedback, as large as the gradients) is copied to the buddy only at periodic
 // commits. Which step a resume picks when that is missing is the Checkpointer's
 // LocalStatePolicy.
@@ -84,11 +85,14 @@ class JustInTime {
   JustInTime(const JustInTime&) = delete;
   JustInTime& operator=(const JustInTime&) = delete;
 
-  // The trainer's state is about to change (the optimizer step).
-  void begin_update();
+  // The trainer's state is about to change (the optimizer step); backward is
+  // done. Collective when `rank_local` (the trainer's rank-local state, final
+  // for this step by now) is not empty: its buddy copy is exchanged here, so a
+  // rank that dies from here on has it at its buddy.
+  void begin_update(const std::vector<at::Tensor>& rank_local = {});
   // Step `step` finished: `state` is its state (tensors are kept by reference;
-  // the hook's state and rank-local state are copied). Collective when the
-  // trainer keeps rank-local state: its buddy copy is exchanged.
+  // the hook's state is copied; the rank-local state is the one begin_update()
+  // copied and exchanged, or, when it was not called, copied and exchanged here).
   void step_finished(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   // On the trainer's thread, after an error: saves the last finished step unless
   // the error came mid-update. Returns whether a commit was written (false also
@@ -101,6 +105,13 @@ class JustInTime {
 
  private:
   struct Replica;
+  // The trainer's rank-local state, copied, and every rank's (allgathered).
+  struct Exchange {
+    std::vector<at::Tensor> rank_local;
+    std::vector<std::vector<at::Tensor>> gathered;
+    bool complete = false;
+  };
+  Exchange exchange(const std::vector<at::Tensor>& rank_local);
   bool save_locked(const std::string& reason);
   void watch();
   [[noreturn]] void save_and_exit(const std::string& reason, int code);
@@ -111,6 +122,7 @@ class JustInTime {
   std::timed_mutex state_mu_;  // held by the trainer from begin_update() to step_finished(), and by a save
   std::atomic<bool> updating_{false};
   std::unique_ptr<Replica> replica_;  // under state_mu_
+  std::unique_ptr<Exchange> pending_;  // from begin_update() to step_finished(), under state_mu_
   std::atomic<int64_t> last_finished_{-1};
   std::atomic<int64_t> last_progress_ms_{0};
   std::atomic<bool> stop_{false};

@@ -2,6 +2,7 @@
 plus one byte tensor, which is how the store and the resync carry it."""
 from __future__ import annotations
 
+import ctypes
 import pickle
 from typing import Any
 
@@ -53,11 +54,17 @@ def pack(parts: dict) -> list:
     return [torch.frombuffer(bytearray(data), dtype=torch.uint8)] + tensors
 
 
+def _bytes_of(t: torch.Tensor) -> bytes:
+    """A uint8 tensor's bytes (without numpy, which torch does not require)."""
+    t = t.detach().cpu().contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b""
+
+
 def unpack(objects: list) -> dict:
     """The inverse of :func:`pack`."""
     if not objects:
         raise ValueError("the checkpoint holds no trainer state (was it written by `ftcomm train`?)")
-    meta = pickle.loads(objects[0].cpu().numpy().tobytes())
+    meta = pickle.loads(_bytes_of(objects[0]))
     if meta.get("format") != 1 or meta["tensors"] != len(objects) - 1:
         raise ValueError("the checkpoint's trainer state is not in a format this ftcomm reads "
                          f"(format {meta.get('format')}, {len(objects) - 1} tensors)")

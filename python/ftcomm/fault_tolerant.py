@@ -40,14 +40,15 @@ class FaultTolerant:
     torchrun's 30 s before SIGKILL). The last finished step is the one of the
     last ``step_done``; from ``optimizer.step()`` (a pre-hook marks it) until
     the next ``step_done`` the state is half-updated, and a failure there saves
-    nothing (a SIGTERM waits up to ``update_grace`` for ``step_done``).
+    nothing (a SIGTERM waits up to ``update_grace`` for ``step_done``). The same
+    pre-hook sends the step's rank-local state (RNG, buffers: final once backward
+    is done) to the buddy, one small collective per step.
     ``jit_policy`` says what a resume does when the failed rank's rank-local
     state exists only at an older commit: ``"exact"`` resumes from the newest
     step where every rank's exists (bit-identical), ``"reset"`` from the newest
-    step with that state started afresh. The buddy copy of the small
-    rank-local state (RNG, buffers) is exchanged in the background after every
-    step, so ``exact`` loses at most one step unless the hook keeps rank-local
-    state (PowerSGD's, top-k's error feedback), whose buddy copy comes only with
+    step with that state started afresh. With that per-step buddy copy,
+    ``exact`` loses at most one step unless the hook keeps rank-local state
+    (PowerSGD's, top-k's error feedback), whose buddy copy comes only with
     periodic commits.
 
     On :meth:`resume`, the ranks agree on the newest step some rank holds intact
@@ -134,11 +135,14 @@ class FaultTolerant:
             rng.append(torch.cuda.get_rng_state(self._device))
         return rng
 
+    def _rank_local(self) -> list:
+        return self._rng() + self._buffers()
+
     def _c_state(self) -> _C.State:
         state = _C.State()
         state.parameters = self._params
         state.objects = _state.pack({"optimizer": self.optimizer.state_dict(), "user": self.user_state})
-        state.rank_local = self._rng() + self._buffers()
+        state.rank_local = self._rank_local()
         state.hook = self.hook._impl if self.hook is not None else None
         return state
 
@@ -208,7 +212,7 @@ class FaultTolerant:
 
     # --- just in time ------------------------------------------------------------
     def _arm_just_in_time(self) -> None:
-        self._update_handle = self.optimizer.register_step_pre_hook(_BeginUpdate(self._ckpt))
+        self._update_handle = self.optimizer.register_step_pre_hook(_BeginUpdate(self))
         self._previous_excepthook = sys.excepthook
         sys.excepthook = _SaveOnError(self._ckpt, self._previous_excepthook)
 
@@ -246,13 +250,15 @@ class FaultTolerant:
 
 
 class _BeginUpdate:
-    """Optimizer step pre-hook: the state stops being the last finished step's."""
+    """Optimizer step pre-hook: the state stops being the last finished step's; the
+    step's rank-local state (RNG, buffers), final once backward is done, goes to
+    the buddy first."""
 
-    def __init__(self, ckpt):
-        self._ckpt = ckpt
+    def __init__(self, ft):
+        self._ft = ft
 
     def __call__(self, optimizer, args, kwargs):
-        self._ckpt.begin_update()
+        self._ft._ckpt.begin_update(self._ft._rank_local())
 
 
 class _SaveOnError:

@@ -154,10 +154,10 @@ class PyCheckpointer {
 
   // Just in time: the optimizer step begins; step `step` finished (its state);
   // a failure on this thread (saves the last finished step).
-  void begin_update() {
+  void begin_update(const std::vector<at::Tensor>& rank_local) {
     if (!jit_) return;
     py::gil_scoped_release release;
-    jit_->begin_update();
+    jit_->begin_update(rank_local);
   }
   void step_finished(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
                      int64_t data_position) {

@@ -86,7 +86,7 @@ def main():
     step = ft.resume()
     if rank == 0:
         print(f"trainer: attempt {attempt} resumed at {step}: {json.dumps(ft.report)}", flush=True)
-    kill_rank, kill_step, phase = (a.kill.split(":") + ["", "", ""])[:3] if a.kill else ("-1", "-1", "")
+    kill_rank, kill_step, phase = (a.kill.split(":", 2) + ["", "", ""])[:3] if a.kill else ("-1", "-1", "")
     die = attempt == 0 and rank == int(kill_rank)
 
     how = signal.SIGKILL
