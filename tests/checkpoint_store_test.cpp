@@ -491,6 +491,53 @@ TEST(CheckpointStore, SettingsRoundTrip) {
   EXPECT_EQ(back.settings, r.settings);
 }
 
+TEST(CheckpointStore, JustInTimeRecordsRoundTripAndOldRecordsReadAsPeriodic) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  CommitRecord periodic = record_for(4, 0);
+  ASSERT_TRUE(store->Commit(periodic).ok());
+  CommitRecord jit = record_for(6, 0);
+  jit.just_in_time = true;
+  jit.jit_reason = "SIGTERM";
+  jit.buddy_parts = CommitRecord::kBuddyTrainer;
+  ASSERT_TRUE(store->Commit(jit).ok());
+  std::vector<CommitRecord> back;
+  ASSERT_TRUE(store->ListCommits(&back).ok());
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_FALSE(back[0].just_in_time);
+  EXPECT_EQ(back[0].buddy_parts, CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook);
+  EXPECT_TRUE(back[1].just_in_time);
+  EXPECT_EQ(back[1].jit_reason, "SIGTERM");
+  EXPECT_EQ(back[1].buddy_parts, CommitRecord::kBuddyTrainer);
+}
+
+TEST(CheckpointStore, RetentionKeepsTheNewestPeriodicSnapshotPastJustInTimeOnes) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"), 0, "job", /*keep_snapshots=*/1);
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(10, 0), state_for(10)).get().ok());
+  for (int64_t step : {14, 17}) {
+    CommitRecord jit = record_for(step, 0);
+    jit.just_in_time = true;
+    ASSERT_TRUE(store->CommitSnapshotAsync(jit, state_for(step)).get().ok());
+  }
+  auto snapshots = [&] {
+    EXPECT_TRUE(store->WaitForSnapshot().ok());
+    std::vector<CommitRecord> commits;
+    EXPECT_TRUE(store->ListCommits(&commits).ok());
+    std::vector<int64_t> steps;
+    for (const auto& c : commits) {
+      if (c.has_snapshot) steps.push_back(c.step);
+    }
+    return steps;
+  };
+  // Keep 1 snapshot (17) and the newest periodic one (10), where a failed
+  // peer's rank-local state may exist alone, with the commits after it.
+  EXPECT_EQ(snapshots(), (std::vector<int64_t>{10, 14, 17}));
+  // A newer periodic snapshot retires them all.
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(20, 0), state_for(20)).get().ok());
+  EXPECT_EQ(snapshots(), (std::vector<int64_t>{20}));
+}
+
 // kill -9 a writer at random points of its commits, many times over. Each time the
 // store must reopen, LatestCommitted() must be a complete commit (its snapshot
 // and snapshot present and intact) and no older than the last commit the writer

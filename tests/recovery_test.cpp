@@ -75,6 +75,74 @@ int64_t counter_of(const TrainingState& state) {
   return counts.contains(0) ? counts.at(0).item<int64_t>() : -1;
 }
 
+// --- the plan, as every rank computes it from every rank's candidates -----------
+
+SnapshotCandidate periodic(int64_t step) {
+  return {step, false, CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook};
+}
+SnapshotCandidate jit(int64_t step, uint64_t buddy_parts = 0) {
+  return {step, true, buddy_parts};
+}
+
+TEST(RecoveryPlan, WithoutRankLocalStateTheNewestStepWinsAndLaggardsAreResynced) {
+  // Rank 1 died in step 17; rank 0 saved step 16 just in time.
+  const RecoveryPlan plan = plan_recovery({{jit(16), periodic(10)}, {periodic(10)}}, {false, false, LocalStatePolicy::kExact});
+  EXPECT_EQ(plan.step, 16);
+  EXPECT_EQ(plan.source, 0);
+  EXPECT_TRUE(plan.just_in_time);
+  EXPECT_EQ(plan.resync, (std::vector<int>{1}));
+  EXPECT_TRUE(plan.local_reset.empty());
+  EXPECT_EQ(plan.steps_lost(), 0);
+}
+
+TEST(RecoveryPlan, ExactPassesOverAStepWhoseRankLocalHookStateIsMissing) {
+  // PowerSGD's error feedback of rank 1 exists only at the periodic step 10.
+  const RecoveryNeeds exact{true, false, LocalStatePolicy::kExact};
+  RecoveryPlan plan = plan_recovery({{jit(16), periodic(10)}, {periodic(10)}}, exact);
+  EXPECT_EQ(plan.step, 10);
+  EXPECT_FALSE(plan.just_in_time);
+  EXPECT_TRUE(plan.resync.empty());
+  EXPECT_EQ(plan.newest_step, 16);
+  EXPECT_EQ(plan.steps_lost(), 6);
+  // reset takes the newest step and starts rank 1's state afresh.
+  plan = plan_recovery({{jit(16), periodic(10)}, {periodic(10)}}, {true, false, LocalStatePolicy::kReset});
+  EXPECT_EQ(plan.step, 16);
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{1}));
+  EXPECT_EQ(plan.resync, (std::vector<int>{1}));
+}
+
+TEST(RecoveryPlan, ATrainerStateBuddyCopyInAJustInTimeCommitIsEnoughForExact) {
+  // World 3, rank 2 lost: rank 0 (its buddy) saved step 16 with the trainer's
+  // rank-local copy of rank 2, so exact resumes there.
+  const RecoveryNeeds needs{false, true, LocalStatePolicy::kExact};
+  RecoveryPlan plan =
+      plan_recovery({{jit(16, CommitRecord::kBuddyTrainer), periodic(10)}, {jit(16), periodic(10)}, {periodic(10)}}, needs);
+  EXPECT_EQ(plan.step, 16);
+  EXPECT_TRUE(plan.local_reset.empty());
+  // Without the copy (the exchange of step 16 never reached rank 0), step 10.
+  plan = plan_recovery({{jit(16), periodic(10)}, {jit(16), periodic(10)}, {periodic(10)}}, needs);
+  EXPECT_EQ(plan.step, 10);
+  // The hook's rank-local state is never in a just-in-time buddy copy.
+  plan = plan_recovery({{jit(16, CommitRecord::kBuddyTrainer), periodic(10)}, {jit(16), periodic(10)}, {periodic(10)}},
+                       {true, true, LocalStatePolicy::kExact});
+  EXPECT_EQ(plan.step, 10);
+}
+
+TEST(RecoveryPlan, ExactWithNoCompleteStepTakesTheNewestAndSaysWhoIsReset) {
+  // Rank 1's store and its buddy's (rank 2) are both gone: no step has rank 1's
+  // state, so even exact resumes from the newest step with it reset.
+  const RecoveryPlan plan = plan_recovery({{periodic(20)}, {}, {}}, {true, false, LocalStatePolicy::kExact});
+  EXPECT_EQ(plan.step, 20);
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{1}));
+  EXPECT_EQ(plan.resync, (std::vector<int>{1, 2}));
+}
+
+TEST(RecoveryPlan, NoSnapshotAnywhereIsAFreshStart) {
+  const RecoveryPlan plan = plan_recovery({{}, {}}, {true, true, LocalStatePolicy::kExact});
+  EXPECT_TRUE(plan.fresh());
+  EXPECT_EQ(plan.rank_steps, (std::vector<int64_t>{-1, -1}));
+}
+
 // A replaced rank (empty store) is resynced from a peer, and its rank-local int64
 // state comes back bit for bit from its buddy (rank r + 1 keeps r's copy).
 TEST(RecoveryThreads, AReplacedRankIsResyncedAndGetsItsBuddyCopyBitForBit) {
