@@ -163,8 +163,9 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--bucket-mb", a.bucket_mb, "gradient bucket size in MiB")->check(ftcomm::cli::number_in(0, 4096, true))->capture_default_str();
   app.add_option("--baseline-torch-save-every", a.torch_save_every,
-                 "benchmark baseline: torch::save params and optimizer state every K steps into --ckpt "
-                 "(synchronously), instead of ftcomm's store")
+                 "benchmark baseline: torch::save params, optimizer state and the step every K steps into --ckpt "
+                 "(synchronously, to a temporary file renamed into place), instead of ftcomm's store; a restart "
+                 "torch::loads it")
       ->check(ftcomm::cli::integer_in(0, 1000000000));
   std::vector<std::string> failures;
   app.add_option("--fail-at", failures,
@@ -432,7 +433,21 @@ int train_main(const std::vector<std::string>& argv) {
                                {"local_state_reset", report.local_state_reset}});
     }
     if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
-    const int64_t start = std::max<int64_t>(0, report.resumed_from_step);
+    int64_t start = std::max<int64_t>(0, report.resumed_from_step);
+    const std::string torch_save_path = args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt";
+    if (args.torch_save_every > 0 && !args.ckpt.empty() && ::access(torch_save_path.c_str(), R_OK) == 0) {
+      // The baseline's restart: every rank loads its own file (no agreement).
+      std::vector<at::Tensor> saved;
+      torch::load(saved, torch_save_path);
+      TORCH_CHECK(saved.size() == 2 * params.size() + 1, torch_save_path, " does not fit this model");
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < params.size(); ++i) {
+        params[i].copy_(saved[i]);
+        momentum[i].copy_(saved[params.size() + i]);
+      }
+      start = saved.back().item<int64_t>();
+      if (rank == 0) std::printf("ftcomm train: loaded the torch::save baseline of step %lld\n", static_cast<long long>(start));
+    }
     // Every rank has the same report, so every rank stops here together.
     TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
                 args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
@@ -489,7 +504,11 @@ int train_main(const std::vector<std::string>& argv) {
         std::vector<at::Tensor> state;
         for (const auto& p : params) state.push_back(p.detach());
         state.insert(state.end(), momentum.begin(), momentum.end());
-        torch::save(state, args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt");
+        state.push_back(at::tensor({step + 1}, at::kLong));
+        ::mkdir(args.ckpt.c_str(), 0755);
+        torch::save(state, torch_save_path + ".tmp");
+        TORCH_CHECK(::rename((torch_save_path + ".tmp").c_str(), torch_save_path.c_str()) == 0, "rename to ",
+                    torch_save_path, " failed");
       }
       maybe_fail(step + 1, "commit");
       const double step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
