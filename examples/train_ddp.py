@@ -56,7 +56,8 @@ def main():
     rank = pg.rank()
     torch.manual_seed(rank)
     model = DistributedDataParallel(TinyTransformer())
-    hook = ftcomm.register_hook(model, a.hook, rank=4, start_iter=10)                # ftcomm
+    params = {"rank": 4, "start_iter": 10} if a.hook == "powersgd" else {}
+    hook = ftcomm.register_hook(model, a.hook, **params)                             # ftcomm
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     ft = ftcomm.FaultTolerant(model, opt, a.ckpt, commit_every=a.commit_every, hook=hook)  # ftcomm
     step = ft.resume()                                                               # ftcomm

@@ -1,5 +1,6 @@
 #include "ftcomm/ddp.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 
@@ -92,12 +93,25 @@ void DistributedDataParallel::before_backward(const at::Tensor& loss) {
   reducer_->prepare_for_backward({loss});
 }
 
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+}  // namespace
+
 void DistributedDataParallel::before_update() {
-  if (jit_) jit_->begin_update(state_.rank_local);
+  if (!jit_) return;
+  const auto t = std::chrono::steady_clock::now();
+  jit_->begin_update(state_.rank_local);
+  jit_seconds_ += seconds_since(t);
 }
 
 void DistributedDataParallel::after_step(int64_t step, int64_t data_position) {
-  if (jit_) jit_->step_finished(step, state_, *reducer_, data_position);
+  if (jit_) {
+    const auto t = std::chrono::steady_clock::now();
+    jit_->step_finished(step, state_, *reducer_, data_position);
+    jit_seconds_ += seconds_since(t);
+  }
   checkpointer_->commit(step, state_, *reducer_, data_position);
 }
 

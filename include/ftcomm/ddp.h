@@ -87,6 +87,9 @@ class DistributedDataParallel {
   const std::shared_ptr<ScriptHook>& hook() const { return state_.hook; }
   // Seconds spent in the comm hook so far (its compute and collectives).
   double comm_seconds() const;
+  // Seconds spent keeping the just-in-time replica so far (before_update and
+  // after_step's part; periodic commits not included).
+  double jit_seconds() const { return jit_seconds_; }
   CheckpointStore* store() { return checkpointer_->store(); }
 
  private:
@@ -97,6 +100,7 @@ class DistributedDataParallel {
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
   std::unique_ptr<Checkpointer> checkpointer_;
   std::unique_ptr<JustInTime> jit_;  // from finish_recovery() on, when enabled and there is a store
+  double jit_seconds_ = 0;
 };
 
 // The shortest text that reads back as `v` (how settings are recorded).

@@ -549,6 +549,7 @@ int train_main(const std::vector<std::string>& argv) {
             {"first_step", first_step_ms},
             {"since_start", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()}}},
           {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
+          {"jit_ms", ddp.jit_seconds() * 1000},
           {"resync_bytes", report.resync_bytes},
           {"resynced_ranks", report.resynced_ranks},
           {"local_state", report.local_state},

@@ -73,21 +73,25 @@ def main():
                      "just in time + periodic K=1": ["--commit-every", "1"],
                      "periodic K=10, just in time off": ["--commit-every", "10", "--jit", "off"]}
             times = {m: [] for m in modes}
+            jit_ms = {m: [] for m in modes}
             digests = set()
             for r in range(a.rounds):
                 for m, extra in modes.items():
                     ckpt = ["--ckpt", os.path.join(workdir, f"steady-{r}-{len(times[m])}-{hash(m) & 0xffff}")] \
                         if extra else []
-                    res, _ = run(a, workdir, f"steady{r}", ckpt + extra)
+                    res, _ = run(a, workdir, f"steady{r}-{list(modes).index(m)}", ckpt + extra)
                     times[m].append(res["train_ms"] / res["steps_trained"])
+                    jit_ms[m].append(res["jit_ms"] / res["steps_trained"])
                     digests.add(res["param_digest"])
             base = statistics.median(times["none (no fault tolerance)"])
             print(f"\nsteady state, {a.steps} steps, {a.rounds} interleaved rounds, median ms/step "
                   f"(every run's final parameters {'equal' if len(digests) == 1 else 'DIFFER'}):")
-            print("| mode | ms/step | x none | rounds |\n| --- | --- | --- | --- |")
+            print("| mode | ms/step | x none | rounds | in just-in-time calls, ms/step (x step) |\n"
+                  "| --- | --- | --- | --- | --- |")
             for m, ts in times.items():
-                med = statistics.median(ts)
-                print(f"| {m} | {med:.2f} | {med / base:.3f} | {', '.join(f'{t:.2f}' for t in ts)} |", flush=True)
+                med, inside = statistics.median(ts), statistics.median(jit_ms[m])
+                print(f"| {m} | {med:.2f} | {med / base:.3f} | {', '.join(f'{t:.2f}' for t in ts)} | "
+                      f"{inside:.4f} ({inside / med:.5f}) |", flush=True)
 
         if a.skip_failures:
             return
@@ -107,7 +111,8 @@ def main():
             lost, secs, same = [], [], []
             for t in range(a.rounds):
                 ckpt = os.path.join(workdir, f"fail-{t}-{hash(m) & 0xffff}")
-                res, evs = run(a, workdir, f"fail{t}", ["--ckpt", ckpt] + kill + extra, restarts=1)
+                res, evs = run(a, workdir, f"fail{t}-{list(failures).index(m)}", ["--ckpt", ckpt] + kill + extra,
+                               restarts=1)
                 killed = next(e for e in evs if e["event"] == "failure_injected")
                 first = min((e for e in evs if e["event"] == "step" and e["attempt"] == 1), key=lambda e: e["step"])
                 lost.append(a.kill_at - (first["step"] - 1))
