@@ -128,6 +128,19 @@ RecoveryReport Checkpointer::finish_recovery(TrainingState& state, std::vector<s
   return report;
 }
 
+CommitRecord Checkpointer::record_of(int64_t step, int64_t data_position, const BucketLayout& layout,
+                                     const TrainingState& state) {
+  check(store_->PutLayout(layout));
+  CommitRecord record;
+  record.step = step;
+  record.world_size = pg_->getSize();
+  record.data_position = data_position;
+  record.hook_digest = state.hook ? state.hook->digest() : "";
+  record.layout_signature = layout.signature();
+  record.settings = effective_settings(state);
+  return record;
+}
+
 bool Checkpointer::due(int64_t step) const {
   return store_ && options_.commit_every > 0 && step % options_.commit_every == 0;
 }
@@ -138,14 +151,7 @@ bool Checkpointer::commit(int64_t step, const TrainingState& state, const c10d::
   // The layout as the Reducer has it now (after its first-iteration rebuild);
   // stored under its signature, which the commit names.
   const BucketLayout layout = bucket_layout_of(reducer, state.parameters);
-  check(store_->PutLayout(layout));
-  CommitRecord record;
-  record.step = step;
-  record.world_size = pg_->getSize();
-  record.data_position = data_position;
-  record.hook_digest = state.hook ? state.hook->digest() : "";
-  record.layout_signature = layout.signature();
-  record.settings = effective_settings(state);
+  const CommitRecord record = record_of(step, data_position, layout, state);
   check(store_->WaitForSnapshot());
   store_->CommitSnapshotAsync(record, snapshot_tensors(pg_, state));
   return true;
@@ -167,14 +173,7 @@ bool Checkpointer::commit_just_in_time(int64_t step, int64_t data_position, cons
   if (!in_flight.ok()) detail::log_line("ftcomm: rank " + std::to_string(pg_->getRank()) + ": " + in_flight.ToString());
   CommitRecord latest;
   if (store_->LatestCommitted(&latest).ok() && latest.step >= step) return false;
-  check(store_->PutLayout(layout));
-  CommitRecord record;
-  record.step = step;
-  record.world_size = pg_->getSize();
-  record.data_position = data_position;
-  record.hook_digest = state.hook ? state.hook->digest() : "";
-  record.layout_signature = layout.signature();
-  record.settings = effective_settings(state);
+  CommitRecord record = record_of(step, data_position, layout, state);
   record.just_in_time = true;
   record.jit_reason = reason;
   record.buddy_parts = buddy_parts;

@@ -106,6 +106,8 @@ class Checkpointer {
 
  private:
   struct Pending;
+  // Stores `layout` under its signature and returns the commit record naming it.
+  CommitRecord record_of(int64_t step, int64_t data_position, const BucketLayout& layout, const TrainingState& state);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   CheckpointerOptions options_;
   std::unique_ptr<CheckpointStore> store_;

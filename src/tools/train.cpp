@@ -129,13 +129,17 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   std::vector<std::string> hook_args;
   app.add_option("--hook-arg", hook_args, "hook parameter k=v (repeatable)")->type_name("K=V");
   app.add_option("--hook-digest", a.hook_digests, "accept only a hook with this SHA-256 (repeatable; see ftcomm hook check)");
-  std::string agree = "on";
-  app.add_option("--hook-agree", agree,
-                 "after each bucket (and before each of the hook's collectives) the ranks agree that the hook ran, so "
-                 "a hook failing or stuck on some ranks fails or falls back on all of them. off saves those small "
-                 "exchanges (~0.3 ms each on 2 H100s); a rank-local hook failure then surfaces as a collective "
-                 "timeout and a torchrun restart")
-      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  // An on|off switch, "on" by default.
+  auto on_off = [&app](const std::string& name, std::string& value, const std::string& help) {
+    value = "on";
+    app.add_option(name, value, help)->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  };
+  std::string agree;
+  on_off("--hook-agree", agree,
+         "after each bucket (and before each of the hook's collectives) the ranks agree that the hook ran, so a hook "
+         "failing or stuck on some ranks fails or falls back on all of them. off saves those small exchanges (~0.3 "
+         "ms each on 2 H100s); a rank-local hook failure then surfaces as a collective timeout and a torchrun "
+         "restart");
   app.add_option("--timeout", a.timeout_s,
                  "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
                  "than half of it fails the step on every rank, naming the stuck rank")
@@ -145,12 +149,11 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "snapshot every K steps; 0: none (with --jit on, a failure still loses at most one step; periodic "
                  "snapshots are for losing every rank at once)")
       ->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
-  std::string jit = "on";
-  app.add_option("--jit", jit,
-                 "just-in-time commits: at a failure (a peer's collective error, a step stalled past 0.9 x --timeout, "
-                 "torchrun's SIGTERM) each survivor saves its last finished step, so a resume loses at most the step "
-                 "in progress")
-      ->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  std::string jit;
+  on_off("--jit", jit,
+         "just-in-time commits: at a failure (a peer's collective error, a step stalled past 0.9 x --timeout, "
+         "torchrun's SIGTERM) each survivor saves its last finished step, so a resume loses at most the step "
+         "in progress");
   app.add_option("--jit-policy", a.jit_policy,
                  "when the failed rank's rank-local hook state (powersgd's or topk's error feedback) exists only at "
                  "an older commit: exact resumes there (bit-identical), reset resumes from the just-in-time step with "
