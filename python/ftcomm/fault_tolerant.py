@@ -235,8 +235,9 @@ class FaultTolerant:
 
     def close(self) -> None:
         """Waits for the snapshot in flight and stops just-in-time saving (call at the end
-        of training)."""
+        of training; a SIGTERM after it is no longer caught)."""
         self._disarm_just_in_time()
+        self._ckpt.stop_just_in_time()
         self.flush()
 
     def __enter__(self):

@@ -172,6 +172,11 @@ class PyCheckpointer {
     return jit_->save(reason);
   }
   bool jit_active() const { return jit_ != nullptr; }
+  // Ends just-in-time saving (the SIGTERM handler goes back to the previous one).
+  void stop_just_in_time() {
+    py::gil_scoped_release release;
+    jit_.reset();
+  }
 
   bool commit(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
               int64_t data_position) {
@@ -300,6 +305,7 @@ PYBIND11_MODULE(_C, m) {
       .def("step_finished", &PyCheckpointer::step_finished)
       .def("save_just_in_time", &PyCheckpointer::save_just_in_time)
       .def_property_readonly("jit_active", &PyCheckpointer::jit_active)
+      .def("stop_just_in_time", &PyCheckpointer::stop_just_in_time)
       .def("resume", &PyCheckpointer::resume)
       .def("commit", &PyCheckpointer::commit)
       .def("due", &PyCheckpointer::due)
