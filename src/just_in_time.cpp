@@ -83,7 +83,9 @@ void JustInTime::begin_update(const std::vector<at::Tensor>& rank_local) {
   // its buddy copy goes now, before anything changes. A peer that died takes
   // the exchange down with it; the state is still the last finished step's.
   Exchange capture = exchange(rank_local);
-  state_mu_.lock();
+  // A second update before step_finished (two optimizers, or step() called
+  // twice): this thread already holds the lock.
+  if (!updating_) state_mu_.lock();
   updating_ = true;
   pending_ = std::make_unique<Exchange>(std::move(capture));
 }
