@@ -82,6 +82,7 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
   report.agreement_ms = ms_since(start);
   report.newest_snapshot_step = plan.newest_snapshot_step;
   report.newest_step = plan.newest_step;
+  report.steps_lost = plan.steps_lost();
   report.resumed_just_in_time = plan.just_in_time;
   report.policy = policy_name(plan.policy);
   report.local_state_reset = plan.local_reset;

@@ -70,10 +70,6 @@ JustInTime::~JustInTime() {
   if (installed_sigterm_) ::sigaction(SIGTERM, &g_previous_sigterm, nullptr);
 }
 
-bool JustInTime::terminating() {
-  return g_sigterm.load();
-}
-
 int64_t JustInTime::last_finished() const {
   return last_finished_.load();
 }

@@ -54,6 +54,7 @@ struct RecoveryReport {
   // The newest step any rank held intact; newest_step - resumed_from_step steps
   // were given up (to the policy, or to damage). -1: none.
   int64_t newest_step = -1;
+  int64_t steps_lost = 0;  // RecoveryPlan::steps_lost()
   bool resumed_just_in_time = false;  // the resumed step is a just-in-time commit
   std::string policy;                 // "exact" or "reset"
   std::vector<int> local_state_reset;  // ranks whose rank-local state started afresh

@@ -100,8 +100,6 @@ class JustInTime {
   bool save(const std::string& reason);
 
   int64_t last_finished() const;
-  // Whether a SIGTERM arrived (the watcher then saves and exits the process).
-  static bool terminating();
 
  private:
   struct Replica;

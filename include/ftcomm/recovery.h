@@ -113,7 +113,7 @@ struct RecoveryPlan {
   bool just_in_time = false;        // the source's snapshot of `step` is a just-in-time one
   LocalStatePolicy policy = LocalStatePolicy::kExact;
   std::vector<int> local_reset;     // ranks whose rank-local state is missing at `step`, started afresh
-  int64_t steps_lost() const { return step < 0 ? std::max<int64_t>(0, newest_step) : newest_step - step; }
+  int64_t steps_lost() const { return newest_step < 0 ? 0 : newest_step - std::max<int64_t>(0, step); }
   bool fresh() const { return step < 0; }
   bool has_step(int rank) const { return step >= 0 && rank_steps[static_cast<size_t>(rank)] == step; }
 };

@@ -113,7 +113,7 @@ py::dict report_dict(const RecoveryReport& r) {
   d["resynced_ranks"] = r.resynced_ranks;
   d["local_state"] = r.local_state;
   d["newest_step"] = r.newest_step;
-  d["steps_lost"] = r.newest_step < 0 ? 0 : r.newest_step - std::max<int64_t>(0, r.resumed_from_step);
+  d["steps_lost"] = r.steps_lost;
   d["resumed_just_in_time"] = r.resumed_just_in_time;
   d["policy"] = r.policy;
   d["local_state_reset"] = r.local_state_reset;

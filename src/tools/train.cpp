@@ -319,12 +319,6 @@ class CharLm : public Model {
   std::vector<Block> blocks_;
 };
 
-// Steps given up by the resume: from the newest step any rank held intact.
-int64_t recovery_steps_lost(const ftcomm::RecoveryReport& r) {
-  if (r.newest_step < 0) return 0;
-  return r.newest_step - std::max<int64_t>(0, r.resumed_from_step);
-}
-
 }  // namespace
 
 int train_main(const std::vector<std::string>& argv) {
@@ -430,7 +424,7 @@ int train_main(const std::vector<std::string>& argv) {
                                {"local_state", report.local_state},
                                {"changed_settings", report.changed_settings},
                                {"newest_step", report.newest_step},
-                               {"steps_lost", recovery_steps_lost(report)},
+                               {"steps_lost", report.steps_lost},
                                {"resumed_just_in_time", report.resumed_just_in_time},
                                {"policy", report.policy},
                                {"local_state_reset", report.local_state_reset}});
@@ -462,7 +456,7 @@ int train_main(const std::vector<std::string>& argv) {
                     report.resumed_just_in_time ? ", a just-in-time commit" : "", report.agreement_ms, report.load_ms,
                     report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
                     report.local_state.c_str(), report.policy.c_str(),
-                    static_cast<long long>(recovery_steps_lost(report)));
+                    static_cast<long long>(report.steps_lost));
         if (report.newest_snapshot_step > report.newest_step) {
           std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
                       static_cast<long long>(report.newest_snapshot_step),
@@ -557,7 +551,7 @@ int train_main(const std::vector<std::string>& argv) {
           {"resynced_ranks", report.resynced_ranks},
           {"local_state", report.local_state},
           {"newest_step", report.newest_step},
-          {"steps_lost", recovery_steps_lost(report)},
+          {"steps_lost", report.steps_lost},
           {"resumed_just_in_time", report.resumed_just_in_time},
           {"policy", report.policy},
           {"local_state_reset", report.local_state_reset},
