@@ -153,6 +153,8 @@ std::string encode_record(const CommitRecord& r) {
   e.u64(r.just_in_time ? 1 : 0);
   e.str(r.jit_reason);
   e.u64(r.buddy_parts);
+  // Added with node failure (ranks renumbered, stores adopted): the writer's rank.
+  e.i64(r.rank);
   return std::move(e.out());
 }
 
@@ -182,6 +184,12 @@ bool decode_record(const std::string& s, CommitRecord* r) {
     uint64_t jit = 0;
     if (!d.u64(&jit) || !d.str(&r->jit_reason) || !d.u64(&r->buddy_parts)) return false;
     r->just_in_time = jit != 0;
+  }
+  r->rank = -1;
+  if (d.ok() && !d.done()) {
+    int64_t rank = -1;
+    if (!d.i64(&rank)) return false;
+    r->rank = static_cast<int>(rank);
   }
   return d.done();
 }
@@ -308,8 +316,14 @@ class RocksCheckpointStore final : public CheckpointStore {
       const auto nl = stored.find('\n');
       const std::string job = stored.substr(0, nl), rank = stored.substr(nl + 1);
       const bool job_differs = !options_.job_id.empty() && job != options_.job_id;
+      identity_rank_ = std::atoi(rank.c_str());
       const bool rank_differs = check_rank && rank != std::to_string(options_.rank);
-      if (job_differs || rank_differs) {
+      if (rank_differs && !job_differs && options_.adopt_other_rank) {
+        if (may_write) {
+          auto st = adopt(identity);
+          if (!st.ok()) return st;
+        }
+      } else if (job_differs || rank_differs) {
         return StoreStatus::Incompatible("checkpoint store " + options_.dir + " belongs to job '" + job + "' rank " +
                                          rank + ", not job '" + options_.job_id + "' rank " +
                                          std::to_string(options_.rank) +
@@ -340,6 +354,36 @@ class RocksCheckpointStore final : public CheckpointStore {
     std::string error;
     if (!detail::make_dirs(blob_dir_, &error)) return StoreStatus::IOError("cannot create " + error);
     return CollectGarbage();
+  }
+
+  // This store becomes options_.rank's: its records without a writer's rank get
+  // the old identity's, then the identity changes, in one write.
+  StoreStatus adopt(const std::string& identity) {
+    rocksdb::WriteBatch batch;
+    StoreStatus bad;
+    auto s = scan(kCommitPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
+      CommitRecord r;
+      if (!decode(value.ToString(), &r)) {
+        bad = StoreStatus::Corruption("commit record " + key.ToString() + " in " + options_.dir + " does not decode");
+        return false;
+      }
+      batch.Put(key, encode_record(r));
+      return true;
+    });
+    if (!s.ok()) return s;
+    if (!bad.ok()) return bad;
+    batch.Put(kIdentityKey, identity);
+    auto st = write(batch, "adopting the store");
+    if (st.ok()) identity_rank_ = options_.rank;
+    return st;
+  }
+
+  // A record as this store keeps it: one written before records named their
+  // writer is the identity's.
+  bool decode(const std::string& value, CommitRecord* r) const {
+    if (!decode_record(value, r)) return false;
+    if (r->rank < 0) r->rank = identity_rank_;
+    return true;
   }
 
   StoreStatus PutLayout(const BucketLayout& layout) override {
@@ -446,7 +490,7 @@ class RocksCheckpointStore final : public CheckpointStore {
     StoreStatus bad;
     auto s = scan(kCommitPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
       CommitRecord r;
-      if (!decode_record(value.ToString(), &r)) {
+      if (!decode(value.ToString(), &r)) {
         bad = StoreStatus::Corruption("commit record " + key.ToString() + " in " + options_.dir + " does not decode");
         return false;
       }
@@ -534,7 +578,7 @@ class RocksCheckpointStore final : public CheckpointStore {
       if (s.IsNotFound()) continue;
       if (!s.ok()) return from(s, "reading commit " + std::to_string(step));
       CommitRecord r;
-      const bool decoded = decode_record(value, &r);
+      const bool decoded = decode(value, &r);
       batch.Delete(kCommitPrefix + step_key(step));
       batch.DeleteRange(kHookPrefix + step_key(step) + "/", kHookPrefix + step_key(step) + "/~");
       if (decoded && r.has_snapshot) batch.Put(kGcPrefix + r.blob_file, "");
@@ -577,7 +621,7 @@ class RocksCheckpointStore final : public CheckpointStore {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
     for (it->SeekForPrev(kCommitPrefix + "~"); it->Valid() && it->key().starts_with(kCommitPrefix); it->Prev()) {
       CommitRecord r;
-      if (!decode_record(it->value().ToString(), &r)) {
+      if (!decode(it->value().ToString(), &r)) {
         return StoreStatus::Corruption("commit record " + it->key().ToString() + " in " + options_.dir +
                                        " does not decode");
       }
@@ -591,6 +635,7 @@ class RocksCheckpointStore final : public CheckpointStore {
   }
 
   StoreStatus CommitLocked(CommitRecord r, bool retention) {
+    r.rank = options_.rank;
     CommitRecord last;
     auto s = latest(&last, false);
     if (s.ok() && r.step <= last.step) {
@@ -734,6 +779,7 @@ class RocksCheckpointStore final : public CheckpointStore {
   }
 
   CheckpointStoreOptions options_;
+  int identity_rank_ = options_.rank;  // the rank the store's identity names
   std::unique_ptr<rocksdb::DB> db_;
   std::string blob_dir_;
   std::mutex commit_mutex_;

@@ -39,6 +39,9 @@ Checkpointer::Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpoint
   so.job_id = options_.job_id;
   so.rank = pg_->getRank();
   so.keep_snapshots = options_.keep_snapshots;
+  // A store of another rank of this job is this rank's now (rank_store_dir gave
+  // it over after the ranks were numbered anew); its commits name their writer.
+  so.adopt_other_rank = true;
   check(CheckpointStore::Open(so, &store_));
 }
 
@@ -86,6 +89,7 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
   report.resumed_just_in_time = plan.just_in_time;
   report.policy = policy_name(plan.policy);
   report.local_state_reset = plan.local_reset;
+  report.resumed_world_size = plan.step_world_size;
   report.resynced_ranks = plan.resync;
   report.discarded_steps = discard_unusable(store_.get(), plan, local);
   report.changed_settings =

@@ -85,8 +85,8 @@ std::string store_description(const ProcessGroupOptions& o) {
 }
 
 std::string key_prefix(const ProcessGroupOptions& o) {
-  return o.prefix + "/attempt_" + std::to_string(o.restart_count) + "/epoch_" +
-      std::to_string(o.epoch);
+  return o.prefix + (o.attempt_in_keys ? "/attempt_" + std::to_string(o.restart_count) : std::string("/round")) +
+         "/epoch_" + std::to_string(o.epoch);
 }
 
 // Every rank publishes `mine` under `key` and reads every rank's, so all ranks
@@ -178,6 +178,7 @@ ProcessGroupOptions process_group_options_from_env(ProcessGroupOptions o) {
   o.rank = static_cast<int>(env_int("RANK", o.rank));
   o.world_size = static_cast<int>(env_int("WORLD_SIZE", o.world_size));
   o.local_rank = static_cast<int>(env_int("LOCAL_RANK", o.local_rank));
+  o.local_world_size = static_cast<int>(env_int("LOCAL_WORLD_SIZE", o.local_world_size));
   o.master_port = static_cast<int>(env_int("MASTER_PORT", o.master_port));
   o.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", o.restart_count);
   if (const char* addr = env("MASTER_ADDR")) {
@@ -188,6 +189,15 @@ ProcessGroupOptions process_group_options_from_env(ProcessGroupOptions o) {
     TORCH_CHECK(v == "True" || v == "False" || v == "1" || v == "0" || v == "true" || v == "false",
                 "TORCHELASTIC_USE_AGENT_STORE='", v, "' is neither True nor False");
     o.store_client_only = (v == "True" || v == "1" || v == "true");
+    o.attempt_in_keys = o.store_client_only;
+    // A multi-node job on the shared agent store: a node that joins later counts
+    // its restarts from 0, and its ranks would wait on other keys than the rest.
+    const char* nodes = env("GROUP_WORLD_SIZE");
+    if (o.store_client_only && nodes && std::atoi(nodes) > 1 && o.rank == 0 && o.restart_count > 0) {
+      detail::log_line("ftcomm: warning: a multi-node job on torchrun's shared store: a node that joins later (a "
+                       "replacement, a grown job) counts its restarts from 0 and cannot meet the others. Launch "
+                       "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, Losing a node)");
+    }
   }
   return o;
 }

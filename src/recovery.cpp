@@ -162,22 +162,24 @@ at::Device TrainingState::accelerator() const {
 
 LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int rank) {
   LocalCheckpoint local;
+  local.rank = rank;
+  local.world_size = world_size;
   if (store == nullptr) return local;
   std::vector<CommitRecord> commits;
   check(store->ListCommits(&commits));
   for (const auto& c : commits) local.commits.push_back(c.step);
   for (auto it = commits.rbegin(); it != commits.rend(); ++it) {
     if (!it->has_snapshot) continue;
-    TORCH_CHECK(it->world_size == world_size, "checkpoint ", store->options().dir, " was written by a job of world size ",
-                it->world_size, ", this job has ", world_size,
-                ". Resume with the same world size, or point --ckpt at a new directory");
     local.newest = std::max(local.newest, it->step);
     const auto s = store->LoadSnapshot(*it, &local.tensors);
     if (s.ok()) {
       local.record = *it;
       local.step = it->step;
       for (auto older = it; older != commits.rend(); ++older) {
-        if (older->has_snapshot) local.candidates.push_back({older->step, older->just_in_time, older->buddy_parts});
+        if (older->has_snapshot) {
+          local.candidates.push_back(
+              {older->step, older->just_in_time, older->buddy_parts, older->world_size, older->rank});
+        }
       }
       break;
     }
@@ -197,22 +199,43 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
   RecoveryPlan plan;
   plan.policy = needs.policy;
   const int world = static_cast<int>(candidates.size());
+  const bool any_local = needs.hook_local || needs.trainer_local;
   auto held = [&](int r, int64_t step) -> const SnapshotCandidate* {
     for (const auto& c : candidates[static_cast<size_t>(r)]) {
       if (c.step == step) return &c;
     }
     return nullptr;
   };
-  // Whether rank r's rank-local state at `step` can be had: its own snapshot, or
-  // its buddy's (rank r + 1) copy of every part it keeps.
-  auto local_ok = [&](int r, int64_t step) {
-    if (held(r, step) || (!needs.hook_local && !needs.trainer_local)) return true;
-    if (world == 1) return false;
-    const SnapshotCandidate* buddy = held((r + 1) % world, step);
-    if (buddy == nullptr) return false;
-    const uint64_t want = (needs.hook_local ? CommitRecord::kBuddyHook : 0) |
-                          (needs.trainer_local ? CommitRecord::kBuddyTrainer : 0);
-    return (buddy->buddy_parts & want) == want;
+  auto same_world = [&](const SnapshotCandidate& c) { return c.world_size == 0 || c.world_size == world; };
+  auto owner = [](const SnapshotCandidate& c, int holder) { return c.owner < 0 ? holder : c.owner; };
+  // Where rank r's rank-local state at `step` can be had: a snapshot of this
+  // world size that holds it as its owner's (its own store, or one a renumbered
+  // rank took over), else the buddy copy in rank r + 1's snapshot, with every
+  // part r keeps.
+  // (With no needs stated, every part: the plan still says where each rank's
+  // state would come from.)
+  const uint64_t want = any_local ? (needs.hook_local ? CommitRecord::kBuddyHook : 0) |
+                                        (needs.trainer_local ? CommitRecord::kBuddyTrainer : 0)
+                                  : CommitRecord::kBuddyHook | CommitRecord::kBuddyTrainer;
+  auto local_source = [&](int r, int64_t step) -> RecoveryPlan::LocalSource {
+    for (int x = 0; x < world; ++x) {
+      const SnapshotCandidate* c = held(x, step);
+      if (c && same_world(*c) && owner(*c, x) == r) return {x, false};
+    }
+    if (world == 1) return {};
+    for (int x = 0; x < world; ++x) {
+      const SnapshotCandidate* c = held(x, step);
+      if (c && same_world(*c) && owner(*c, x) == (r + 1) % world && (c->buddy_parts & want) == want) return {x, true};
+    }
+    return {};
+  };
+  auto local_ok = [&](int r, int64_t step) { return !any_local || local_source(r, step).rank >= 0; };
+  auto foreign = [&](int64_t step) {
+    for (int r = 0; r < world; ++r) {
+      const SnapshotCandidate* c = held(r, step);
+      if (c && !same_world(*c)) return true;
+    }
+    return false;
   };
   std::set<int64_t, std::greater<int64_t>> steps;
   for (const auto& rank_candidates : candidates) {
@@ -232,6 +255,9 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
         chosen = step;
         break;
       }
+      // Never back past a resize: the steps before it are of another run shape,
+      // and going back would give up every step since.
+      if (foreign(step)) break;
     }
   }
   // kReset, or no step has every rank's state: the newest step.
@@ -244,9 +270,13 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
     if (mine && plan.source < 0) {
       plan.source = r;
       plan.just_in_time = mine->just_in_time;
+      plan.step_world_size = mine->world_size == 0 ? world : mine->world_size;
     }
     if (!mine) plan.resync.push_back(r);
-    if (!local_ok(r, chosen)) plan.local_reset.push_back(r);
+  }
+  for (int r = 0; r < world; ++r) {
+    plan.local_source.push_back(local_source(r, chosen));
+    if (any_local && plan.local_source.back().rank < 0) plan.local_reset.push_back(r);
   }
   return plan;
 }
@@ -258,13 +288,16 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local) {
 RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const RecoveryNeeds& needs) {
   const int world = pg->getSize();
   // Fixed size on every rank: the newest step the store names, the number of
-  // candidates, then (step, just_in_time | buddy_parts << 1) for the newest few.
+  // candidates, then (step, just_in_time | buddy_parts << 1, world_size << 32 |
+  // owner + 1) for the newest few.
   constexpr size_t kMaxCandidates = 8;
   std::vector<int64_t> mine{local.newest, static_cast<int64_t>(std::min(local.candidates.size(), kMaxCandidates))};
   for (size_t i = 0; i < kMaxCandidates; ++i) {
     const bool have = i < local.candidates.size();
-    mine.push_back(have ? local.candidates[i].step : -1);
-    mine.push_back(have ? int64_t(local.candidates[i].just_in_time) | int64_t(local.candidates[i].buddy_parts << 1) : 0);
+    const SnapshotCandidate c = have ? local.candidates[i] : SnapshotCandidate{};
+    mine.push_back(c.step);
+    mine.push_back(int64_t(c.just_in_time) | int64_t(c.buddy_parts << 1));
+    mine.push_back((int64_t(c.world_size) << 32) | int64_t(c.owner + 1));
   }
   const auto gathered = control::allgather(pg, mine);
   std::vector<std::vector<SnapshotCandidate>> candidates(static_cast<size_t>(world));
@@ -273,9 +306,10 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const 
     const auto& g = gathered[static_cast<size_t>(r)];
     newest_named = std::max(newest_named, g[0]);
     for (int64_t i = 0; i < g[1]; ++i) {
-      const int64_t flags = g[static_cast<size_t>(3 + 2 * i)];
-      candidates[static_cast<size_t>(r)].push_back(
-          {g[static_cast<size_t>(2 + 2 * i)], (flags & 1) != 0, static_cast<uint64_t>(flags >> 1)});
+      const int64_t flags = g[static_cast<size_t>(3 + 3 * i)], shape = g[static_cast<size_t>(4 + 3 * i)];
+      candidates[static_cast<size_t>(r)].push_back({g[static_cast<size_t>(2 + 3 * i)], (flags & 1) != 0,
+                                                    static_cast<uint64_t>(flags >> 1), static_cast<int>(shape >> 32),
+                                                    static_cast<int>(shape & 0xffffffff) - 1});
     }
   }
   RecoveryPlan plan = plan_recovery(candidates, needs);
@@ -303,7 +337,14 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const 
                      " exists no later (policy exact, which keeps the run bit-identical; policy reset resumes from step " +
                      std::to_string(plan.newest_step) + " with that state started afresh)");
   }
-  if (!plan.local_reset.empty() && (needs.hook_local || needs.trainer_local)) {
+  if (plan.resized()) {
+    detail::log_line("ftcomm: resuming at world size " + std::to_string(world) + " from step " +
+                     std::to_string(plan.step) + ", written at world size " + std::to_string(plan.step_world_size) +
+                     ": parameters, buffers, optimizer and replicated hook state carry over" +
+                     (needs.hook_local || needs.trainer_local
+                          ? "; every rank's rank-local state (error feedback, the trainer's own) starts afresh"
+                          : ""));
+  } else if (!plan.local_reset.empty() && (needs.hook_local || needs.trainer_local)) {
     std::vector<int64_t> ranks(plan.local_reset.begin(), plan.local_reset.end());
     detail::log_line("ftcomm: resuming from step " + std::to_string(plan.step) + " with the rank-local state of rank(s) " +
                      join(ranks) + " started afresh (policy " + policy_name(needs.policy) +
@@ -409,7 +450,12 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
   fill(state.buffers, "buffer/", "buffer");
   fill(state.optimizer, "extra/", "optimizer state");
   state.objects = indexed_entries(entries, "object/", state.accelerator());
-  if (!state.rank_local.empty()) {
+  // Rank-local state only from this rank's own snapshot of this world size; a
+  // store taken over from another rank holds that rank's (restore_rank_local
+  // moves it to its owner).
+  const bool own = (local.record.rank < 0 || local.record.rank == local.rank) &&
+                   local.record.world_size == local.world_size;
+  if (!state.rank_local.empty() && own) {
     auto mine = indexed_entries(entries, "local/", state.accelerator());
     TORCH_CHECK(mine.size() == state.rank_local.size(), "checkpoint ", where, " holds ", mine.size(),
                 " rank-local tensors, this trainer keeps ", state.rank_local.size(),
@@ -420,7 +466,11 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
   TORCH_CHECK(local.record.hook_digest == state.hook->digest(), "checkpoint ", where, " of step ", plan.step,
               " was written with hook digest ", local.record.hook_digest, ", this run's hook ", state.hook->name(),
               " has ", state.hook->digest(), ". Resume with the same hook, or point --ckpt elsewhere");
-  restore_hook_tensors(*state.hook, local.tensors, {"hook_r", "hook_l"}, state.accelerator());
+  if (own) {
+    restore_hook_tensors(*state.hook, local.tensors, {"hook_r", "hook_l"}, state.accelerator());
+  } else {
+    restore_hook_tensors(*state.hook, local.tensors, {"hook_r"}, state.accelerator());
+  }
 }
 
 int64_t resync(const Group& pg, const RecoveryPlan& plan, TrainingState& state) {
@@ -460,54 +510,71 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
   const int rank = pg->getRank(), world = pg->getSize();
   const bool hook_local = state.hook && !state.hook->local_state().empty();
   const bool has_local = hook_local || !state.rank_local.empty();
+  if (!has_local) {
+    out.summary = "none kept";
+    return out;
+  }
+  TORCH_CHECK(plan.local_source.size() == static_cast<size_t>(world),
+              "restore_rank_local: the plan names no source of rank-local state; was it agreed with RecoveryNeeds "
+              "that say the job keeps some?");
   const std::string what = hook_local ? "rank-local hook state of " + state.hook->name() : "rank-local state";
+  if (plan.resized()) {
+    out.summary = "every rank's reset (world size " + std::to_string(plan.step_world_size) + " -> " +
+                  std::to_string(world) + ")";
+    detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " started afresh: the job resumed at world size " +
+                     std::to_string(world) + " from a step of world size " + std::to_string(plan.step_world_size) +
+                     (state.rank_local.empty() ? "" : " (the trainer's keeps its current value)"));
+    return out;
+  }
   std::vector<std::string> notes;
-  for (int lost : plan.resync) {
-    const int buddy = (lost + 1) % world;
-    const bool reset = std::find(plan.local_reset.begin(), plan.local_reset.end(), lost) != plan.local_reset.end();
-    if (world == 1 || !plan.has_step(buddy)) {
-      if (has_local) {
-        notes.push_back(rank_text(lost) + (hook_local ? ": reset to empty" : ": reset") + " (lost with its store and " +
-                        rank_text(buddy) + "'s copy; policy " + policy_name(plan.policy) + ")");
-        if (rank == lost) {
-          detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " was lost with its store and with " +
-                           rank_text(buddy) + "'s copy; reset" +
-                           (state.rank_local.empty() ? " to empty" : " (the trainer's keeps its current value)"));
-        }
+  for (int r = 0; r < world; ++r) {
+    const RecoveryPlan::LocalSource from = plan.local_source[static_cast<size_t>(r)];
+    if (from.rank < 0) {
+      const int buddy = (r + 1) % world;
+      const bool lost = std::find(plan.resync.begin(), plan.resync.end(), r) != plan.resync.end();
+      const std::string why = lost && plan.has_step(buddy)
+                                  ? rank_text(buddy) + "'s just-in-time commit of step " + std::to_string(plan.step) +
+                                        " has no full copy of it"
+                                  : "lost with its store and " + rank_text(buddy) + "'s copy";
+      notes.push_back(rank_text(r) + (hook_local ? ": reset to empty" : ": reset") + " (" + why + "; policy " +
+                      policy_name(plan.policy) + ")");
+      if (rank == r) {
+        detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " does not exist at step " +
+                         std::to_string(plan.step) + " (" + why + "); started afresh" +
+                         (state.rank_local.empty() ? " (empty)" : " (the trainer's keeps its current value)"));
       }
       continue;
     }
+    if (from.rank == r && !from.buddy) continue;  // its own snapshot, loaded already
+    // The holder sends r's entries under their own names: a buddy copy renamed,
+    // or the rank-local entries of a snapshot r wrote (a store another rank took over).
     std::vector<NamedTensor> copy;
-    if (rank == buddy) {
+    if (rank == from.rank) {
       for (const auto& nt : local.tensors) {
-        const std::string own = from_buddy_name(nt.name);
-        if (!own.empty()) copy.push_back({own, nt.tensor, nt.home});
+        if (from.buddy) {
+          const std::string own = from_buddy_name(nt.name);
+          if (!own.empty()) copy.push_back({own, nt.tensor, nt.home});
+        } else if (nt.name.rfind("local/", 0) == 0 || nt.name.rfind("hook_l/", 0) == 0) {
+          copy.push_back(nt);
+        }
       }
     }
-    broadcast_manifest(pg, buddy, &copy);
+    broadcast_manifest(pg, from.rank, &copy);
     std::vector<at::Tensor> tensors;
     for (auto& nt : copy) tensors.push_back(nt.tensor);
-    out.bytes += broadcast_tensors(pg, tensors, buddy);
-    if (rank == lost) {
+    out.bytes += broadcast_tensors(pg, tensors, from.rank);
+    if (rank == r) {
       if (state.hook) restore_hook_tensors(*state.hook, copy, {"hook_l"}, state.accelerator());
       auto mine = indexed_entries(by_name(copy), "local/", state.accelerator());
       if (mine.size() == state.rank_local.size()) state.rank_local = std::move(mine);
     }
-    if (has_local && !reset) notes.push_back(rank_text(lost) + ": restored from " + rank_text(buddy) + "'s buddy copy");
-    if (has_local && reset) {
-      notes.push_back(rank_text(lost) + (hook_local ? ": reset to empty" : ": reset") + " (" + rank_text(buddy) +
-                      "'s just-in-time commit of step " + std::to_string(plan.step) +
-                      " has no full copy of it; policy " + policy_name(plan.policy) + ")");
-      if (rank == lost) {
-        detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " does not exist at step " +
-                         std::to_string(plan.step) + "; started afresh (policy " + policy_name(plan.policy) + ")");
-      }
-    }
+    notes.push_back(rank_text(r) + (from.buddy ? ": restored from " + rank_text(from.rank) + "'s buddy copy"
+                                               : ": restored from its own snapshot, held by " + rank_text(from.rank)));
   }
   if (notes.empty()) {
     out.summary = "restored from each rank's store";
   } else {
-    out.summary = plan.resync.size() < static_cast<size_t>(world) ? "the other ranks' from their stores; " : "";
+    out.summary = notes.size() < static_cast<size_t>(world) ? "the other ranks' from their stores; " : "";
     for (size_t i = 0; i < notes.size(); ++i) out.summary += (i ? "; " : "") + notes[i];
   }
   return out;

@@ -17,6 +17,7 @@
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/process_group.h"
+#include "ftcomm/rank_store.h"
 #include "fsutil.h"
 #include "support/multiprocess.h"
 #include "support/reducer_model.h"
@@ -255,6 +256,60 @@ TEST(CheckpointStoreErrors, AnotherJobOrRankIsRefused) {
   o.rank = 3;
   s = CheckpointStore::Open(o, &store);
   EXPECT_TRUE(s.IsIncompatible()) << s.ToString();
+}
+
+TEST(CheckpointStore, AnAdoptedStoreKeepsEachCommitsWriter) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  {
+    auto store = open_store(dir, 2);
+    ASSERT_TRUE(store->Commit(record_for(4, 0)).ok());
+  }
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  o.rank = 0;
+  o.adopt_other_rank = true;
+  std::unique_ptr<CheckpointStore> store;
+  ASSERT_TRUE(CheckpointStore::Open(o, &store).ok());
+  ASSERT_TRUE(store->Commit(record_for(6, 0)).ok());
+  std::vector<CommitRecord> back;
+  ASSERT_TRUE(store->ListCommits(&back).ok());
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_EQ(back[0].rank, 2);  // written by rank 2 before rank 0 took the store over
+  EXPECT_EQ(back[1].rank, 0);
+  store.reset();
+  // The store is rank 0's now: opened as such without adopting, refused as rank 2's.
+  auto reopened = open_store(dir, 0);
+  ASSERT_TRUE(reopened);
+  ASSERT_TRUE(reopened->ListCommits(&back).ok());
+  EXPECT_EQ(back[0].rank, 2);
+  reopened.reset();
+  o.rank = 2;
+  o.adopt_other_rank = false;
+  EXPECT_TRUE(CheckpointStore::Open(o, &store).IsIncompatible());
+}
+
+TEST(RankStoreDir, ANodeNumberedAnewTakesOverTheStoresItHolds) {
+  TempDir tmp;
+  const std::string root = tmp.sub("node");
+  ASSERT_EQ(::mkdir(root.c_str(), 0755), 0);
+  for (const char* r : {"rank2", "rank3", "rank7x"}) ASSERT_EQ(::mkdir((root + "/" + r).c_str(), 0755), 0);
+  // The node's two workers are ranks 0 and 1 now; rank 1 asks first.
+  const RankStoreDir one = rank_store_dir(root, 1, 1, 2);
+  EXPECT_EQ(one.dir, root + "/rank1");
+  EXPECT_EQ(one.adopted_from, 3);
+  const RankStoreDir zero = rank_store_dir(root, 0, 0, 2);
+  EXPECT_EQ(zero.dir, root + "/rank0");
+  EXPECT_EQ(zero.adopted_from, 2);
+  // Asked again, each keeps its own; a rank with nothing left over gets a new one.
+  EXPECT_EQ(rank_store_dir(root, 0, 0, 2).adopted_from, -1);
+  EXPECT_TRUE(detail::path_exists(root + "/rank7x"));  // not a store name: left alone
+  // A node that now runs rank 5 alone takes the first of what it holds.
+  EXPECT_EQ(rank_store_dir(root, 5, 0, 1).adopted_from, 0);
+  const RankStoreDir fresh = rank_store_dir(tmp.sub("empty-disk"), 5, 0, 1);
+  EXPECT_EQ(fresh.dir, tmp.sub("empty-disk") + "/rank5");
+  EXPECT_EQ(fresh.adopted_from, -1);
 }
 
 TEST(CheckpointStoreErrors, NewerSchemaIsRefused) {

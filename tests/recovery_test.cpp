@@ -137,6 +137,71 @@ TEST(RecoveryPlan, ExactWithNoCompleteStepTakesTheNewestAndSaysWhoIsReset) {
   EXPECT_EQ(plan.resync, (std::vector<int>{1, 2}));
 }
 
+SnapshotCandidate written(int64_t step, int world_size, int owner, bool just_in_time = false) {
+  return {step, just_in_time, just_in_time ? 0 : CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook, world_size,
+          owner};
+}
+
+TEST(RecoveryPlan, AResizeCarriesReplicatedStateAndStartsEveryRanksLocalStateAfresh) {
+  // World 4 lost a node (rank 3); three ranks resume from step 20 of world 4.
+  const RecoveryNeeds exact{true, false, LocalStatePolicy::kExact};
+  const RecoveryPlan plan =
+      plan_recovery({{written(20, 4, 0)}, {written(20, 4, 1)}, {written(20, 4, 2)}}, exact);
+  EXPECT_EQ(plan.step, 20);
+  EXPECT_TRUE(plan.resized());
+  EXPECT_EQ(plan.step_world_size, 4);
+  EXPECT_TRUE(plan.resync.empty());
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{0, 1, 2}));
+  // Without rank-local state nothing is reset; the resize is still reported.
+  const RecoveryPlan stateless =
+      plan_recovery({{written(20, 4, 0)}, {written(20, 4, 1)}, {}}, {false, false, LocalStatePolicy::kExact});
+  EXPECT_EQ(stateless.step, 20);
+  EXPECT_TRUE(stateless.resized());
+  EXPECT_TRUE(stateless.local_reset.empty());
+  EXPECT_EQ(stateless.resync, (std::vector<int>{2}));
+}
+
+TEST(RecoveryPlan, ExactNeverGoesBackPastAResize) {
+  // Grown back to 4: ranks 0-2 committed step 30 at world 3; the returning node's
+  // old store (rank 3) and the older commits still hold step 20 of world 4, where
+  // every rank's state exists. Exact keeps step 30 (all state afresh) instead of
+  // giving up ten steps.
+  const std::vector<std::vector<SnapshotCandidate>> candidates{
+      {written(30, 3, 0), written(20, 4, 0)},
+      {written(30, 3, 1), written(20, 4, 1)},
+      {written(30, 3, 2), written(20, 4, 2)},
+      {written(20, 4, 3)}};
+  const RecoveryPlan plan = plan_recovery(candidates, {true, false, LocalStatePolicy::kExact});
+  EXPECT_EQ(plan.step, 30);
+  EXPECT_EQ(plan.step_world_size, 3);
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(plan.resync, (std::vector<int>{3}));
+}
+
+TEST(RecoveryPlan, ARenumberedRankGetsItsOwnStateFromTheStoreThatHoldsIt) {
+  // The rendezvous swapped the two ranks: each now runs with the other's store.
+  const RecoveryPlan plan =
+      plan_recovery({{written(20, 2, 1)}, {written(20, 2, 0)}}, {true, true, LocalStatePolicy::kExact});
+  EXPECT_EQ(plan.step, 20);
+  EXPECT_FALSE(plan.resized());
+  EXPECT_TRUE(plan.local_reset.empty());
+  ASSERT_EQ(plan.local_source.size(), 2u);
+  EXPECT_EQ(plan.local_source[0].rank, 1);
+  EXPECT_FALSE(plan.local_source[0].buddy);
+  EXPECT_EQ(plan.local_source[1].rank, 0);
+  // World 3, the store of rank 1 lost, ranks renumbered: rank 1's state comes
+  // from the buddy copy in rank 2's snapshot, which rank 0 now holds.
+  const RecoveryPlan buddy = plan_recovery({{written(20, 3, 2)}, {}, {written(20, 3, 0)}},
+                                           {true, false, LocalStatePolicy::kExact});
+  EXPECT_EQ(buddy.step, 20);
+  EXPECT_TRUE(buddy.local_reset.empty());
+  EXPECT_EQ(buddy.local_source[1].rank, 0);
+  EXPECT_TRUE(buddy.local_source[1].buddy);
+  EXPECT_EQ(buddy.local_source[2].rank, 0);
+  EXPECT_FALSE(buddy.local_source[2].buddy);
+  EXPECT_EQ(buddy.local_source[0].rank, 2);
+}
+
 TEST(RecoveryPlan, NoSnapshotAnywhereIsAFreshStart) {
   const RecoveryPlan plan = plan_recovery({{}, {}}, {true, true, LocalStatePolicy::kExact});
   EXPECT_TRUE(plan.fresh());

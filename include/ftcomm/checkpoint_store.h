@@ -72,7 +72,11 @@ enum class Durability { kSync, kProcessCrash };
 struct CheckpointStoreOptions {
   std::string dir;                 // one directory per rank
   std::string job_id;              // refuses a store written by another job
-  int rank = 0;                    // refuses a store written by another rank
+  int rank = 0;                    // refuses a store written by another rank (unless adopt_other_rank)
+  // Takes over a store of another rank of the same job (a node whose ranks were
+  // renumbered at a rendezvous, see rank_store_dir): its identity becomes
+  // `rank`, and its commits keep the rank that wrote them (CommitRecord::rank).
+  bool adopt_other_rank = false;
   bool create_if_missing = true;   // false: a missing directory is an error
   bool read_only = false;          // no lock, no writes (ftcomm inspect)
   Durability durability = Durability::kSync;
@@ -101,6 +105,10 @@ struct CommitRecord {
   static constexpr uint64_t kBuddyTrainer = 1;  // the trainer's rank-local state ("local/<i>")
   static constexpr uint64_t kBuddyHook = 2;     // the hook's rank-local state
   uint64_t buddy_parts = kBuddyTrainer | kBuddyHook;
+  // The rank whose state the snapshot holds (its rank-local state, and the buddy
+  // copy of rank - 1's). Set by the store on commit from its identity; records
+  // written before it was recorded read as the store's rank.
+  int rank = -1;
   // Set by the store: whether this commit carries a snapshot, and its blob.
   bool has_snapshot = false;
   std::string blob_file;

@@ -58,6 +58,10 @@ struct RecoveryReport {
   bool resumed_just_in_time = false;  // the resumed step is a just-in-time commit
   std::string policy;                 // "exact" or "reset"
   std::vector<int> local_state_reset;  // ranks whose rank-local state started afresh
+  // The world size that wrote the resumed step (0: fresh start); another than
+  // this job's means the job was resized: replicated state carried over, every
+  // rank's rank-local state started afresh.
+  int resumed_world_size = 0;
   std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
   std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
 

@@ -40,6 +40,12 @@ struct ProcessGroupOptions {
   // Every rank is a client of a store someone else serves (torchrun's agent
   // store, TORCHELASTIC_USE_AGENT_STORE=True).
   bool store_client_only = false;
+  // Keys carry the restart count, so a restarted attempt never reads the keys of
+  // an earlier one from a store that outlives it (torchrun's shared agent store).
+  // Off where the store is new every round (torchrun with
+  // TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 serves it), as nodes count their
+  // restarts apart: a node that joined later starts from 0.
+  bool attempt_in_keys = true;
   std::string file_path;
   c10::intrusive_ptr<c10d::Store> custom_store;
 
@@ -54,6 +60,7 @@ struct ProcessGroupOptions {
 
   // CUDA device for NCCL; -1 means local_rank, else rank modulo the device count.
   int local_rank = -1;
+  int local_world_size = 1;  // workers on this node (torchrun's LOCAL_WORLD_SIZE)
   // Gloo worker threads; more lets more collectives progress concurrently.
   int gloo_threads = 2;
   // Print the one-line backend choice on rank 0.

@@ -59,10 +59,13 @@ struct SnapshotCandidate {
   int64_t step = -1;
   bool just_in_time = false;
   uint64_t buddy_parts = 0;  // CommitRecord::kBuddy* bits
+  int world_size = 0;        // the job's world size when it was written; 0: this job's
+  int owner = -1;            // the rank whose state it holds (CommitRecord::rank); -1: the rank holding it
 };
 
 // This rank's newest intact snapshot, found on its own.
 struct LocalCheckpoint {
+  int rank = 0, world_size = 1;  // who loaded it
   int64_t step = -1;    // -1: none intact (or no store)
   int64_t newest = -1;  // the newest snapshot the store names, intact or not
   CommitRecord record;
@@ -98,7 +101,9 @@ struct RecoveryNeeds {
 };
 
 // Newest first, past damaged snapshots (a retained older one is worth more than
-// a restart from step 0), each one logged. Refuses a store of another world size.
+// a restart from step 0), each one logged. Snapshots of another world size are
+// candidates too: a resume at another world size carries the replicated state
+// over and starts all rank-local state afresh.
 LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int rank);
 
 struct RecoveryPlan {
@@ -113,6 +118,18 @@ struct RecoveryPlan {
   bool just_in_time = false;        // the source's snapshot of `step` is a just-in-time one
   LocalStatePolicy policy = LocalStatePolicy::kExact;
   std::vector<int> local_reset;     // ranks whose rank-local state is missing at `step`, started afresh
+  // The world size that wrote `step`; another than this job's is a resize, and
+  // then every rank's rank-local state starts afresh (nothing maps one to one).
+  int step_world_size = 0;
+  // Where each rank's rank-local state at `step` comes from: the rank whose
+  // snapshot holds it as its own, or (buddy) the one holding its buddy copy;
+  // rank -1: nowhere, started afresh.
+  struct LocalSource {
+    int rank = -1;
+    bool buddy = false;
+  };
+  std::vector<LocalSource> local_source;
+  bool resized() const { return step >= 0 && step_world_size != static_cast<int>(rank_steps.size()); }
   int64_t steps_lost() const { return newest_step < 0 ? 0 : newest_step - std::max<int64_t>(0, step); }
   bool fresh() const { return step < 0; }
   bool has_step(int rank) const { return step >= 0 && rank_steps[static_cast<size_t>(rank)] == step; }

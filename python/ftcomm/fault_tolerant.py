@@ -54,14 +54,20 @@ class FaultTolerant:
     On :meth:`resume`, the ranks agree on the newest step some rank holds intact
     (damaged snapshots are skipped); ranks that lack it (a replaced rank with an
     empty disk) get it from a peer with ``broadcast_coalesced``; rank-local state
-    comes from the rank's own store or its buddy's copy. A store of another world
-    size or job, a damaged store, and changed settings are refused with an error
-    that names the problem and the fix.
+    comes from the rank's own store or its buddy's copy. A job resumed at another
+    world size (torchrun ``--nnodes MIN:MAX`` after a node is lost, or grown
+    again) carries parameters, buffers, optimizer and replicated hook state over
+    and starts every rank's rank-local state afresh (``report["resumed_world_size"]``
+    says so); the data sharding is the script's (a ``DistributedSampler`` follows
+    the new world size). A store of another job, a damaged store, and changed
+    settings are refused with an error that names the problem and the fix.
 
     Args:
         model: the DDP model (a hook, if any, registered with :func:`ftcomm.register_hook`).
         optimizer: its optimizer.
-        ckpt_dir: the stores' directory; rank r uses ``<ckpt_dir>/rank<r>``.
+        ckpt_dir: the stores' directory (on each node its own disk); rank r uses
+            ``<ckpt_dir>/rank<r>``, or takes over a store there of a rank the node no
+            longer runs (the rendezvous numbered the node's workers anew).
         commit_every: a snapshot every K steps (0: none).
         hook: the :class:`ftcomm.Hook` of ``model``, whose state is saved (default:
             the one registered on ``model``).
@@ -110,7 +116,14 @@ class FaultTolerant:
         pg = model.process_group
         self.rank = pg.rank()
         self.world_size = pg.size()
-        self.ckpt_dir = os.path.join(os.fspath(ckpt_dir), f"rank{self.rank}")
+        # torchrun gives a node's workers consecutive ranks; after a rendezvous
+        # numbers them anew, a rank takes over a store this node keeps for a rank
+        # it no longer runs (its replicated state is the job's).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if not 0 <= local_rank < local_world or local_rank > self.rank:
+            local_rank, local_world = 0, 1
+        self.ckpt_dir = _C.rank_store_dir(os.fspath(ckpt_dir), self.rank, local_rank, local_world)
         self._params = model._build_params_for_reducer()[0]
         self._device = next((p.device for p in self._params if p.device.type == "cuda"), None)
         self._resumed = False
@@ -180,6 +193,9 @@ class FaultTolerant:
                 resynced = f", resynced ranks {r['resynced_ranks']} ({r['resync_bytes']} bytes)" \
                     if r["resynced_ranks"] else ""
                 jit = " (a just-in-time commit)" if r["resumed_just_in_time"] else ""
+                if r["resumed_world_size"] != self.world_size:
+                    jit += (f", written at world size {r['resumed_world_size']}: resized to {self.world_size}, "
+                            "rank-local state started afresh")
                 print(f"ftcomm: resumed from step {step}{jit}{resynced}; {r['steps_lost']} step(s) behind the newest "
                       f"saved (policy {r['policy']}); rank-local state: {r['local_state']}; "
                       f"agreement {r['agreement_ms']:.1f} ms, load {r['load_ms']:.1f} ms, "

@@ -18,6 +18,7 @@
 #include "ftcomm/hook_check.h"
 #include "ftcomm/just_in_time.h"
 #include "ftcomm/process_group.h"
+#include "ftcomm/rank_store.h"
 #include "ftcomm/script_comm_hook.h"
 #include "ftcomm/script_hook.h"
 
@@ -117,6 +118,7 @@ py::dict report_dict(const RecoveryReport& r) {
   d["resumed_just_in_time"] = r.resumed_just_in_time;
   d["policy"] = r.policy;
   d["local_state_reset"] = r.local_state_reset;
+  d["resumed_world_size"] = r.resumed_world_size;
   return d;
 }
 
@@ -266,6 +268,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("load_hook", &load_hook, py::arg("pg"), py::arg("hook"), py::arg("params"), py::arg("pins"),
         py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agree_per_bucket"));
   m.def("list_hooks", &list_hooks);
+  m.def(
+      "rank_store_dir",
+      [](const std::string& root, int rank, int local_rank, int local_world_size) {
+        return rank_store_dir(root, rank, local_rank, local_world_size).dir;
+      },
+      py::arg("root"), py::arg("rank"), py::arg("local_rank"), py::arg("local_world_size"),
+      "This rank's store under a node's checkpoint root: root/rank<R>, or a store of a rank this node no longer "
+      "runs, renamed to it (the rendezvous numbered the node's workers anew).");
   m.def("hooks_dir", &hooks_dir);
 
   py::class_<PyState>(m, "State")

@@ -16,6 +16,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -29,6 +30,7 @@
 #include "events.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
+#include "ftcomm/rank_store.h"
 #include "hook_text.h"
 #include "log.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -43,6 +45,7 @@ struct TrainArgs {
   std::string device = "cpu";
   int torch_save_every = 0;  // benchmark baseline: torch::save every K steps, no ftcomm store
   int64_t steps = 100, batch = 32, seed = 0;
+  int64_t global_batch = 0;  // 0: batch x world size
   double lr = 0.05, momentum = 0.9;
   std::string hook = "allreduce";
   std::vector<std::pair<std::string, std::string>> hook_args;
@@ -64,6 +67,7 @@ struct TrainArgs {
   std::string summary;
   int log_every = 10;
   double timeout_s = 60;
+  double pace_ms = 0;
   std::vector<std::string> allow_changes;
   std::string events;
 };
@@ -122,7 +126,14 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
       ->check(CLI::ExistingFile);
   app.add_option("--steps", a.steps, "total step target; a restarted job resumes from its newest commit")
       ->check(ftcomm::cli::integer_in(1, 1000000000000LL))->capture_default_str();
-  app.add_option("--batch", a.batch, "samples per rank and step")->check(ftcomm::cli::integer_in(1, 1 << 24))->capture_default_str();
+  app.add_option("--batch", a.batch,
+                 "samples per rank and step: the step's global batch is --batch x the world size. An elastic job "
+                 "(torchrun --nnodes MIN:MAX) gives --global-batch instead, which a resize keeps")
+      ->check(ftcomm::cli::integer_in(1, 1 << 24))->capture_default_str();
+  app.add_option("--global-batch", a.global_batch,
+                 "samples per step over all ranks, divided among them (the first G mod W ranks take one more, each "
+                 "rank's loss weighted by its share); the data of a step is the same at every world size")
+      ->check(ftcomm::cli::integer_in(1, 1LL << 30));
   app.add_option("--lr", a.lr, "learning rate")->check(ftcomm::cli::number_in(0, 1e6, /*lo_open=*/true))->capture_default_str();
   app.add_option("--seed", a.seed, "model and data seed")->check(ftcomm::cli::integer_in(0, 1000000000000LL))->capture_default_str();
   app.add_option("--hook", a.hook, "comm hook: a name from hooks_ts/ or a .py/.pt file")->capture_default_str();
@@ -182,6 +193,10 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "append structured events as JSON lines to FILE ('-': stderr): each rank's start and injected "
                  "failure, rank 0's recovery (phases with durations, resync bytes), every step (loss, step and comm "
                  "time) and the end");
+  app.add_option("--pace-ms", a.pace_ms,
+                 "sleep after each step so that it takes at least this long: a larger model's step time for tests "
+                 "and demos (the results do not change)")
+      ->check(ftcomm::cli::number_in(0, 60000))->capture_default_str();
   app.add_option("--log-every", a.log_every, "progress line every N steps (0: none)")->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
   if (int rc = ftcomm::cli::parse(app, argv, "ftcomm train"); rc >= 0) return rc;
   for (const auto& kv : hook_args) a.hook_args.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
@@ -206,14 +221,19 @@ void check_summary_path(const std::string& path) {
               "' is not writable; choose another path");
 }
 
-// A model: its parameters and the loss of one step's batch on one rank. The
-// batch depends only on (seed, step, rank), so a resumed run sees the same data.
+// A model: its parameters and the loss of one rank's share of a step's batch.
+// The global batch depends only on (seed, step), so a resumed run sees the same
+// data at any world size.
 class Model {
  public:
   explicit Model(at::Device device) : device_(device) {}
   virtual ~Model() = default;
   std::vector<at::Tensor>& params() { return params_; }
-  virtual at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) = 0;
+  // The loss of samples [first, first + count) of step `step`'s global batch of
+  // `global` samples, as this rank's share of the global mean: the sum of its
+  // samples' losses x world / global, so the ranks' average is the mean over the
+  // global batch however it is divided.
+  virtual at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) = 0;
 
  protected:
   at::Tensor param(at::Tensor init) {
@@ -235,16 +255,16 @@ class Mlp : public Model {
     }
     teacher_ = at::randn({widths_.front(), widths_.back()}, init).to(device);
   }
-  at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
-    const at::Tensor x = at::randn({batch, widths_.front()}, gen).to(device_);
+  at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131);
+    const at::Tensor x = at::randn({global, widths_.front()}, gen).narrow(0, first, count).to(device_);
     const at::Tensor y = at::tanh(at::mm(x, teacher_) / 8.0);
     at::Tensor h = x;
     for (size_t i = 0; i < params_.size(); i += 2) {
       h = at::addmm(params_[i + 1], h, params_[i]);
       if (i + 2 < params_.size()) h = at::relu(h);
     }
-    return (h - y).pow(2).mean();
+    return (h - y).pow(2).mean(1).sum() * (double(world) / double(global));
   }
 
  private:
@@ -286,9 +306,11 @@ class CharLm : public Model {
     head_ = w({kDim, kVocab}, kDim);
     mask_ = at::full({kContext, kContext}, -std::numeric_limits<float>::infinity()).triu(1).to(device);
   }
-  at::Tensor loss(int64_t step, int rank, int64_t batch, int64_t seed) override {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131 + rank);
-    const at::Tensor starts = at::randint(0, data_.numel() - kContext - 1, {batch, 1}, gen, at::kLong);
+  at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131);
+    const int64_t batch = count;
+    const at::Tensor starts =
+        at::randint(0, data_.numel() - kContext - 1, {global, 1}, gen, at::kLong).narrow(0, first, count);
     const at::Tensor index = starts + at::arange(kContext + 1, at::kLong);
     const at::Tensor window = data_.index_select(0, index.reshape({-1})).view({batch, kContext + 1}).to(device_);
     const at::Tensor tokens = window.narrow(1, 0, kContext), targets = window.narrow(1, 1, kContext);
@@ -306,7 +328,9 @@ class CharLm : public Model {
       x = x + at::matmul(at::gelu(at::matmul(h, b.fc1) + b.fc1_b), b.fc2) + b.fc2_b;
     }
     const at::Tensor logits = at::matmul(at::layer_norm(x, {kDim}, lnf_w_, lnf_b_), head_);
-    return at::nll_loss(at::log_softmax(logits.view({-1, kVocab}), -1), targets.reshape({-1}));
+    return at::nll_loss(at::log_softmax(logits.view({-1, kVocab}), -1), targets.reshape({-1}), {},
+                        at::Reduction::Sum) *
+           (double(world) / double(global * kContext));
   }
   static constexpr const char* kDefaultData = "/usr/share/common-licenses/GPL-3";
 
@@ -337,10 +361,14 @@ int train_main(const std::vector<std::string>& argv) {
   // A resumed run must repeat the uninterrupted one bit for bit; cuBLAS needs a
   // fixed workspace for that, set before CUDA starts (the group may start it).
   if (args.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
+  const ftcomm::tools::EventLog events(args.events, pgo.rank, pgo.restart_count);
+  const char* node = std::getenv("GROUP_RANK");
+  events.emit("launched", {{"world_size", pgo.world_size}, {"node_rank", node ? node : ""}, {"pid", ::getpid()}});
+  const auto group_t0 = Clock::now();
   auto pg = ftcomm::make_process_group(pgo);
   const int rank = pg->getRank(), world = pg->getSize();
-  const ftcomm::tools::EventLog events(args.events, rank, pgo.restart_count);
-  events.emit("start", {{"world_size", world}, {"steps", args.steps}, {"model", args.model}, {"hook", args.hook}});
+  events.emit("start", {{"world_size", world}, {"steps", args.steps}, {"model", args.model}, {"hook", args.hook},
+                        {"group_ms", std::chrono::duration<double, std::milli>(Clock::now() - group_t0).count()}});
   for (const auto& f : args.failures) {
     TORCH_CHECK(f.rank < world, "--fail-at ", f.rank, ":", f.step, " names rank ", f.rank, ", but this job has ranks 0 to ",
                 world - 1);
@@ -376,6 +404,20 @@ int train_main(const std::vector<std::string>& argv) {
     model = std::make_unique<CharLm>(args.seed, args.data.empty() ? CharLm::kDefaultData : args.data, device);
   }
   std::vector<at::Tensor>& params = model->params();
+  // The step's global batch, divided among this world's ranks: the first G mod W
+  // take one sample more.
+  const int64_t global_batch = args.global_batch > 0 ? args.global_batch : args.batch * world;
+  TORCH_CHECK(global_batch >= world, "the global batch of ", global_batch, " samples leaves ranks without data at world size ",
+              world, "; give --global-batch ", world, " or more");
+  const int64_t share = global_batch / world + (rank < global_batch % world ? 1 : 0);
+  const int64_t share_first = rank * (global_batch / world) + std::min<int64_t>(rank, global_batch % world);
+  if (rank == 0 && global_batch % world != 0) {
+    std::printf("ftcomm train: the global batch of %lld samples does not divide by %d ranks: ranks 0-%lld take %lld, "
+                "the others %lld (each rank's loss is weighted by its share)\n",
+                static_cast<long long>(global_batch), world, static_cast<long long>(global_batch % world - 1),
+                static_cast<long long>(global_batch / world + 1), static_cast<long long>(global_batch / world));
+    std::fflush(stdout);
+  }
   std::vector<at::Tensor> momentum;
   for (const auto& p : params) momentum.push_back(at::zeros_like(p));
 
@@ -399,12 +441,14 @@ int train_main(const std::vector<std::string>& argv) {
   options.hook_options.hook_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 500));
   // What changes the result besides the hook's parameters (the seed is part of
   // the job's identity; the hook's file is checked by its digest).
-  options.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)}, {"batch", std::to_string(args.batch)},
+  options.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)}, {"global_batch", std::to_string(global_batch)},
                       {"device", args.device}};
   if (args.model == "charlm") options.settings["data"] = args.data.empty() ? CharLm::kDefaultData : args.data;
   options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
-  if (!args.ckpt.empty() && args.torch_save_every == 0) options.ckpt_dir = args.ckpt + "/rank" + std::to_string(rank);
+  if (!args.ckpt.empty() && args.torch_save_every == 0) {
+    options.ckpt_dir = ftcomm::rank_store_dir(args.ckpt, rank, std::max(0, pgo.local_rank), pgo.local_world_size).dir;
+  }
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   // Errors from here on are reported before anything is torn down (see
   // exit_with_error): the group's and the Reducer's destructors could delay the
@@ -427,7 +471,9 @@ int train_main(const std::vector<std::string>& argv) {
                                {"steps_lost", report.steps_lost},
                                {"resumed_just_in_time", report.resumed_just_in_time},
                                {"policy", report.policy},
-                               {"local_state_reset", report.local_state_reset}});
+                               {"local_state_reset", report.local_state_reset},
+                               {"world_size", world},
+                               {"resumed_world_size", report.resumed_world_size}});
     }
     if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
     int64_t start = std::max<int64_t>(0, report.resumed_from_step);
@@ -457,6 +503,12 @@ int train_main(const std::vector<std::string>& argv) {
                     report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
                     report.local_state.c_str(), report.policy.c_str(),
                     static_cast<long long>(report.steps_lost));
+        if (report.resumed_world_size != world) {
+          std::printf("ftcomm train: resized from world size %d to %d at step %lld: the global batch of %lld samples "
+                      "is divided anew, rank-local state started afresh\n",
+                      report.resumed_world_size, world, static_cast<long long>(report.resumed_from_step),
+                      static_cast<long long>(global_batch));
+        }
         if (report.newest_snapshot_step > report.newest_step) {
           std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
                       static_cast<long long>(report.newest_snapshot_step),
@@ -480,7 +532,7 @@ int train_main(const std::vector<std::string>& argv) {
       }
       maybe_fail(step + 1, "forward");
       ddp.before_forward();
-      const at::Tensor loss = model->loss(step, rank, args.batch, args.seed);
+      const at::Tensor loss = model->loss(step, share_first, share, global_batch, world, args.seed);
       maybe_fail(step + 1, "backward");
       ddp.before_backward(loss);
       maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
@@ -496,7 +548,7 @@ int train_main(const std::vector<std::string>& argv) {
         }
       }
       loss_last = loss.item<double>();
-      ddp.after_step(step + 1, (step + 1) * args.batch * world);
+      ddp.after_step(step + 1, (step + 1) * global_batch);
       if (args.torch_save_every > 0 && (step + 1) % args.torch_save_every == 0 && !args.ckpt.empty()) {
         std::vector<at::Tensor> state;
         for (const auto& p : params) state.push_back(p.detach());
@@ -508,6 +560,10 @@ int train_main(const std::vector<std::string>& argv) {
                     torch_save_path, " failed");
       }
       maybe_fail(step + 1, "commit");
+      if (args.pace_ms > 0) {
+        const auto until = t_step + std::chrono::microseconds(static_cast<int64_t>(args.pace_ms * 1000));
+        std::this_thread::sleep_until(until);
+      }
       const double step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
       if (step == start) first_step_ms = step_ms;
       if (rank == 0 && events.enabled()) {
@@ -520,7 +576,7 @@ int train_main(const std::vector<std::string>& argv) {
         const double comm = ddp.comm_seconds();
         std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
                     static_cast<long long>(args.steps), *loss_last,
-                    steps_since_log * args.batch * world / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
+                    steps_since_log * global_batch / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
         std::fflush(stdout);
         t_log = Clock::now();
         comm_at_log = comm;
@@ -533,6 +589,9 @@ int train_main(const std::vector<std::string>& argv) {
       nlohmann::json summary = {
           {"steps", args.steps},
           {"world_size", world},
+          {"resumed_world_size", report.resumed_world_size},
+          {"global_batch", global_batch},
+          {"rank_batch", share},
           {"restarts", pgo.restart_count},
           {"resumed_from_step", report.resumed_from_step},
           {"newest_snapshot_step", report.newest_snapshot_step},

@@ -194,19 +194,47 @@ def cases(runner, workdir):
         expect_equal(runner, 2, path, r)
         assert "half_mean" in r["hook"]
 
-    def other_world_size():
-        ckpt = os.path.join(workdir, "worlds")
+    def resized():
+        """A job stopped at step 20 at world 4 and resumed by 3 ranks (the global
+        batch of 98 divided anew, unevenly at both sizes), then grown back to 4:
+        parameters and optimizer state carry over, the same resize repeated gives
+        the same digest, and the resize is reported."""
+        digests = []
+        for attempt in range(2):
+            ckpt = os.path.join(workdir, f"resize{attempt}")
+            gb = ["--global-batch", "98"]
+            first = runner.train(4, "allreduce", gb, steps=20, ckpt=ckpt, restarts=0)
+            assert first["rank_batch"] == 25, first["rank_batch"]
+            expect_in(first["output"], "does not divide by 4 ranks: ranks 0-1 take 25, the others 24")
+            r = runner.train(3, "allreduce", gb, steps=30, ckpt=ckpt, restarts=0)
+            assert (r["resumed_from_step"], r["resumed_world_size"], r["world_size"]) == (20, 4, 3), r
+            expect_in(r["output"], "resized from world size 4 to 3 at step 20", "ranks 0-1 take 33, the others 32")
+            grown = runner.train(4, "allreduce", gb, steps=40, ckpt=ckpt, restarts=0)
+            assert (grown["resumed_from_step"], grown["resumed_world_size"]) == (30, 3), grown
+            assert grown["resynced_ranks"] == [] or grown["resynced_ranks"] == [3], grown["resynced_ranks"]
+            digests.append((r["param_digest"], grown["param_digest"]))
+        assert digests[0] == digests[1], f"the same resize gave different digests: {digests}"
+        # Without --global-batch the global batch would change with the world size: refused, naming the fix.
+        ckpt = os.path.join(workdir, "resize-refused")
         runner.train(2, "allreduce", [], steps=10, ckpt=ckpt, restarts=0)
-        try:
-            runner.train(3, "allreduce", [], steps=20, ckpt=ckpt, restarts=0)
-        except AssertionError as e:
-            assert "world size 2, this job has 3" in str(e) and "--ckpt" in str(e), str(e)[-2000:]
-            return
-        raise AssertionError("a checkpoint of world size 2 was accepted by a job of world size 3")
+        refused = runner.train(3, "allreduce", [], steps=20, ckpt=ckpt, restarts=0, expect_fail=True)
+        expect_in(refused["output"], "'global_batch' was 64 in the checkpoint and is 96 now", "--allow-change")
+
+    def resized_powersgd():
+        """PowerSGD's error feedback is rank-local: a resize starts it afresh on
+        every rank (reported), its replicated state carries over."""
+        ckpt = os.path.join(workdir, "resize-powersgd")
+        runner.train(3, "powersgd", ["--global-batch", "96"], steps=20, ckpt=ckpt, restarts=0)
+        r = runner.train(2, "powersgd", ["--global-batch", "96"], steps=30, ckpt=ckpt, restarts=0)
+        assert (r["resumed_from_step"], r["resumed_world_size"]) == (20, 3), r
+        assert r["local_state_reset"] == [0, 1], r["local_state_reset"]
+        expect_in(r["local_state"], "every rank's reset (world size 3 -> 2)")
+        recovery = [e for e in r["events"] if e["event"] == "recovery"][-1]
+        assert (recovery["world_size"], recovery["resumed_world_size"]) == (2, 3), recovery
 
     out += reliability_cases(runner, workdir)
     out += jit_cases(runner, workdir)
-    out += [("checkpoint of another world size is refused", other_world_size), ("external kill -9", external), ("replaced node", replaced_node),
+    out += [("resized 4 -> 3 -> 4", resized), ("resized powersgd 3 -> 2", resized_powersgd), ("external kill -9", external), ("replaced node", replaced_node),
             ("second failure during recovery", second_failure_in_recovery), ("three failures", three_failures),
             ("full restart from the stores", full_restart), ("new hook file by path", new_hook_file)]
     return out
@@ -306,7 +334,7 @@ def reliability_cases(runner, workdir):
         runner.train(2, "powersgd", base + ["--hook-arg", "rank=2"], steps=20, ckpt=ckpt, restarts=0)
         for extra, needle in ((["--hook-arg", "rank=1"], "'hook.rank' was 2 in the checkpoint and is 1 now"),
                               (["--hook-arg", "rank=2", "--lr", "0.1"], "'lr' was 0.05 in the checkpoint and is 0.1 now"),
-                              (["--hook-arg", "rank=2", "--batch", "16"], "'batch' was 32 in the checkpoint and is 16 now")):
+                              (["--hook-arg", "rank=2", "--batch", "16"], "'global_batch' was 64 in the checkpoint and is 32 now")):
             cmd = ["--steps", "30", "--hook", "powersgd", "--ckpt", ckpt] + base + extra
             proc = subprocess.run(runner.command(2, 0, cmd), capture_output=True, text=True, timeout=DEADLINE,
                                   env=dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore"))

@@ -40,16 +40,19 @@ def test_refusals(case, expect, tmp_path):
     refused(case, expect, tmp_path)
 
 
-def test_store_of_another_world_size_job_or_damaged_is_refused(tmp_path):
+def test_another_world_size_resumes_and_another_job_or_damaged_store_is_refused(tmp_path):
     first = train(tmp_path, "a", steps=4, commit_every=2)
     ok(first)
     ckpt = tmp_path / "a-ckpt"
     args = ["--ckpt", ckpt, "--out", tmp_path / "b.json", "--steps", 6]
     trainer = os.path.join(HERE, "trainer.py")
 
-    run = torchrun(trainer, args, nproc=1)
-    assert run.returncode != 0
-    assert "world size 2, this job has 1" in run.output, run.output[-3000:]
+    # One rank resumes a two-rank job's step 4 (a copy: the refusals below use the original).
+    shutil.copytree(ckpt, tmp_path / "resized-ckpt")
+    run = torchrun(trainer, ["--ckpt", tmp_path / "resized-ckpt", "--out", tmp_path / "r.json", "--steps", 6], nproc=1)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "resumed from step 4" in run.output and "written at world size 2: resized to 1" in run.output, \
+        run.output[-3000:]
 
     run = torchrun(trainer, args + ["--job-id", "another"], nproc=2)
     assert run.returncode != 0
