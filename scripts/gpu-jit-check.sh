@@ -5,6 +5,8 @@
 #     (Gloo over CUDA tensors): a kill mid-hook with no periodic commits; PowerSGD
 #     under the exact policy; a hung rank (SIGSTOP), whose peer's stalled-step
 #     watcher saves from device memory on a stream of its own;
+#   - a resize: world 2 (or the GPU count) stopped at step 20 and resumed by one rank,
+#     twice, to the same digest;
 #   - world 1 with NCCL: torchrun's SIGTERM sent to the rank mid-run.
 # Exit status: the number of failed checks.
 set -uo pipefail
@@ -49,6 +51,14 @@ run ps "$world" "$backend" 1 --hook powersgd --hook-arg start_iter=5 --fail-at 1
 same psref ps 'r["resumed_from_step"] == 20 and r["newest_step"] == 22' || failed=$((failed + 1))
 run hang "$world" "$backend" 1 --commit-every 0 --timeout 10 --fail-at 1:13:hang
 same ref hang 'r["resumed_from_step"] == 12' || failed=$((failed + 1))
+
+echo "=== resize on CUDA: world $world to 1 (nccl) at step 20, twice: the same digest"
+for i in 1 2; do
+  STEPS=20 run "rs$i" "$world" "$backend" 0 --global-batch 30 --commit-every 5
+  run "rs$i" 1 nccl 0 --global-batch 30 --commit-every 5
+done
+same rs1 rs2 'r["resumed_from_step"] == 20 and r["resumed_world_size"] == '"$world"' and r["world_size"] == 1' \
+  || failed=$((failed + 1))
 
 echo "=== world 1 (nccl): SIGTERM"
 STEPS=3000 run ref1 1 nccl 0 --commit-every 0

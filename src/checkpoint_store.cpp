@@ -359,19 +359,11 @@ class RocksCheckpointStore final : public CheckpointStore {
   // This store becomes options_.rank's: its records without a writer's rank get
   // the old identity's, then the identity changes, in one write.
   StoreStatus adopt(const std::string& identity) {
-    rocksdb::WriteBatch batch;
-    StoreStatus bad;
-    auto s = scan(kCommitPrefix, [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
-      CommitRecord r;
-      if (!decode(value.ToString(), &r)) {
-        bad = StoreStatus::Corruption("commit record " + key.ToString() + " in " + options_.dir + " does not decode");
-        return false;
-      }
-      batch.Put(key, encode_record(r));
-      return true;
-    });
+    std::vector<CommitRecord> records;
+    auto s = ListCommits(&records);  // a record without a rank reads as the old identity's
     if (!s.ok()) return s;
-    if (!bad.ok()) return bad;
+    rocksdb::WriteBatch batch;
+    for (const auto& r : records) batch.Put(kCommitPrefix + step_key(r.step), encode_record(r));
     batch.Put(kIdentityKey, identity);
     auto st = write(batch, "adopting the store");
     if (st.ok()) identity_rank_ = options_.rank;

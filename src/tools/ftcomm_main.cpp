@@ -131,6 +131,7 @@ int inspect(const std::vector<std::string>& args) {
       commit["step"] = c.step;
       commit["epoch"] = c.epoch;
       commit["world_size"] = c.world_size;
+      commit["rank"] = c.rank;  // whose state it holds (a store taken over keeps its writers)
       commit["data_position"] = c.data_position;
       commit["hook_digest"] = c.hook_digest;
       commit["layout_signature"] = ftcomm::signature_hex(c.layout_signature);
@@ -169,11 +170,11 @@ int inspect(const std::vector<std::string>& args) {
       std::cout << "\n";
     }
     std::cout << "  retention: " << commits.size() << " commits, " << snapshots << " snapshots kept\n\n";
-    std::printf("  %10s %6s %6s %9s %13s %16s %14s  %s\n", "step", "epoch", "world", "snapshot", "kind", "layout",
-                "bytes", "hook");
+    std::printf("  %10s %6s %6s %5s %9s %13s %16s %14s  %s\n", "step", "epoch", "world", "rank", "snapshot", "kind",
+                "layout", "bytes", "hook");
     for (const auto& c : commits) {
-      std::printf("  %10lld %6lld %6d %9s %13s %16s %14llu  %s\n", static_cast<long long>(c.step),
-                  static_cast<long long>(c.epoch), c.world_size, c.has_snapshot ? "yes" : "-",
+      std::printf("  %10lld %6lld %6d %5d %9s %13s %16s %14llu  %s\n", static_cast<long long>(c.step),
+                  static_cast<long long>(c.epoch), c.world_size, c.rank, c.has_snapshot ? "yes" : "-",
                   c.just_in_time ? "just-in-time" : "periodic", ftcomm::signature_hex(c.layout_signature).c_str(),
                   static_cast<unsigned long long>(c.blob_bytes), c.hook_digest.substr(0, 16).c_str());
     }

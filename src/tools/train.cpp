@@ -171,7 +171,7 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "that state started afresh")
       ->check(CLI::IsMember({"exact", "reset"}))->capture_default_str();
   app.add_option("--allow-change", a.allow_changes,
-                 "resume although this setting changed since the checkpoint (repeatable): lr, batch, model, data, "
+                 "resume although this setting changed since the checkpoint (repeatable): lr, global_batch, model, data, "
                  "device, hook.<param>, or all");
   app.add_option("--backend", a.backend, "what serves CUDA tensors")->check(CLI::IsMember({"auto", "gloo", "nccl"}))->capture_default_str();
   app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();

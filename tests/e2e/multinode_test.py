@@ -34,12 +34,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from e2e_common import free_port, read_events
 import uuid
 
 DEADLINE = 300  # seconds per case
@@ -55,19 +56,6 @@ def log(*args):
 
 def run(cmd, check=True):
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
-
-
-def read_events(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid):
@@ -298,7 +286,8 @@ def phases(events, killed_at):
     launched = [e for e in after if e["event"] == "launched"]
     start = [e for e in after if e["event"] == "start" and e["rank"] == 0]
     rec = [e for e in after if e["event"] == "recovery"]
-    steps = [e for e in after if e["event"] == "step"]
+    # The first step of the recovered job (a job still running, as before a grow, steps on meanwhile).
+    steps = [e for e in after if e["event"] == "step" and rec and e["unix_ms"] >= rec[0]["unix_ms"]]
     if not (launched and start and rec and steps):
         return None
     t0 = killed_at * 1000
@@ -432,7 +421,7 @@ def main():
     failures = []
     try:
         if args.bench:
-            bench(ftcomm, workdir, single, args.bench)
+            bench(ftcomm, workdir, single, args.bench, args.k)
             return
         for name, fn in (("replacement node", replacement), ("shrink and grow", shrink_and_grow)):
             if args.k not in name:
@@ -453,11 +442,13 @@ def main():
         sys.exit(f"{len(failures)} multi-node case(s) failed: {failures}")
 
 
-def bench(ftcomm, workdir, single, repeats):
+def bench(ftcomm, workdir, single, repeats, only=""):
     replaced, elastic = [], []
     for _ in range(repeats):
-        replacement(ftcomm, workdir, single, replaced)
-        shrink_and_grow(ftcomm, workdir, single, elastic)
+        if only in "replacement node":
+            replacement(ftcomm, workdir, single, replaced)
+        if only in "shrink and grow":
+            shrink_and_grow(ftcomm, workdir, single, elastic)
     rows = [("replacement node", replaced), ("no replacement (4 -> 3)", [s for s, _ in elastic]),
             ("node back (3 -> 4)", [g for _, g in elastic if g])]
     keys = ["to_launch_ms", "group_ms", "agreement_ms", "load_ms", "resync_ms", "to_first_step_ms", "resync_bytes"]

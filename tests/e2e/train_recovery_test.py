@@ -8,8 +8,11 @@ one run, a full restart from the stores alone, and a hook file written here and
 deployed by path. Just-in-time commits (on by default): a kill at a random step and
 phase with no periodic snapshots loses at most one step; PowerSGD and top-k under
 both policies; a kill during the just-in-time save, two ranks killed at once, every
-rank killed, a hung survivor, torchrun's SIGTERM. Every run has a deadline and is
-killed at it.
+rank killed, a hung survivor, torchrun's SIGTERM. Resizes: a job stopped at world 4
+and resumed by 3 ranks, then 4 again, twice to the same digest (the global batch
+divided anew), PowerSGD's error feedback started afresh at a resize, and a resize
+under a per-rank --batch refused. (Whole nodes lost under several torchrun agents:
+multinode_test.py.) Every run has a deadline and is killed at it.
 
     python3 tests/e2e/train_recovery_test.py --ftcomm build/ftcomm [-k SUBSTRING] [--seed N]
 """
@@ -19,30 +22,17 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from e2e_common import free_port, read_events
+
 HOOKS = ["allreduce", "fp16_compress", "bf16_compress", "powersgd", "int8_quantize", "topk", "noop"]
 PHASES = ["backward", "hook", "forward", "commit"]
 STEPS = 40
 DEADLINE = 240  # seconds per torchrun
-
-
-def read_events(path):
-    """ftcomm train's --events file: one JSON object a line (absent until the first event)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hook_args(hook):
@@ -213,6 +203,11 @@ def cases(runner, workdir):
             assert (grown["resumed_from_step"], grown["resumed_world_size"]) == (30, 3), grown
             assert grown["resynced_ranks"] == [] or grown["resynced_ranks"] == [3], grown["resynced_ranks"]
             digests.append((r["param_digest"], grown["param_digest"]))
+            # The bucket layout is kept across the resizes; inspect shows each commit's world size.
+            data = json.loads(subprocess.run([runner.ftcomm, "inspect", "--json", os.path.join(ckpt, "rank0")],
+                                             capture_output=True, text=True, check=True).stdout)
+            assert len({c["layout_signature"] for c in data["commits"]}) == 1, data["commits"]
+            assert [c["world_size"] for c in data["commits"]][-2:] == [3, 4], data["commits"]
         assert digests[0] == digests[1], f"the same resize gave different digests: {digests}"
         # Without --global-batch the global batch would change with the world size: refused, naming the fix.
         ckpt = os.path.join(workdir, "resize-refused")
