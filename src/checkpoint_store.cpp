@@ -155,6 +155,7 @@ std::string encode_record(const CommitRecord& r) {
   e.u64(r.buddy_parts);
   // Added with node failure (ranks renumbered, stores adopted): the writer's rank.
   e.i64(r.rank);
+  e.i64(r.buddy_stride);
   return std::move(e.out());
 }
 
@@ -186,10 +187,12 @@ bool decode_record(const std::string& s, CommitRecord* r) {
     r->just_in_time = jit != 0;
   }
   r->rank = -1;
+  r->buddy_stride = 1;
   if (d.ok() && !d.done()) {
-    int64_t rank = -1;
-    if (!d.i64(&rank)) return false;
+    int64_t rank = -1, stride = 1;
+    if (!d.i64(&rank) || !d.i64(&stride)) return false;
     r->rank = static_cast<int>(rank);
+    r->buddy_stride = static_cast<int>(stride);
   }
   return d.done();
 }

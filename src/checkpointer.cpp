@@ -9,6 +9,7 @@
 #include "control.h"
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/ddp.h"
+#include "ftcomm/process_group.h"
 #include "log.h"
 
 namespace ftcomm {
@@ -66,6 +67,13 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
   const std::string where = options_.ckpt_dir.empty() ? "(no store)" : options_.ckpt_dir;
 
   auto start = Clock::now();
+  // Buddy copies one node over: the stride is the most ranks any node runs (the
+  // next node's rank for equal nodes), 1 on one node.
+  const int per_node = options_.local_world_size > 0 ? options_.local_world_size
+                                                     : process_group_options_from_env().local_world_size;
+  const auto sizes = control::allgather(pg_, int64_t(std::max(1, per_node)));
+  const int64_t most = *std::max_element(sizes.begin(), sizes.end());
+  state.buddy_stride = most < world ? static_cast<int>(most) : 1;
   pending_->local = load_newest_intact(store_.get(), world, rank);
   RecoveryNeeds needs;
   needs.hook_local = state.hook && !state.hook->local_state().empty();
@@ -139,6 +147,7 @@ CommitRecord Checkpointer::record_of(int64_t step, int64_t data_position, const 
   CommitRecord record;
   record.step = step;
   record.world_size = pg_->getSize();
+  record.buddy_stride = state.buddy_stride;
   record.data_position = data_position;
   record.hook_digest = state.hook ? state.hook->digest() : "";
   record.layout_signature = layout.signature();

@@ -39,7 +39,7 @@ std::string join(const std::vector<int64_t>& values) {
 // state). Snapshots written before the device type was recorded end CUDA hook
 // state's name in "@cuda".
 
-// The name of rank r - 1's copy of a rank-local entry, and back.
+// The name of rank (r - stride)'s copy of a rank-local entry, and back.
 std::string buddy_name(const std::string& name) {
   return name.rfind("hook_l/", 0) == 0 ? "buddy_l/" + name.substr(7) : "buddy_" + name;
 }
@@ -178,7 +178,7 @@ LocalCheckpoint load_newest_intact(CheckpointStore* store, int world_size, int r
       for (auto older = it; older != commits.rend(); ++older) {
         if (older->has_snapshot) {
           local.candidates.push_back(
-              {older->step, older->just_in_time, older->buddy_parts, older->world_size, older->rank});
+              {older->step, older->just_in_time, older->buddy_parts, older->world_size, older->rank, older->buddy_stride});
         }
       }
       break;
@@ -210,8 +210,8 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
   auto owner = [](const SnapshotCandidate& c, int holder) { return c.owner < 0 ? holder : c.owner; };
   // Where rank r's rank-local state at `step` can be had: a snapshot of this
   // world size that holds it as its owner's (its own store, or one a renumbered
-  // rank took over), else the buddy copy in rank r + 1's snapshot, with every
-  // part r keeps.
+  // rank took over), else the buddy copy in rank r + stride's snapshot, with
+  // every part r keeps.
   // (With no needs stated, every part: the plan still says where each rank's
   // state would come from.)
   const uint64_t want = any_local ? (needs.hook_local ? CommitRecord::kBuddyHook : 0) |
@@ -225,7 +225,9 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
     if (world == 1) return {};
     for (int x = 0; x < world; ++x) {
       const SnapshotCandidate* c = held(x, step);
-      if (c && same_world(*c) && owner(*c, x) == (r + 1) % world && (c->buddy_parts & want) == want) return {x, true};
+      if (!c || !same_world(*c) || (c->buddy_parts & want) != want) continue;
+      // The copy is of rank owner - stride: on another node than its owner.
+      if (((owner(*c, x) - c->buddy_stride) % world + world) % world == r) return {x, true};
     }
     return {};
   };
@@ -289,7 +291,7 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const 
   const int world = pg->getSize();
   // Fixed size on every rank: the newest step the store names, the number of
   // candidates, then (step, just_in_time | buddy_parts << 1, world_size << 32 |
-  // owner + 1) for the newest few.
+  // owner + 1, buddy_stride) for the newest few.
   constexpr size_t kMaxCandidates = 8;
   std::vector<int64_t> mine{local.newest, static_cast<int64_t>(std::min(local.candidates.size(), kMaxCandidates))};
   for (size_t i = 0; i < kMaxCandidates; ++i) {
@@ -298,6 +300,7 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const 
     mine.push_back(c.step);
     mine.push_back(int64_t(c.just_in_time) | int64_t(c.buddy_parts << 1));
     mine.push_back((int64_t(c.world_size) << 32) | int64_t(c.owner + 1));
+    mine.push_back(c.buddy_stride);
   }
   const auto gathered = control::allgather(pg, mine);
   std::vector<std::vector<SnapshotCandidate>> candidates(static_cast<size_t>(world));
@@ -306,10 +309,12 @@ RecoveryPlan agree_on_step(const Group& pg, const LocalCheckpoint& local, const 
     const auto& g = gathered[static_cast<size_t>(r)];
     newest_named = std::max(newest_named, g[0]);
     for (int64_t i = 0; i < g[1]; ++i) {
-      const int64_t flags = g[static_cast<size_t>(3 + 3 * i)], shape = g[static_cast<size_t>(4 + 3 * i)];
-      candidates[static_cast<size_t>(r)].push_back({g[static_cast<size_t>(2 + 3 * i)], (flags & 1) != 0,
-                                                    static_cast<uint64_t>(flags >> 1), static_cast<int>(shape >> 32),
-                                                    static_cast<int>(shape & 0xffffffff) - 1});
+      const size_t at = static_cast<size_t>(2 + 4 * i);
+      const int64_t flags = g[at + 1], shape = g[at + 2];
+      candidates[static_cast<size_t>(r)].push_back({g[at], (flags & 1) != 0, static_cast<uint64_t>(flags >> 1),
+                                                    static_cast<int>(shape >> 32),
+                                                    static_cast<int>(shape & 0xffffffff) - 1,
+                                                    static_cast<int>(g[at + 3])});
     }
   }
   RecoveryPlan plan = plan_recovery(candidates, needs);
@@ -530,7 +535,7 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
   for (int r = 0; r < world; ++r) {
     const RecoveryPlan::LocalSource from = plan.local_source[static_cast<size_t>(r)];
     if (from.rank < 0) {
-      const int buddy = (r + 1) % world;
+      const int buddy = (r + state.buddy_stride) % world;
       const bool lost = std::find(plan.resync.begin(), plan.resync.end(), r) != plan.resync.end();
       const std::string why = lost && plan.has_step(buddy)
                                   ? rank_text(buddy) + "'s just-in-time commit of step " + std::to_string(plan.step) +
@@ -652,8 +657,8 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
   for (const auto& nt : out) {
     if (nt.name.rfind("local/", 0) == 0 || nt.name.rfind("hook_l/", 0) == 0) local.push_back(nt);
   }
-  // The buddy copy: this rank also keeps rank (r - 1)'s rank-local state, so a
-  // replaced rank r - 1 resumes bit-exactly. Every rank has the same local state
+  // The buddy copy: this rank also keeps rank (r - stride)'s rank-local state, so a
+  // replaced rank r - stride resumes bit-exactly. Every rank has the same local state
   // layout (same hook, same buckets, same trainer): one allgather of its bytes,
   // after one of its size, so that a rank whose size differs fails on every rank.
   const int world = pg->getSize();
@@ -671,7 +676,8 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
     for (int r = 0; r < world; ++r) gathered[0].push_back(at::empty_like(flat));
     std::vector<at::Tensor> in{flat};
     pg->allgather(gathered, in)->wait();
-    const at::Tensor& theirs = gathered[0][static_cast<size_t>((pg->getRank() + world - 1) % world)];
+    const int of = ((pg->getRank() - state.buddy_stride) % world + world) % world;
+    const at::Tensor& theirs = gathered[0][static_cast<size_t>(of)];
     int64_t at = 0;
     for (const auto& nt : local) {
       const auto n = static_cast<int64_t>(nt.tensor.nbytes());

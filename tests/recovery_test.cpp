@@ -137,9 +137,25 @@ TEST(RecoveryPlan, ExactWithNoCompleteStepTakesTheNewestAndSaysWhoIsReset) {
   EXPECT_EQ(plan.resync, (std::vector<int>{1, 2}));
 }
 
-SnapshotCandidate written(int64_t step, int world_size, int owner, bool just_in_time = false) {
-  return {step, just_in_time, just_in_time ? 0 : CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook, world_size,
-          owner};
+SnapshotCandidate written(int64_t step, int world_size, int owner, bool just_in_time = false, int buddy_stride = 1) {
+  return {step,       just_in_time ? true : false, just_in_time ? 0 : CommitRecord::kBuddyTrainer | CommitRecord::kBuddyHook,
+          world_size, owner,                       buddy_stride};
+}
+
+TEST(RecoveryPlan, BuddyCopiesOneNodeOverSurviveTheLossOfAWholeNode) {
+  // Two nodes of two ranks; the node of ranks 0 and 1 is lost with its disk.
+  const RecoveryNeeds exact{true, true, LocalStatePolicy::kExact};
+  // Copies one node over (stride 2): rank 0's is with rank 2, rank 1's with rank 3.
+  RecoveryPlan plan = plan_recovery({{}, {}, {written(20, 4, 2, false, 2)}, {written(20, 4, 3, false, 2)}}, exact);
+  EXPECT_EQ(plan.step, 20);
+  EXPECT_TRUE(plan.local_reset.empty());
+  EXPECT_EQ(plan.local_source[0].rank, 2);
+  EXPECT_TRUE(plan.local_source[0].buddy);
+  EXPECT_EQ(plan.local_source[1].rank, 3);
+  // Copies on the next rank (stride 1): rank 0's was on the lost node too.
+  plan = plan_recovery({{}, {}, {written(20, 4, 2)}, {written(20, 4, 3)}}, exact);
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{0}));
+  EXPECT_EQ(plan.local_source[1].rank, 2);
 }
 
 TEST(RecoveryPlan, AResizeCarriesReplicatedStateAndStartsEveryRanksLocalStateAfresh) {

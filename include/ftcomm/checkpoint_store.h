@@ -109,6 +109,9 @@ struct CommitRecord {
   // copy of rank - 1's). Set by the store on commit from its identity; records
   // written before it was recorded read as the store's rank.
   int rank = -1;
+  // The buddy copy in this snapshot is of rank (rank - buddy_stride) mod world
+  // size; 1 in records written before it was recorded.
+  int buddy_stride = 1;
   // Set by the store: whether this commit carries a snapshot, and its blob.
   bool has_snapshot = false;
   std::string blob_file;

@@ -43,6 +43,9 @@ struct CheckpointerOptions {
   // Which step a resume picks when a rank's own state is missing at the newest
   // one (see LocalStatePolicy).
   LocalStatePolicy local_state_policy = LocalStatePolicy::kExact;
+  // Ranks on this node; 0: torchrun's LOCAL_WORLD_SIZE (1 without it). Buddy
+  // copies go that many ranks on (TrainingState::buddy_stride).
+  int local_world_size = 0;
 };
 
 struct RecoveryReport {

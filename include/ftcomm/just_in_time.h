@@ -29,7 +29,7 @@
 //   commit (periodic, S + 1)   step S + 1 (it already finished)
 //
 // Rank-local state: each rank's is in its own just-in-time commit; the buddy
-// copy (rank r + 1 keeps rank r's) of the trainer's rank-local state (small: RNG
+// copy (rank r + buddy_stride keeps rank r's; one node over) of the trainer's rank-local state (small: RNG
 // states, buffers) is exchanged at every begin_update (one small allgather, once
 // backward has made that state final), so it is there for a rank that dies
 // later in the step too; the hook's rank-local state (error

@@ -46,10 +46,14 @@ struct TrainingState {
   // bytes. Restored and resynced whole: these tensors are replaced, not filled.
   std::vector<at::Tensor> objects;
   // This rank's own state (e.g. its RNG states), kept like rank-local hook state:
-  // rank r + 1 holds a byte-exact copy. Every rank's must have the same total
+  // rank r + buddy_stride holds a byte-exact copy. Every rank's must have the same total
   // byte size. Replaced on restore.
   std::vector<at::Tensor> rank_local;
   std::shared_ptr<ScriptHook> hook;   // its replicated and rank-local state; may be null
+  // Rank r + buddy_stride (mod world) keeps the byte-exact copy of rank r's
+  // rank-local state. The Checkpointer sets it to the ranks per node, so that a
+  // copy lives on another node than its owner and survives the node's loss.
+  int buddy_stride = 1;
   // This rank's accelerator: the device of its first CUDA parameter, else CPU.
   at::Device accelerator() const;
 };
@@ -61,6 +65,7 @@ struct SnapshotCandidate {
   uint64_t buddy_parts = 0;  // CommitRecord::kBuddy* bits
   int world_size = 0;        // the job's world size when it was written; 0: this job's
   int owner = -1;            // the rank whose state it holds (CommitRecord::rank); -1: the rank holding it
+  int buddy_stride = 1;      // its buddy copy is of rank owner - buddy_stride (CommitRecord::buddy_stride)
 };
 
 // This rank's newest intact snapshot, found on its own.
@@ -180,7 +185,7 @@ struct RankLocalOutcome {
   int64_t bytes = 0;
 };
 // Collective: rank-local state (the hook's and the trainer's) of each rank that
-// lacks the step comes from its buddy (rank r + 1 keeps r's copy, byte for
+// lacks the step comes from its buddy (rank r + buddy_stride keeps r's copy, byte for
 // byte), else is reset: the hook's to empty, the trainer's kept as it is (logged).
 RankLocalOutcome restore_rank_local(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
                                     const LocalCheckpoint& local, TrainingState& state);
@@ -196,7 +201,7 @@ std::vector<std::vector<size_t>> agree_on_buckets(const c10::intrusive_ptr<c10d:
 
 // Collective (when there is rank-local hook state): what a snapshot of `state`
 // holds, named for restore_from_checkpoint: parameters, buffers, optimizer,
-// objects, rank-local state, hook state, and the buddy copy of rank (r - 1)'s
+// objects, rank-local state, hook state, and the buddy copy of rank (r - stride)'s
 // rank-local state (the hook's and the trainer's).
 std::vector<NamedTensor> snapshot_tensors(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                           const TrainingState& state);
@@ -209,7 +214,7 @@ std::vector<NamedTensor> own_state_tensors(const TrainingState& state, const std
                                            const std::vector<at::Tensor>& rank_local);
 // The hook's replicated and rank-local state, named as in a snapshot, as copies.
 std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook);
-// The names rank (r - 1)'s trainer-local tensors take in rank r's snapshot.
+// The names rank (r - stride)'s trainer-local tensors take in rank r's snapshot.
 std::string trainer_buddy_name(size_t index);
 
 }  // namespace ftcomm

@@ -24,7 +24,8 @@ class FaultTolerant:
       ``param_groups``);
     * the hook's replicated and rank-local state (e.g. PowerSGD's error feedback);
     * torch's CPU RNG state and, when the model is on a GPU, that GPU's RNG state
-      (rank-local: rank r + 1 keeps a byte-exact copy of rank r's rank-local state);
+      (rank-local: rank r + the ranks per node keeps a byte-exact copy of rank r's
+      rank-local state, on the next node);
     * ``user_state``, the trainer's own small state (a data position, a scheduler's
       ``state_dict()``, an epoch): picklable values and tensors, the same on every rank;
     * the Reducer's bucket layout, which a resume reuses.

@@ -145,6 +145,7 @@ class PyCheckpointer {
     {
       py::gil_scoped_release release;
       impl_->prepare_recovery(s);
+      buddy_stride_ = s.buddy_stride;  // every later view carries it
       std::vector<std::vector<size_t>> buckets;
       const auto current = bucket_indices(bucket_layout_of(*reducer, s.parameters));
       report = impl_->finish_recovery(s, current, &buckets);
@@ -164,7 +165,8 @@ class PyCheckpointer {
   void step_finished(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
                      int64_t data_position) {
     if (!jit_) return;
-    const TrainingState s = state.view();
+    TrainingState s = state.view();
+    s.buddy_stride = buddy_stride_;
     py::gil_scoped_release release;
     jit_->step_finished(step, s, *reducer, data_position);
   }
@@ -183,7 +185,8 @@ class PyCheckpointer {
   bool commit(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
               int64_t data_position) {
     if (!impl_->due(step)) return false;
-    const TrainingState s = state.view();
+    TrainingState s = state.view();
+    s.buddy_stride = buddy_stride_;
     py::gil_scoped_release release;
     return impl_->commit(step, s, *reducer, data_position);
   }
@@ -221,6 +224,7 @@ class PyCheckpointer {
   JustInTimeOptions jit_options_;
   std::unique_ptr<Checkpointer> impl_;
   std::unique_ptr<JustInTime> jit_;  // from resume() on, when enabled
+  int buddy_stride_ = 1;            // TrainingState::buddy_stride, as resume() set it
 };
 
 }  // namespace

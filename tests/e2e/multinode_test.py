@@ -10,11 +10,13 @@ loopback. Where namespaces cannot be made, every node runs on loopback with its
 own ports.
 
 Cases (every run has a deadline; every process and namespace made is removed):
-  * replacement: 2 nodes x 2 ranks. Node 0 (ranks 0-1, and the workers' store)
+  * replacement (allreduce, and powersgd): 2 nodes x 2 ranks. Node 0 (ranks 0-1, and the workers' store)
     is SIGKILLed whole; a replacement node with an empty disk and a new address
     joins. The rendezvous numbers the nodes anew, so the survivor's workers take
     over the stores they hold (rank_store_dir); the replacement is resynced from
-    peers; the run ends bit-identical to an uninterrupted one, losing <= 1 step.
+    peers; the run ends bit-identical to an uninterrupted one, losing <= 1 step
+    (powersgd: back to the periodic commit whose buddy copies, one node over,
+    hold the lost ranks' error feedback).
   * shrink and grow: nodes of 2, 1 and 1 ranks under --nnodes=2:3 (world 4). The
     third node is SIGKILLed: the job goes on at world 3 from the just-in-time
     step; then the node comes back with its old disk and the job grows to 4
@@ -311,6 +313,8 @@ class SingleHost:
         summary = os.path.join(self.workdir, f"single{self.count}.json")
         for world, stop in stages:
             args = common_args(hook, stop)
+            if hook == "powersgd":
+                args += ["--hook-arg", "start_iter=5", "--hook-arg", "rank=2"]
             args[args.index("--commit-every") + 1] = "1"  # a commit at every stop step
             cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", f"--nproc-per-node={world}",
                    f"--master-port={free_port()}", self.ftcomm, "train", "--ckpt", ckpt, "--summary-json", summary,
@@ -322,23 +326,30 @@ class SingleHost:
             return json.load(f)["param_digest"]
 
 
-def replacement(ftcomm, workdir, single, measure=None):
+def replacement(ftcomm, workdir, single, measure=None, hook="allreduce"):
+    """With powersgd the lost ranks' error feedback comes from buddy copies one
+    node over, which periodic commits carry: the job goes back to step 20."""
     c = Cluster(ftcomm, workdir, 3, f"replace-{uuid.uuid4().hex[:4]}")
+    args = common_args(hook) + (["--hook-arg", "start_iter=5", "--hook-arg", "rank=2"] if hook == "powersgd" else [])
     try:
         deadline = time.time() + DEADLINE
         for slot in (0, 1):
-            c.start(slot, 2, "2", common_args())
+            c.start(slot, 2, "2", args)
         c.wait_step(25, deadline)
         killed_at = c.kill(0)  # ranks 0-1, and the workers' store with them
         time.sleep(1)
-        c.start(2, 2, "2", common_args())  # a new node: another address, an empty disk
+        c.start(2, 2, "2", args)  # a new node: another address, an empty disk
         r = c.wait_done(deadline)
         events = read_events(c.events)
         rec = recoveries(events)
         assert r["world_size"] == 4 and r["resumed_world_size"] == 4, r
         assert r["resync_bytes"] > 0 and len(r["resynced_ranks"]) == 2, r
-        assert r["steps_lost"] <= 1, r
-        want = single.chain([(4, STEPS)])
+        if hook == "powersgd":
+            assert r["resumed_from_step"] == 20 and r["local_state_reset"] == [], r
+            assert "buddy copy" in r["local_state"], r["local_state"]
+        else:
+            assert r["steps_lost"] <= 1, r
+        want = single.chain([(4, STEPS)], hook=hook)
         assert r["param_digest"] == want, f"digest {r['param_digest'][:16]} != uninterrupted {want[:16]}"
         took_over = [n for n in os.listdir(c.disk(1)) if n.startswith("rank")]
         log(f"  resumed from step {r['resumed_from_step']} (just in time: {r['resumed_just_in_time']}), "
@@ -423,7 +434,10 @@ def main():
         if args.bench:
             bench(ftcomm, workdir, single, args.bench, args.k)
             return
-        for name, fn in (("replacement node", replacement), ("shrink and grow", shrink_and_grow)):
+        cases = (("replacement node", replacement),
+                 ("replacement node, powersgd", lambda *a: replacement(*a, hook="powersgd")),
+                 ("shrink and grow", shrink_and_grow))
+        for name, fn in cases:
             if args.k not in name:
                 continue
             t = time.time()
