@@ -156,8 +156,8 @@ bool JustInTime::save_locked(const std::string& reason) {
   uint64_t parts = 0;
   const int world = pg_->getSize();
   if (r.local.complete) {
-    const int of = ((pg_->getRank() - r.state.buddy_stride) % world + world) % world;
-    const at::Tensor& theirs = r.local.gathered[0][static_cast<size_t>(of)];
+    const at::Tensor& theirs =
+        r.local.gathered[0][static_cast<size_t>(buddy_copy_of(pg_->getRank(), r.state.buddy_stride, world))];
     int64_t at = 0;
     for (size_t i = 0; i < mine.size(); ++i) {
       const auto n = static_cast<int64_t>(mine[i].nbytes());

@@ -35,8 +35,12 @@ std::vector<int> stored_ranks(const fs::path& root) {
 }  // namespace
 
 RankStoreDir rank_store_dir(const std::string& root, int rank, int local_rank, int local_world_size) {
-  TORCH_CHECK(local_rank >= 0 && local_rank < std::max(1, local_world_size) && rank >= local_rank,
-              "rank_store_dir: local rank ", local_rank, " of ", local_world_size, " does not fit rank ", rank);
+  // A launcher that sets LOCAL_RANK without LOCAL_WORLD_SIZE (or values that do
+  // not fit): this rank alone on its node.
+  if (local_rank < 0 || local_rank >= local_world_size || local_rank > rank) {
+    local_rank = 0;
+    local_world_size = 1;
+  }
   const fs::path base(root);
   RankStoreDir out;
   out.dir = (base / ("rank" + std::to_string(rank))).string();

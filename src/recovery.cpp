@@ -227,7 +227,7 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
       const SnapshotCandidate* c = held(x, step);
       if (!c || !same_world(*c) || (c->buddy_parts & want) != want) continue;
       // The copy is of rank owner - stride: on another node than its owner.
-      if (((owner(*c, x) - c->buddy_stride) % world + world) % world == r) return {x, true};
+      if (buddy_copy_of(owner(*c, x), c->buddy_stride, world) == r) return {x, true};
     }
     return {};
   };
@@ -676,8 +676,8 @@ std::vector<NamedTensor> snapshot_tensors(const Group& pg, const TrainingState& 
     for (int r = 0; r < world; ++r) gathered[0].push_back(at::empty_like(flat));
     std::vector<at::Tensor> in{flat};
     pg->allgather(gathered, in)->wait();
-    const int of = ((pg->getRank() - state.buddy_stride) % world + world) % world;
-    const at::Tensor& theirs = gathered[0][static_cast<size_t>(of)];
+    const at::Tensor& theirs =
+        gathered[0][static_cast<size_t>(buddy_copy_of(pg->getRank(), state.buddy_stride, world))];
     int64_t at = 0;
     for (const auto& nt : local) {
       const auto n = static_cast<int64_t>(nt.tensor.nbytes());

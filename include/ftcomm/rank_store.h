@@ -20,7 +20,8 @@ struct RankStoreDir {
 };
 
 // For rank `rank`, the local_rank-th of the node's local_world_size workers
-// (torchrun gives a node's workers consecutive ranks). Every worker of a node
+// (torchrun gives a node's workers consecutive ranks; values that do not fit
+// mean this rank alone). Every worker of a node
 // may call it at once: the leftover stores (ranks not on this node now, in rank
 // order) go to the ranks without a store (in rank order), pair by pair, whatever
 // the order the workers run in.

@@ -214,6 +214,10 @@ std::vector<NamedTensor> own_state_tensors(const TrainingState& state, const std
                                            const std::vector<at::Tensor>& rank_local);
 // The hook's replicated and rank-local state, named as in a snapshot, as copies.
 std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook);
+// Whose buddy copy rank `rank` keeps: rank - stride, mod world.
+inline int buddy_copy_of(int rank, int stride, int world) {
+  return ((rank - stride) % world + world) % world;
+}
 // The names rank (r - stride)'s trainer-local tensors take in rank r's snapshot.
 std::string trainer_buddy_name(size_t index);
 

@@ -122,8 +122,6 @@ class FaultTolerant:
         # it no longer runs (its replicated state is the job's).
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if not 0 <= local_rank < local_world or local_rank > self.rank:
-            local_rank, local_world = 0, 1
         self.ckpt_dir = _C.rank_store_dir(os.fspath(ckpt_dir), self.rank, local_rank, local_world)
         self._params = model._build_params_for_reducer()[0]
         self._device = next((p.device for p in self._params if p.device.type == "cuda"), None)

@@ -447,11 +447,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty() && args.torch_save_every == 0) {
-    // A launcher that sets LOCAL_RANK without LOCAL_WORLD_SIZE: this rank alone.
-    const bool node_known = pgo.local_rank >= 0 && pgo.local_rank < pgo.local_world_size && pgo.local_rank <= rank;
-    options.ckpt_dir = ftcomm::rank_store_dir(args.ckpt, rank, node_known ? pgo.local_rank : 0,
-                                              node_known ? pgo.local_world_size : 1)
-                           .dir;
+    options.ckpt_dir = ftcomm::rank_store_dir(args.ckpt, rank, pgo.local_rank, pgo.local_world_size).dir;
   }
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   // Errors from here on are reported before anything is torn down (see
