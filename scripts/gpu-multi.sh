@@ -52,10 +52,14 @@ for s in $stages; do
       grep -E "MultiGpu|tests passed|Failed|\*\*\*" "$results/ctest.log" | tail -20 ;;
     hooks)
       stage "hook step times, CUDA over NCCL, world $gpus"
-      torchrun --no-python --nproc-per-node="$gpus" --master-port=29741 build-gpu/tests/ftcomm_bench_hooks --device cuda \
-        --batch 256 --rounds 5 --steps 10 --json "$results/bench-hooks-nccl.json" >"$results/bench-hooks-nccl.txt" 2>&1 \
-        || note_failure hooks
-      tail -14 "$results/bench-hooks-nccl.txt" ;;
+      # mlp: short backward, the hooks' fixed costs exposed; deep: long backward.
+      for m in "mlp 256" "deep 1024"; do
+        set -- $m
+        torchrun --no-python --nproc-per-node="$gpus" --master-port=29741 build-gpu/tests/ftcomm_bench_hooks --device cuda \
+          --model "$1" --batch "$2" --rounds 5 --steps 10 --json "$results/bench-hooks-nccl-$1.json" \
+          >"$results/bench-hooks-nccl-$1.txt" 2>&1 || note_failure hooks
+        tail -16 "$results/bench-hooks-nccl-$1.txt"
+      done ;;
     recovery)
       stage "recovery under torchrun, NCCL, world $gpus"
       w=$(mktemp -d)
@@ -87,10 +91,13 @@ ok=a['param_digest']==b['param_digest']; print('digest equal', ok); raise System
       FTCOMM_TEST_DEVICE=cuda python3 -m pytest -q tests/python -k "recovery or restarted" \
         >"$results/pytest-cuda.log" 2>&1 || note_failure python
       tail -5 "$results/pytest-cuda.log"
-      torchrun --nproc-per-node="$gpus" --master-port=29746 tests/bench/python_hooks_bench.py --device cuda \
-        --batch 256 --rounds 5 --steps 10 --json "$results/bench-py-hooks-nccl.json" >"$results/bench-py-hooks-nccl.txt" 2>&1 \
-        || note_failure python
-      tail -12 "$results/bench-py-hooks-nccl.txt"
+      for m in "mlp 256" "deep 1024"; do
+        set -- $m
+        torchrun --nproc-per-node="$gpus" --master-port=29746 tests/bench/python_hooks_bench.py --device cuda \
+          --model "$1" --batch "$2" --rounds 5 --steps 10 --json "$results/bench-py-hooks-nccl-$1.json" \
+          >"$results/bench-py-hooks-nccl-$1.txt" 2>&1 || note_failure python
+        tail -16 "$results/bench-py-hooks-nccl-$1.txt"
+      done
       torchrun --nproc-per-node="$gpus" --master-port=29747 tests/bench/ft_commit_bench.py --device cuda \
         --dir "$(mktemp -d)" --json "$results/bench-commit-cuda.json" >"$results/bench-commit-cuda.txt" 2>&1 \
         || note_failure python

@@ -7,7 +7,7 @@
 namespace ftcomm {
 
 int64_t HookGroup::exchange(int64_t value) {
-  return control::max(pg_, value);  // on the CPU: see control.h
+  return control::max(control_, value);  // on the CPU: see control.h
 }
 
 void HookGroup::begin_guarded() {
@@ -16,13 +16,42 @@ void HookGroup::begin_guarded() {
   stopped_by_peer_ = false;
 }
 
+void HookGroup::begin_step() {
+  std::lock_guard<std::mutex> lock(step_mutex_);
+  if (!step_open_) {
+    step_open_ = true;
+    step_decided_ = false;
+  }
+}
+
+int64_t HookGroup::conclude_step(int64_t verdict) {
+  std::lock_guard<std::mutex> lock(step_mutex_);
+  const int64_t decision = step_decided_ ? step_decision_ : exchange(verdict);
+  step_open_ = false;
+  step_decided_ = false;
+  return decision;
+}
+
 std::unique_lock<std::mutex> HookGroup::begin_collective() {
   std::unique_lock<std::mutex> lock(op_mutex_);
   TORCH_CHECK(!abandoned_, "this hook call passed its deadline and was abandoned; no further collectives");
   return lock;
 }
 
-bool HookGroup::try_abandon(int64_t verdict, int64_t* decision) {
+bool HookGroup::try_abandon(int64_t verdict, int64_t* decision, bool per_step) {
+  if (per_step) {
+    // The step's exchange travels apart from the hook's collectives: it can be
+    // made while the hook sits in one (or on a GPU stuck behind one).
+    std::lock_guard<std::mutex> lock(step_mutex_);
+    if (!step_open_) return false;  // the call came back and concluded the step
+    abandoned_ = true;
+    if (!step_decided_) {
+      step_decided_ = true;
+      step_decision_ = exchange(verdict);
+    }
+    *decision = step_decision_;
+    return true;
+  }
   std::unique_lock<std::mutex> lock(op_mutex_, std::try_to_lock);
   if (!lock.owns_lock()) return false;
   abandoned_ = true;

@@ -24,6 +24,24 @@ namespace ftcomm {
 using detail::first_line;
 using detail::script_error;
 
+HookAgreement parse_hook_agreement(const std::string& name) {
+  if (name == "auto" || name == "on") return HookAgreement::kAuto;
+  if (name == "per-collective") return HookAgreement::kPerCollective;
+  if (name == "per-step") return HookAgreement::kPerStep;
+  if (name == "off") return HookAgreement::kOff;
+  TORCH_CHECK(false, "unknown hook agreement '", name, "': use auto, per-collective, per-step or off");
+}
+
+const char* hook_agreement_name(HookAgreement agreement) {
+  switch (agreement) {
+    case HookAgreement::kAuto: return "auto";
+    case HookAgreement::kPerCollective: return "per-collective";
+    case HookAgreement::kPerStep: return "per-step";
+    case HookAgreement::kOff: return "off";
+  }
+  return "?";
+}
+
 struct ScriptCommHook::Worker {
   struct Task {
     c10::intrusive_ptr<HookBucket> bucket;
@@ -34,20 +52,51 @@ struct ScriptCommHook::Worker {
     c10::intrusive_ptr<c10::ivalue::Future> future;
   };
   Worker(std::shared_ptr<ScriptHook> h, ScriptCommHookOptions o, c10::intrusive_ptr<c10d::ProcessGroup> p)
-      : hook(std::move(h)), options(o), pg(std::move(p)), group(c10::make_intrusive<HookGroup>(pg)) {}
+      : hook(std::move(h)), options(o), pg(std::move(p)),
+        group(c10::make_intrusive<HookGroup>(pg, options.control_group)) {}
   void run();       // the worker thread: runs queued buckets in order
   void watch();     // the watchdog thread: bounds each hook call
   void process(Task& task);
+  void process_per_collective(Task& task, bool agree);
+  void process_per_step(Task& task);
+  // Runs the hook on the task's bucket under the watchdog: `error` is empty when
+  // it returned a tensor of the bucket's shape, dtype and device. False when the
+  // watchdog gave up on the call meanwhile (it has failed the future).
+  bool call(Task& task, at::Tensor& result, std::string& error);
+  // The agreement for buckets on `device` (kAuto resolved); throws if it cannot serve them.
+  HookAgreement resolve(const at::Device& device) const;
+  // Per step, once the ranks decided a failure: aborts the communicator serving
+  // `device`, so no collective this rank enqueued waits for a peer that will not
+  // join it; later buckets fail at once.
+  void abort_device(const at::Device& device, const std::string& why);
   void fail(Task& task, const std::string& message) {
     task.future->setError(std::make_exception_ptr(std::runtime_error(message)));
   }
+  std::string seconds(std::chrono::milliseconds d) const {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%g", std::chrono::duration<double>(d).count());
+    return text;
+  }
   std::string stuck_message(int64_t stuck_rank, int64_t bucket) const {
-    char seconds[32];
-    std::snprintf(seconds, sizeof(seconds), "%g", std::chrono::duration<double>(options.hook_timeout).count());
-    return "hook " + hook->name() + " did not return within " + seconds + " s on rank " +
+    return "hook " + hook->name() + " did not return within " + seconds(options.hook_timeout) + " s on rank " +
            std::to_string(stuck_rank) + " in bucket " + std::to_string(bucket) +
            " (stuck: an endless loop, or far too slow for the job's --timeout); every rank stops here. Fix the "
            "hook, or raise --timeout";
+  }
+  // The error every rank reports for a decided failure: the hook, the failing
+  // rank and the bucket; a rank that failed itself names itself, with its reason
+  // (`own_error`, in bucket `own_bucket`).
+  std::string failed_message(int64_t decision, const std::string& own_error, int64_t own_bucket) const {
+    const bool mine = !own_error.empty();
+    const int64_t who = mine ? group->rank() : group->rank_of(decision);
+    const int64_t bucket = mine ? own_bucket : group->bucket_of(decision);
+    if (!mine && group->failure_of(decision) == HookGroup::Failure::kStuck) {
+      return stuck_message(who, bucket) + " (the ranks agreed)";
+    }
+    return "hook " + hook->name() + " failed on rank " + std::to_string(who) + (mine ? " (" + own_error + ")" : "") +
+           " in bucket " + std::to_string(bucket) + "; every rank stops here (the ranks agreed). Fix the hook" +
+           (options.on_error == OnHookError::kFail && mode != HookAgreement::kPerStep
+                ? ", or run with the fallback policy" : "");
   }
 
   const std::shared_ptr<ScriptHook> hook;
@@ -55,17 +104,23 @@ struct ScriptCommHook::Worker {
   const c10::intrusive_ptr<c10d::ProcessGroup> pg;
   const c10::intrusive_ptr<HookGroup> group;
 
-  std::mutex mutex;  // the queue, stop, abandoned, and the call in progress
+  std::mutex mutex;  // the queue, stop, abandoned, broken, mode, and the call in progress
   std::condition_variable ready, call_changed;
   std::deque<Task> queue;
   bool stop = false;
   bool abandoned = false;  // the watchdog gave up on a stuck call; the worker thread is lost
+  std::string broken;      // per step: why the device communicator was aborted
+  HookAgreement mode = HookAgreement::kAuto;  // resolved at the first bucket
   bool in_call = false;    // the hook is running
   std::chrono::steady_clock::time_point call_start;
   int64_t call_bucket = 0;
+  at::Device call_device = at::kCPU;
   c10::intrusive_ptr<c10::ivalue::Future> call_future;
   int64_t fallbacks = 0;
   std::atomic<int64_t> busy_ns{0};
+  // Per step (worker thread only): this step's first failure on this rank.
+  int64_t step_verdict = 0;
+  std::string step_error;
   std::thread thread, watchdog;
 };
 
@@ -87,6 +142,25 @@ void ScriptCommHook::Worker::run() {
   }
 }
 
+HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
+  bool nccl = false;
+  if (device.is_cuda()) {
+    try {
+      nccl = pg->getBackend(device.type())->getBackendName() == "nccl";
+    } catch (const std::exception&) {
+      nccl = false;  // no backend registered for the device
+    }
+  }
+  if (options.agreement == HookAgreement::kAuto) {
+    return nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
+  }
+  TORCH_CHECK(options.agreement != HookAgreement::kPerStep || nccl || options.control_group,
+              "hook ", hook->name(), ": the per-step agreement needs the hook's collectives on NCCL (CUDA buckets), "
+              "apart from its exchange on Gloo, or a separate control group; these buckets are on ", device.str(),
+              ". Use the per-collective agreement (or auto)");
+  return options.agreement;
+}
+
 void ScriptCommHook::Worker::process(Task& task) {
   const at::Tensor buffer = task.bucket->buffer();
   c10::OptionalDeviceGuard device_guard;
@@ -94,14 +168,21 @@ void ScriptCommHook::Worker::process(Task& task) {
     device_guard.reset_device(buffer.device());
     task.ready->block(c10::impl::VirtualGuardImpl(buffer.device().type()).getStream(buffer.device()));
   }
-  std::string error;
-  at::Tensor result;
-  if (options.agree_per_bucket) group->begin_guarded();
+  if (mode == HookAgreement::kPerStep) {
+    process_per_step(task);
+  } else {
+    process_per_collective(task, mode == HookAgreement::kPerCollective);
+  }
+}
+
+bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& error) {
+  const at::Tensor buffer = task.bucket->buffer();
   {
     std::lock_guard<std::mutex> lock(mutex);
     in_call = true;
     call_start = std::chrono::steady_clock::now();
     call_bucket = task.bucket->index();
+    call_device = buffer.device();
     call_future = task.future;
   }
   call_changed.notify_all();
@@ -119,14 +200,19 @@ void ScriptCommHook::Worker::process(Task& task) {
   } catch (const std::exception& e) {
     error = std::string("threw: ") + script_error(e.what());
   }
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    in_call = false;
-    call_future.reset();
-    // The watchdog gave up on this call while it ran, and fails its future.
-    if (abandoned) return;
-  }
-  if (!options.agree_per_bucket) {
+  std::lock_guard<std::mutex> lock(mutex);
+  in_call = false;
+  call_future.reset();
+  // The watchdog gave up on this call while it ran, and fails its future.
+  return !abandoned;
+}
+
+void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
+  std::string error;
+  at::Tensor result;
+  if (agree) group->begin_guarded();
+  if (!call(task, result, error)) return;
+  if (!agree) {
     if (error.empty()) {
       task.future->markCompleted(c10::IValue(result));
     } else {
@@ -138,7 +224,7 @@ void ScriptCommHook::Worker::process(Task& task) {
   // together (see HookGroup's guarded mode).
   int64_t bad = 0;
   try {
-    bad = group->conclude(error.empty() ? 0 : group->encode_verdict(HookGroup::Failure::kError));
+    bad = group->conclude(error.empty() ? 0 : group->encode_verdict(HookGroup::Failure::kError, task.bucket->index()));
   } catch (const std::exception& e) {
     fail(task, "hook " + hook->name() + ": ranks could not agree on bucket " + std::to_string(task.bucket->index()) +
                    ": " + first_line(e.what()));
@@ -148,28 +234,85 @@ void ScriptCommHook::Worker::process(Task& task) {
     task.future->markCompleted(c10::IValue(result));
     return;
   }
-  if (group->failure_of(bad) == HookGroup::Failure::kStuck) {
-    fail(task, stuck_message(group->rank_of(bad), task.bucket->index()) + " (the ranks agreed)");
-    return;
-  }
-  // Name this rank's own failure when it has one, else the rank that failed.
-  const bool mine = !error.empty() && !group->stopped_by_peer();
-  const std::string who = mine ? "rank " + std::to_string(group->rank()) + " (" + error + ")"
-                               : "rank " + std::to_string(group->rank_of(bad));
-  if (options.on_error == OnHookError::kFallback) {
+  // Name this rank's own failure when it has one (not one it saw because a peer
+  // stopped the bucket), else the rank that failed.
+  const std::string own = group->stopped_by_peer() ? std::string() : error;
+  if (options.on_error == OnHookError::kFallback && group->failure_of(bad) == HookGroup::Failure::kError) {
     std::vector<at::Tensor> plain{task.original};
     pg->allreduce(plain)->wait();
     plain[0].div_(group->world_size());
-    if (fallbacks++ == 0 && (mine || group->rank() == 0)) {
-      detail::log_line("ftcomm: hook " + hook->name() + " failed on " + who + " in bucket " +
-                       std::to_string(task.bucket->index()) +
+    if (fallbacks++ == 0 && (!own.empty() || group->rank() == 0)) {
+      const bool mine = !own.empty() && group->rank_of(bad) == group->rank();
+      detail::log_line("ftcomm: hook " + hook->name() + " failed on rank " + std::to_string(group->rank_of(bad)) +
+                       (mine ? " (" + own + ")" : "") + " in bucket " + std::to_string(task.bucket->index()) +
                        "; every rank falls back to a mean allreduce for such buckets");
     }
     task.future->markCompleted(c10::IValue(plain[0]));
   } else {
-    fail(task, "hook " + hook->name() + " failed on " + who + " in bucket " + std::to_string(task.bucket->index()) +
-                   "; every rank stops here (the ranks agreed). Fix the hook, or run with the fallback policy");
+    fail(task, failed_message(bad, own, task.bucket->index()));
   }
+}
+
+void ScriptCommHook::Worker::process_per_step(Task& task) {
+  const at::Tensor buffer = task.bucket->buffer();
+  at::Tensor result = buffer;
+  group->begin_step();
+  // After a failure this step, the rank runs no further hooks and goes straight
+  // to the step's exchange (its peers may be waiting there already).
+  if (step_verdict == 0) {
+    at::Tensor out;
+    std::string error;
+    if (!call(task, out, error)) return;
+    if (error.empty()) {
+      result = out;
+    } else {
+      step_verdict = group->encode_verdict(HookGroup::Failure::kError, task.bucket->index());
+      step_error = error;
+    }
+  }
+  if (!task.bucket->is_last()) {
+    task.future->markCompleted(c10::IValue(result));
+    return;
+  }
+  const int64_t verdict = step_verdict;
+  const std::string own = step_error;
+  const int64_t own_bucket = verdict == 0 ? 0 : group->bucket_of(verdict);
+  step_verdict = 0;
+  step_error.clear();
+  int64_t decision = 0;
+  try {
+    decision = group->conclude_step(verdict);
+  } catch (const std::exception& e) {
+    const std::string message = "hook " + hook->name() + ": ranks could not agree at the end of the step: " +
+                                first_line(e.what());
+    abort_device(buffer.device(), message);
+    fail(task, message);
+    return;
+  }
+  if (decision == 0) {
+    task.future->markCompleted(c10::IValue(result));
+    return;
+  }
+  const std::string message = failed_message(decision, own, own_bucket);
+  abort_device(buffer.device(), message);
+  fail(task, message);
+}
+
+void ScriptCommHook::Worker::abort_device(const at::Device& device, const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!broken.empty()) return;
+    broken = why;
+  }
+  std::string what = "the " + device.str() + " communicator";
+  try {
+    auto backend = pg->getBackend(device.type());
+    what = "the " + backend->getBackendName() + " communicator of " + device.str();
+    backend->abort();  // NCCL's ends every collective in flight on this rank; Gloo's does nothing
+  } catch (const std::exception& e) {
+    what += " (abort failed: " + first_line(e.what()) + ")";
+  }
+  detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": aborted " + what + " after: " + why);
 }
 
 void ScriptCommHook::Worker::watch() {
@@ -185,16 +328,19 @@ void ScriptCommHook::Worker::watch() {
       call_changed.wait_until(lock, deadline);
       continue;
     }
-    // Past the deadline. The stuck call cannot be stopped; decide its bucket for
-    // it, between its collectives (a collective has its own deadline).
+    // Past the deadline. The stuck call cannot be stopped; decide for it what it
+    // has open (its bucket, or its step), between its collectives when they share
+    // a queue with the exchange (a collective has its own deadline).
     const int64_t bucket = call_bucket;
+    const at::Device device = call_device;
+    const bool per_step = mode == HookAgreement::kPerStep;
     auto future = call_future;
     lock.unlock();
     int64_t decision = 0;
     std::string agreement_error;
     bool acted = false;
     try {
-      acted = group->try_abandon(group->encode_verdict(HookGroup::Failure::kStuck), &decision);
+      acted = group->try_abandon(group->encode_verdict(HookGroup::Failure::kStuck, bucket), &decision, per_step);
     } catch (const std::exception& e) {
       acted = true;
       agreement_error = first_line(e.what());
@@ -212,9 +358,16 @@ void ScriptCommHook::Worker::watch() {
     pending.swap(queue);
     lock.unlock();
     std::string message = stuck_message(group->rank(), bucket);
-    if (!agreement_error.empty()) message += " (telling the other ranks failed: " + agreement_error + ")";
-    else if (decision != 0 && group->rank_of(decision) != group->rank()) message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
+    if (!agreement_error.empty()) {
+      message += " (telling the other ranks failed: " + agreement_error + ")";
+    } else if (decision != 0 && group->failure_of(decision) == HookGroup::Failure::kError) {
+      message = failed_message(decision, "", 0) + " (this rank's own call did not return within " +
+                seconds(options.hook_timeout) + " s)";
+    } else if (decision != 0 && group->rank_of(decision) != group->rank()) {
+      message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
+    }
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
+    if (per_step) abort_device(device, message);
     if (still_in_call && future) future->setError(std::make_exception_ptr(std::runtime_error(message)));
     for (auto& t : pending) fail(t, message);
     ready.notify_all();
@@ -225,6 +378,9 @@ void ScriptCommHook::Worker::watch() {
 ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,
                                ScriptCommHookOptions options)
     : CppCommHookInterface(pg), hook_(hook), worker_(std::make_shared<Worker>(hook, options, pg)) {
+  TORCH_CHECK(options.agreement != HookAgreement::kPerStep || options.on_error == OnHookError::kFail, "hook ",
+              hook->name(), ": the per-step agreement cannot fall back (it aborts the communicator on a failure); "
+              "use the per-collective agreement with the fallback policy");
   // The threads hold the worker: one stuck in a hook outlives this object.
   auto w = worker_;
   w->thread = std::thread([w] { w->run(); });
@@ -255,6 +411,11 @@ double ScriptCommHook::busy_seconds() const {
   return static_cast<double>(worker_->busy_ns.load()) * 1e-9;
 }
 
+HookAgreement ScriptCommHook::agreement() const {
+  std::lock_guard<std::mutex> lock(worker_->mutex);
+  return worker_->mode == HookAgreement::kAuto ? worker_->options.agreement : worker_->mode;
+}
+
 int64_t ScriptCommHook::fallbacks() const {
   std::lock_guard<std::mutex> lock(worker_->mutex);
   return worker_->fallbacks;
@@ -277,6 +438,19 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
   auto future = task.future;
   {
     std::lock_guard<std::mutex> lock(worker_->mutex);
+    if (worker_->mode == HookAgreement::kAuto) {
+      try {
+        worker_->mode = worker_->resolve(buffer.device());
+      } catch (const std::exception& e) {
+        worker_->fail(task, first_line(e.what()));
+        return future;
+      }
+    }
+    if (!worker_->broken.empty()) {
+      worker_->fail(task, "hook " + hook_->name() + ": this group's communicator was aborted after a failure (" +
+                              worker_->broken + "); this process must restart");
+      return future;
+    }
     if (worker_->abandoned) {
       worker_->fail(task, "hook " + hook_->name() + " was abandoned after a call that did not return; this process "
                                                      "must exit");

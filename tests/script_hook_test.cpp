@@ -461,10 +461,161 @@ TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
   }
 }
 
+// --- the per-step agreement -------------------------------------------------
+//
+// Per step, a hook's collectives are not preceded by control exchanges: the ranks
+// exchange one value after the step's last bucket. On NCCL the exchange is on
+// Gloo, apart from the data; here a second Gloo group plays that part, and the
+// hooks' collectives block the host (as an NCCL host blocked behind an unmatched
+// collective would), so the watchdog's part is exercised too.
+
+struct PerStepCase {
+  std::string name;
+  std::string body;    // the hook, failing on rank 1
+  int64_t bucket;      // where it fails
+  std::string reason;  // what rank 1 reports of its own failure
+  bool peers_wait;     // the others wait in a collective rank 1 never joins (the watchdog ends it):
+                       // rank 1 runs no hook after its failure in the step
+};
+
+// Runs one step of two buckets on every rank of `world` threads; returns each
+// rank's first error (empty: none) and the step's wall time on that rank.
+std::vector<std::pair<std::string, double>> per_step(int world, const std::string& path,
+                                                     std::chrono::milliseconds hook_timeout) {
+  std::vector<std::pair<std::string, double>> out(static_cast<size_t>(world));
+  testing::run_threads(world, [&](int rank, const Store& store) {
+    auto data_options = testing::thread_options(rank, world, store, 4s);  // ends a collective left waiting
+    auto control_options = testing::thread_options(rank, world, store, 30s);
+    control_options.prefix = "control";
+    auto pg = make_process_group(data_options);
+    auto control = make_process_group(control_options);
+    ScriptCommHookOptions options;
+    options.agreement = HookAgreement::kPerStep;
+    options.control_group = control;
+    options.hook_timeout = hook_timeout;
+    ScriptCommHook comm(pg, ScriptHook::load(path), options);
+    TestBucket b0(rank_values(rank, 100), {{100}}, 0, 2), b1(rank_values(rank, 50), {{50}}, 1, 2);
+    const auto start = std::chrono::steady_clock::now();
+    auto f0 = comm.runHook(*b0.bucket);
+    auto f1 = comm.runHook(*b1.bucket);
+    std::string error;
+    for (auto& f : {f0, f1}) {
+      f->wait();
+      if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
+    }
+    out[static_cast<size_t>(rank)] = {error, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
+    if (!error.empty()) {
+      // The group's device communicator was aborted: later buckets fail at once.
+      TestBucket again(rank_values(rank, 10), {{10}}, 0, 2);
+      auto f = comm.runHook(*again.bucket);
+      EXPECT_TRUE(f->hasError()) << "rank " << rank;
+      if (f->hasError()) EXPECT_NE(f->tryRetrieveErrorMessage().find("must restart"), std::string::npos);
+    }
+  });
+  return out;
+}
+
+TEST_F(HookFiles, PerStepAFailureAtEveryPointIsDecidedByAllRanks) {
+  const std::string on_rank1_bucket = "    if group.rank() == 1 and bucket.index() == ";
+  const std::string mean = "    b = bucket.buffer()\n    b.div_(group.world_size())\n";
+  const std::vector<PerStepCase> cases = {
+      {"before_first", hook_body(on_rank1_bucket + "0:\n        raise Exception('unhappy early')\n" + mean +
+                                 "    return group.allreduce(b)\n"), 0, "unhappy early", true},
+      {"between", hook_body(mean + "    b = group.allreduce(b)\n" + on_rank1_bucket +
+                            "0:\n        raise Exception('unhappy between')\n    return group.allreduce(b)\n"),
+       0, "unhappy between", true},
+      {"before_last", hook_body(on_rank1_bucket + "1:\n        raise Exception('unhappy late')\n" + mean +
+                                "    return group.allreduce(b)\n"), 1, "unhappy late", true},
+      {"bad_shape_last", hook_body(mean + "    b = group.allreduce(b)\n" + on_rank1_bucket +
+                                   "1:\n        return b[:10]\n    return b\n"), 1, "returned Float[10]", false},
+      {"bad_dtype_first", hook_body(mean + "    b = group.allreduce(b)\n" + on_rank1_bucket +
+                                    "0:\n        return b.double()\n    return b\n"), 0, "returned Double", true},
+  };
+  const auto hook_timeout = 1500ms;
+  for (int world : {2, 3}) {
+    for (const auto& c : cases) {
+      const auto path = write(c.name + ".py", c.body);
+      const auto results = per_step(world, path, hook_timeout);
+      for (int rank = 0; rank < world; ++rank) {
+        const auto& [error, seconds] = results[static_cast<size_t>(rank)];
+        const std::string where = c.name + " world " + std::to_string(world) + " rank " + std::to_string(rank);
+        EXPECT_NE(error.find("hook " + c.name + " failed on rank 1"), std::string::npos) << where << ": " << error;
+        EXPECT_NE(error.find("in bucket " + std::to_string(c.bucket)), std::string::npos) << where << ": " << error;
+        if (rank == 1) EXPECT_NE(error.find(c.reason), std::string::npos) << where << ": " << error;
+        // Bounded: at once where nobody waits on a collective; else within the
+        // hook deadline, when the waiting ranks' watchdogs make their exchange.
+        EXPECT_LT(seconds, c.peers_wait ? 1.5 + 3.0 : 1.0) << where;
+      }
+    }
+  }
+}
+
+TEST_F(HookFiles, PerStepWithoutAFailureReducesEveryBucket) {
+  const auto path = write("mean.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
+                                               "    return group.allreduce(b)\n"));
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto control_options = testing::thread_options(rank, 2, store);
+    control_options.prefix = "control";
+    auto pg = group(rank, 2, store);
+    ScriptCommHookOptions options;
+    options.agreement = HookAgreement::kPerStep;
+    options.control_group = make_process_group(control_options);
+    ScriptCommHook comm(pg, ScriptHook::load(path), options);
+    for (int step = 0; step < 3; ++step) {
+      for (int64_t index = 0; index < 3; ++index) {
+        const int64_t n = 64 + index;
+        TestBucket b(rank_values(rank, n) + step, {{n}}, static_cast<size_t>(index), 3);
+        const at::Tensor want = (rank_values(0, n) + rank_values(1, n)) / 2 + step;
+        EXPECT_LE((run(comm, *b.bucket) - want).abs().max().item<double>(), 1e-3) << step << " " << index;
+      }
+    }
+    EXPECT_EQ(comm.agreement(), HookAgreement::kPerStep);
+  });
+}
+
+TEST(HookAgreementChoice, AutoIsPerCollectiveOnTheCpuAndPerStepIsRefusedWhereItCannotBeSafe) {
+  EXPECT_EQ(parse_hook_agreement("on"), HookAgreement::kAuto);
+  EXPECT_EQ(parse_hook_agreement("per-step"), HookAgreement::kPerStep);
+  EXPECT_THROW(parse_hook_agreement("sometimes"), c10::Error);
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    auto hook = ScriptHook::load("allreduce");
+    {
+      ScriptCommHook comm(pg, hook);
+      EXPECT_EQ(comm.agreement(), HookAgreement::kAuto);
+      TestBucket b(rank_values(rank, 10), {{10}});
+      run(comm, *b.bucket);
+      EXPECT_EQ(comm.agreement(), HookAgreement::kPerCollective);
+    }
+    {
+      // Per step on Gloo alone: the exchange would queue behind the hook's own
+      // collectives; refused with the fix.
+      ScriptCommHookOptions options;
+      options.agreement = HookAgreement::kPerStep;
+      ScriptCommHook comm(pg, hook, options);
+      TestBucket b(rank_values(rank, 10), {{10}});
+      try {
+        run(comm, *b.bucket);
+        ADD_FAILURE() << "per-step on Gloo alone was accepted";
+      } catch (const std::exception& e) {
+        EXPECT_NE(std::string(e.what()).find("per-collective"), std::string::npos) << e.what();
+      }
+    }
+    ScriptCommHookOptions fallback;
+    fallback.agreement = HookAgreement::kPerStep;
+    fallback.on_error = OnHookError::kFallback;
+    EXPECT_THROW(ScriptCommHook(pg, hook, fallback), c10::Error);
+  });
+}
+
 // The same decision over NCCL with CUDA buckets, one process per GPU: rank 1
-// fails before any collective (the others are stopped before their allgather) or
-// between two (before their second allreduce). Each policy runs twice; the
-// fallback's mean and the second round show the communicator stayed in step.
+// fails before any collective (the others have enqueued their allgather, or are
+// stopped before it), between two (before their second allreduce), or returns a
+// bad result after its collective. Per collective (either policy; run twice, so
+// the fallback's mean and the second round show the communicator stayed in
+// step) and per step (the default for NCCL: every rank fails with the same
+// error and its NCCL communicator is aborted, so each case gets a group of its
+// own, as a restarted job would).
 TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
   const int world = testing::gpu_count();
   if (world < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << world;
@@ -473,17 +624,27 @@ TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
       write("fails_first.py", hook_body(fail + "    parts = group.allgather(bucket.buffer())\n"
                                                "    return torch.stack(parts).mean(0)\n")),
       write("fails_between.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
-                                          "    b = group.allreduce(b)\n" + fail + "    return group.allreduce(b)\n"))};
+                                          "    b = group.allreduce(b)\n" + fail + "    return group.allreduce(b)\n")),
+      write("fails_after.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
+                                        "    b = group.allreduce(b)\n    if group.rank() == 1:\n"
+                                        "        return b[:3]\n    return b\n"))};
   testing::expect_ranks_ok(testing::run_ranks(world, 300s, [&](const testing::RankContext& ctx) {
-    auto pg = make_process_group(testing::nccl_options(ctx));
+    int groups = 0;
+    auto fresh_group = [&] {
+      auto o = testing::nccl_options(ctx, 60s);
+      o.prefix = "case" + std::to_string(groups++);
+      return make_process_group(o);
+    };
     const at::Device gpu(at::kCUDA, ctx.rank);
     at::Tensor mean = at::zeros({1000});
     for (int r = 0; r < ctx.world; ++r) mean += rank_values(r, 1000);
     mean /= ctx.world;
     for (const auto& path : hooks) {
+      auto pg = fresh_group();
       for (OnHookError policy : {OnHookError::kFail, OnHookError::kFallback}) {
         ScriptCommHookOptions options;
         options.on_error = policy;
+        options.agreement = HookAgreement::kPerCollective;
         ScriptCommHook comm(pg, ScriptHook::load(path), options);
         for (int step = 0; step < 2; ++step) {
           TestBucket b(rank_values(ctx.rank, 1000).to(gpu), {{1000}});
@@ -502,8 +663,82 @@ TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
         }
         if (policy == OnHookError::kFallback) EXPECT_EQ(comm.fallbacks(), 2) << path;
       }
+      // Per step (the default on NCCL): a healthy step with the allreduce hook,
+      // then a step of two buckets with the failing one (rank 1 fails in bucket 0).
+      auto step_pg = fresh_group();
+      {
+        ScriptCommHook ok(step_pg, ScriptHook::load("allreduce"));
+        TestBucket b0(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 0, 2);
+        TestBucket b1(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 1, 2);
+        auto f0 = ok.runHook(*b0.bucket);
+        auto f1 = ok.runHook(*b1.bucket);
+        for (auto& f : {f0, f1}) {
+          f->wait();
+          ASSERT_FALSE(f->hasError()) << f->tryRetrieveErrorMessage();
+          EXPECT_LE((f->value().toTensor().cpu() - mean).abs().max().item<double>(), 1e-3);
+        }
+        EXPECT_EQ(ok.agreement(), HookAgreement::kPerStep);
+      }
+      ScriptCommHookOptions options;
+      options.hook_timeout = 5s;
+      ScriptCommHook comm(step_pg, ScriptHook::load(path), options);
+      TestBucket b0(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 0, 2);
+      TestBucket b1(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 1, 2);
+      const auto start = std::chrono::steady_clock::now();
+      auto f0 = comm.runHook(*b0.bucket);
+      auto f1 = comm.runHook(*b1.bucket);
+      std::string error;
+      for (auto& f : {f0, f1}) {
+        f->wait();
+        if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
+      }
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_NE(error.find("failed on rank 1"), std::string::npos) << path << ": " << error;
+      EXPECT_NE(error.find("in bucket 0"), std::string::npos) << path << ": " << error;
+      EXPECT_LT(seconds, 5.0 + 5.0) << path;  // the hook deadline, then the exchange
+      EXPECT_EQ(comm.agreement(), HookAgreement::kPerStep);
     }
   }), world);
+}
+
+// One GPU is enough to see the per-step agreement's failure path on real NCCL:
+// the decision, the communicator's abort (without ending the process), the same
+// error, later buckets refused, and a new group working afterwards.
+TEST_F(HookFiles, GpuPerStepFailureAbortsTheNcclCommunicator) {
+  if (testing::gpu_count() < 1) GTEST_SKIP() << "needs a GPU";
+  const auto path = write("fails_second.py", hook_body("    b = bucket.buffer()\n    b.div_(group.world_size())\n"
+                                                       "    b = group.allreduce(b)\n    if bucket.index() == 0:\n"
+                                                       "        raise Exception('bucket zero is unhappy')\n"
+                                                       "    return group.allreduce(b)\n"));
+  testing::run_threads(1, [&](int rank, const Store& store) {
+    const at::Device gpu(at::kCUDA, 0);
+    auto o = testing::thread_options(rank, 1, store, 60s);
+    o.backend = Backend::kNccl;
+    {
+      auto pg = make_process_group(o);
+      ScriptCommHook comm(pg, ScriptHook::load(path));
+      TestBucket b0(rank_values(0, 1000).to(gpu), {{1000}}, 0, 2), b1(rank_values(0, 1000).to(gpu), {{1000}}, 1, 2);
+      auto f0 = comm.runHook(*b0.bucket);
+      auto f1 = comm.runHook(*b1.bucket);
+      f1->wait();
+      ASSERT_TRUE(f1->hasError());
+      const std::string error = f1->tryRetrieveErrorMessage();
+      EXPECT_NE(error.find("failed on rank 0 (threw"), std::string::npos) << error;
+      EXPECT_NE(error.find("bucket zero is unhappy"), std::string::npos) << error;
+      EXPECT_EQ(comm.agreement(), HookAgreement::kPerStep);
+      TestBucket again(rank_values(0, 10).to(gpu), {{10}}, 0, 2);
+      auto f = comm.runHook(*again.bucket);
+      ASSERT_TRUE(f->hasError());
+      EXPECT_NE(f->tryRetrieveErrorMessage().find("must restart"), std::string::npos);
+      std::fprintf(stderr, "per-step NCCL test: decided and aborted; destroying the aborted group\n");
+    }
+    std::fprintf(stderr, "per-step NCCL test: aborted group destroyed; a new one\n");
+    o.prefix = "after";
+    auto fresh = make_process_group(o);
+    std::vector<at::Tensor> t{at::ones({4}, gpu)};
+    fresh->allreduce(t)->wait();
+    EXPECT_EQ(t[0].sum().item<double>(), 4.0);
+  });
 }
 
 TEST_F(HookFiles, RanksMustAgreeOnTheDigestAndPinsAreEnforced) {

@@ -4,6 +4,8 @@
 // contract.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -16,38 +18,66 @@
 namespace ftcomm {
 
 // What a hook sees of the group, as TorchScript class ftcomm.Group. Collectives
-// are synchronous inside the hook (class_ methods cannot return a Future); hooks
-// run on ScriptCommHook's worker thread, never on the autograd thread.
+// are synchronous inside the hook as far as the host can tell (class_ methods
+// cannot return a Future): on NCCL they are enqueued on the device's stream and
+// the call returns at once; on Gloo it returns once the data is there. Hooks run
+// on ScriptCommHook's worker thread, never on the autograd thread.
 //
-// Guarded mode (ScriptCommHook's per-bucket agreement): before each collective the
-// ranks exchange one control value (a 1-element MAX allreduce), and a rank whose
-// hook failed sends its failure there instead. So when a hook fails on some ranks
-// only, at any point, every rank learns it at the same control exchange and no
-// rank is left waiting in a collective the others never join.
+// How a hook failing on some ranks only is kept from leaving the others waiting
+// (ScriptCommHook picks the mode, see HookAgreement):
+// - per collective: before each collective the ranks exchange one control value
+//   (a 1-element MAX allreduce on the control group), and a rank whose hook failed
+//   sends its failure there instead, so every rank learns it at the same exchange
+//   and none is left in a collective the others never join. After the bucket,
+//   one more exchange concludes it.
+// - per step: the hook's collectives go straight to the device's stream, and the
+//   ranks exchange one value per step, after the step's last bucket. A failure is
+//   carried to that exchange (the failing rank runs no further hooks that step),
+//   and the caller then aborts the communicator on every rank, which ends any
+//   collective that a peer enqueued and this rank never will.
 class HookGroup : public torch::CustomClassHolder {
  public:
-  explicit HookGroup(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
+  // `control` carries the agreement's exchanges (its CPU backend); null: `pg`.
+  // Per step, the hook's collectives must not share a queue with them (NCCL data,
+  // Gloo control: they do not).
+  explicit HookGroup(c10::intrusive_ptr<c10d::ProcessGroup> pg, c10::intrusive_ptr<c10d::ProcessGroup> control = {})
+      : pg_(std::move(pg)), control_(control ? std::move(control) : pg_) {}
   int64_t rank() const { return pg_->getRank(); }
   int64_t world_size() const { return pg_->getSize(); }
   at::Tensor allreduce(at::Tensor tensor);                   // sum, in place; returns it
   std::vector<at::Tensor> allgather(at::Tensor tensor);      // one tensor per rank
   at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
 
-  // For ScriptCommHook: start a bucket in guarded mode; exchange this rank's
-  // verdict (0 = ok, else encode_verdict()) unless the bucket is already decided;
-  // and the decision: 0 when every rank was fine, else the largest verdict.
+  // Per collective, for ScriptCommHook: start a bucket in guarded mode; exchange
+  // this rank's verdict (0 = ok, else encode_verdict()) unless the bucket is
+  // already decided; and the decision: 0 when every rank was fine, else the
+  // largest verdict.
   void begin_guarded();
   int64_t conclude(int64_t verdict);
+  // Per step, for ScriptCommHook: a bucket of the step begins (the first one
+  // opens the step); and the step's one exchange (this rank's verdict for the whole step).
+  // Returns the decision, which the watchdog may already have made for this rank.
+  void begin_step();
+  int64_t conclude_step(int64_t verdict);
   // For ScriptCommHook's watchdog, when this rank's hook call passed its
-  // deadline: unless the hook is inside one of its collectives (which have their
-  // own deadline), stops the hook from starting any further collective and, in
-  // guarded mode, concludes the bucket with `verdict` for it. False when the hook
-  // is inside a collective (try again later).
-  bool try_abandon(int64_t verdict, int64_t* decision);
-  // Verdicts: a hook that failed (threw, bad result) or that did not return in time.
-  enum class Failure { kError = 0, kStuck = 1 };
-  int64_t encode_verdict(Failure why) const { return 1 + rank() + world_size() * static_cast<int64_t>(why); }
-  Failure failure_of(int64_t decision) const { return static_cast<Failure>((decision - 1) / world_size()); }
+  // deadline: stops the hook from starting any further collective and concludes
+  // what is open (the bucket, per collective; the step, per step) with `verdict`.
+  // Per collective, not while the hook is inside one of its collectives (they
+  // have their own deadline): false then (try again later). Per step the exchange
+  // travels apart from the hook's collectives, so it never waits for them.
+  bool try_abandon(int64_t verdict, int64_t* decision, bool per_step);
+  // Verdicts, larger wins: a hook that did not return in time, or one that failed
+  // (threw, bad result), so a root cause outranks a rank stuck behind it.
+  enum class Failure { kStuck = 0, kError = 1 };
+  static constexpr int64_t kMaxBuckets = int64_t(1) << 20;
+  int64_t encode_verdict(Failure why, int64_t bucket) const {
+    const int64_t b = std::min<int64_t>(std::max<int64_t>(bucket, 0), kMaxBuckets - 1);
+    return 1 + rank() + world_size() * (b + kMaxBuckets * static_cast<int64_t>(why));
+  }
+  Failure failure_of(int64_t decision) const {
+    return static_cast<Failure>((decision - 1) / world_size() / kMaxBuckets);
+  }
+  int64_t bucket_of(int64_t decision) const { return (decision - 1) / world_size() % kMaxBuckets; }
   int64_t rank_of(int64_t decision) const { return (decision - 1) % world_size(); }
   // Whether this bucket was stopped at a control exchange because another rank
   // had failed (this rank's hook then saw an error it did not cause).
@@ -58,12 +88,17 @@ class HookGroup : public torch::CustomClassHolder {
   std::unique_lock<std::mutex> begin_collective();
   void control_before_collective();
   int64_t exchange(int64_t value);
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_, control_;
   std::mutex op_mutex_;     // held by the worker during each collective
-  bool abandoned_ = false;  // the watchdog gave up on this hook call
+  std::atomic<bool> abandoned_{false};  // the watchdog gave up on this hook call
   bool guarded_ = false;
   int64_t decision_ = -1;  // -1: undecided
   bool stopped_by_peer_ = false;
+  // Per step: the one exchange of a step, by the worker or by the watchdog.
+  std::mutex step_mutex_;
+  bool step_open_ = false;     // a bucket of this step has begun; its exchange is owed
+  bool step_decided_ = false;  // the watchdog made this rank's exchange
+  int64_t step_decision_ = 0;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.

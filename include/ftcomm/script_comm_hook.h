@@ -1,8 +1,8 @@
 // Scripted hooks inside c10d::Reducer: ScriptCommHook, a
 // c10d::CppCommHookInterface that runs a ScriptHook on its own worker thread with
-// the per-bucket agreement (a hook failing or stuck on some ranks fails or falls
-// back on all of them) and a per-call deadline; and agree_on_hook, the digest
-// check every rank makes before the first step.
+// an agreement (a hook failing or stuck on some ranks fails or falls back on all
+// of them; per collective, or per step on NCCL) and a per-call deadline; and
+// agree_on_hook, the digest check every rank makes before the first step.
 #pragma once
 
 #include <chrono>
@@ -20,22 +20,53 @@ namespace ftcomm {
 
 enum class OnHookError { kFail, kFallback };
 
+// How the ranks keep a hook that fails on some ranks only (throws, returns a
+// wrong shape, dtype or device, or does not return in time) from leaving the
+// others waiting: either every rank fails with the same error, naming the hook
+// and the failing rank, or every rank falls back (kFallback).
+enum class HookAgreement {
+  // kPerStep for CUDA buckets on NCCL under OnHookError::kFail, else
+  // kPerCollective: the safe choice at the lowest cost for each backend.
+  kAuto,
+  // A control exchange (a 1-element allreduce on the CPU) before each of the
+  // hook's collectives and one after each bucket. A failure stops every rank at
+  // the same point, the group stays usable, and kFallback is possible. The host
+  // waits for each exchange, so on NCCL it costs a host round trip per collective.
+  kPerCollective,
+  // The hook's collectives go straight to the device's stream; the ranks
+  // exchange one value per step, after its last bucket, and the step's futures
+  // complete only after it (so no rank uses a step that failed elsewhere). On a
+  // failure every rank aborts the group's device communicator (NCCL's abort ends
+  // a collective a peer will never join) and fails with the same error; the
+  // group is unusable afterwards and the job restarts (ftcomm train and
+  // FaultTolerant recover). kFail only. The exchange must travel apart from the
+  // hook's collectives: NCCL buckets (the exchange is on Gloo), or a separate
+  // control group.
+  kPerStep,
+  // No agreement: for trusted hooks only; a failure on one rank can leave the
+  // others waiting until the group's timeout.
+  kOff,
+};
+
+// Parses "auto", "per-collective", "per-step" or "off" (and "on" = "auto");
+// throws naming the accepted values otherwise.
+HookAgreement parse_hook_agreement(const std::string& name);
+const char* hook_agreement_name(HookAgreement agreement);
+
 struct ScriptCommHookOptions {
-  // After every bucket all ranks agree (one small allreduce) on whether each
-  // rank's hook ran and returned a finite tensor of the bucket's shape, dtype and
-  // device, so a bad result never leaves ranks out of step. Then either every rank
-  // fails with the same error (kFail) or every rank replaces the bucket's result
-  // with a plain mean allreduce of the original gradients (kFallback, which keeps
-  // a copy of each bucket) and logs it once.
-  bool agree_per_bucket = true;
+  HookAgreement agreement = HookAgreement::kAuto;
+  // Where the agreement's exchanges travel (its CPU backend); null: the hook's
+  // group. A separate group lets kPerStep run where the hook's collectives are on
+  // Gloo too (tests).
+  c10::intrusive_ptr<c10d::ProcessGroup> control_group;
   // Also treat a result with NaN or Inf as a failure. A full pass over every
   // bucket (it took a 50 MB model's step from 121 to 183 ms on this project's
   // 2-core CI machine), so off in training and on in `ftcomm hook check`; a non-finite
   // result does not desync ranks by itself.
   bool check_finite = false;
   OnHookError on_error = OnHookError::kFail;
-  // A hook call that has not returned after this long fails its bucket: with the
-  // agreement on, on every rank at once, naming the hook and the stuck rank
+  // A hook call that has not returned after this long fails its bucket: with an
+  // agreement, on every rank at once, naming the hook and the stuck rank
   // (whatever on_error says: the stuck thread cannot be stopped, so this hook
   // object takes no further buckets and the process should exit). Keep it below
   // the group's timeout, so that peers waiting at the agreement hear of it before
@@ -45,7 +76,8 @@ struct ScriptCommHookOptions {
 
 // A ScriptHook registered with c10d::Reducer::register_comm_hook. runHook copies
 // what it needs of the bucket and returns at once; the hook runs on this object's
-// one worker thread, in bucket order, so collectives stay matched across ranks.
+// one worker thread, in bucket order, so collectives stay matched across ranks,
+// and a hook that never returns holds that thread, not the autograd thread.
 class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d::ProcessGroup>> {
  public:
   ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,
@@ -54,6 +86,9 @@ class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
   int64_t fallbacks() const;
+  // The agreement in force: options.agreement, with kAuto resolved once the first
+  // bucket shows its device (kAuto until then).
+  HookAgreement agreement() const;
   // Seconds the worker has spent running the hook (its compute and collectives).
   double busy_seconds() const;
 

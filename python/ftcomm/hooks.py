@@ -39,6 +39,12 @@ class Hook:
         return dict(self._impl.params)
 
     @property
+    def agreement(self) -> str:
+        """The agreement in force: ``"per-step"``, ``"per-collective"`` or ``"off"`` once the
+        first bucket ran (``"auto"`` resolves then, from the bucket's device and backend)."""
+        return self._impl.agreement
+
+    @property
     def fallbacks(self) -> int:
         """Buckets reduced by the fallback allreduce because the hook failed somewhere."""
         return self._impl.fallbacks
@@ -71,7 +77,7 @@ def _check_cpu_backend(pg: dist.ProcessGroup) -> None:
 
 
 def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[str] = (), on_error: str = "fail",
-                  hook_timeout: float = 30.0, agree_per_bucket: bool = True, **params) -> Hook:
+                  hook_timeout: float = 30.0, agreement: str = "auto", **params) -> Hook:
     """Runs a TorchScript comm hook inside ``model``'s Reducer. Collective.
 
     Args:
@@ -82,8 +88,17 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
             or ``"fallback"`` (every rank reduces that bucket with a mean allreduce).
         hook_timeout: seconds one hook call may take before it fails on every rank; 0: unbounded.
             Keep it below the process group's timeout.
-        agree_per_bucket: the per-bucket agreement that keeps a failing hook from
-            hanging peers; leave it on.
+        agreement: how a hook failing on some ranks only is made to fail (or fall back) on
+            all of them, so that no rank waits on a collective the others never join:
+            ``"auto"`` (the default: ``"per-step"`` for CUDA buckets on NCCL with
+            ``on_error="fail"``, else ``"per-collective"``); ``"per-collective"`` (a small
+            Gloo exchange before each of the hook's collectives and after each bucket; the
+            group stays usable; needed for ``on_error="fallback"``); ``"per-step"`` (the
+            hook's NCCL collectives go straight to the stream, one exchange per step after
+            the last bucket, and on a failure every rank aborts its NCCL communicator and
+            raises: restart the job, :class:`FaultTolerant` resumes it); ``"off"`` (trusted
+            hooks only: a failure on one rank leaves its peers waiting until the group's
+            timeout).
         **params: the hook's parameters, e.g. ``rank=4, start_iter=2`` for powersgd.
 
     Returns:
@@ -99,7 +114,7 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
     pg = model.process_group
     _check_cpu_backend(pg)
     impl = _C.load_hook(pg, str(hook), {str(k): str(v) for k, v in params.items()}, list(pins), on_error,
-                        float(hook_timeout), bool(agree_per_bucket))
+                        float(hook_timeout), str(agreement))
     try:
         impl.attach(model.reducer)
     except RuntimeError as e:

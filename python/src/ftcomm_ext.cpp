@@ -55,6 +55,10 @@ class PyHook {
   const std::shared_ptr<ScriptHook>& hook() const { return hook_; }
   int64_t fallbacks() const { return comm_ ? comm_->fallbacks() : 0; }
   double busy_seconds() const { return comm_ ? comm_->busy_seconds() : 0.0; }
+  // The agreement in force ("auto" until the first bucket shows its device).
+  std::string agreement() const {
+    return hook_agreement_name(comm_ ? comm_->agreement() : options_.agreement);
+  }
 
  private:
   Group pg_;
@@ -67,7 +71,7 @@ class PyHook {
 std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_name,
                                   const std::map<std::string, std::string>& params,
                                   const std::vector<std::string>& pins, const std::string& on_error,
-                                  double hook_timeout_s, bool agree_per_bucket) {
+                                  double hook_timeout_s, const std::string& agreement) {
   TORCH_CHECK(on_error == "fail" || on_error == "fallback", "on_error must be 'fail' or 'fallback', got '", on_error,
               "'");
   TORCH_CHECK(hook_timeout_s >= 0, "hook_timeout must be 0 (unbounded) or positive seconds, got ", hook_timeout_s);
@@ -81,7 +85,7 @@ std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_na
   ScriptCommHookOptions options;
   options.on_error = on_error == "fail" ? OnHookError::kFail : OnHookError::kFallback;
   options.hook_timeout = millis(hook_timeout_s);
-  options.agree_per_bucket = agree_per_bucket;
+  options.agreement = parse_hook_agreement(agreement);
   return std::make_shared<PyHook>(pg, std::move(hook), options);
 }
 
@@ -268,9 +272,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("replicated_state", [](const PyHook& h) { return h.hook()->replicated_state(); })
       .def_property_readonly("local_state", [](const PyHook& h) { return h.hook()->local_state(); })
       .def_property_readonly("fallbacks", &PyHook::fallbacks)
-      .def_property_readonly("busy_seconds", &PyHook::busy_seconds);
+      .def_property_readonly("busy_seconds", &PyHook::busy_seconds)
+      .def_property_readonly("agreement", &PyHook::agreement);
   m.def("load_hook", &load_hook, py::arg("pg"), py::arg("hook"), py::arg("params"), py::arg("pins"),
-        py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agree_per_bucket"));
+        py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agreement"));
   m.def("list_hooks", &list_hooks);
   m.def(
       "rank_store_dir",

@@ -50,7 +50,7 @@ struct TrainArgs {
   std::string hook = "allreduce";
   std::vector<std::pair<std::string, std::string>> hook_args;
   std::vector<std::string> hook_digests;
-  bool hook_agree = true;
+  ftcomm::HookAgreement hook_agree = ftcomm::HookAgreement::kAuto;
   std::string ckpt;
   int commit_every = 10;
   bool jit = true;
@@ -145,12 +145,15 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
     value = "on";
     app.add_option(name, value, help)->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   };
-  std::string agree;
-  on_off("--hook-agree", agree,
-         "after each bucket (and before each of the hook's collectives) the ranks agree that the hook ran, so a hook "
-         "failing or stuck on some ranks fails or falls back on all of them. off saves those small exchanges (~0.3 "
-         "ms each on 2 H100s); a rank-local hook failure then surfaces as a collective timeout and a torchrun "
-         "restart");
+  std::string agree = "auto";
+  app.add_option("--hook-agree", agree,
+                 "how the ranks make a hook failing or stuck on some ranks fail (or fall back) on all of them. "
+                 "per-collective: a small exchange before each of the hook's collectives and after each bucket; "
+                 "per-step: the hook's NCCL collectives go straight to the stream and the ranks exchange once per "
+                 "step, aborting the NCCL communicator on a failure (the job then restarts and recovers); auto: "
+                 "per-step for CUDA buckets on NCCL with --hook-on-error fail, else per-collective; off: none (a "
+                 "rank-local hook failure then surfaces as a collective timeout)")
+      ->check(CLI::IsMember({"auto", "on", "per-collective", "per-step", "off"}))->capture_default_str();
   app.add_option("--timeout", a.timeout_s,
                  "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
                  "than half of it fails the step on every rank, naming the stuck rank")
@@ -201,7 +204,7 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   if (int rc = ftcomm::cli::parse(app, argv, "ftcomm train"); rc >= 0) return rc;
   for (const auto& kv : hook_args) a.hook_args.push_back(ftcomm::cli::split_kv("--hook-arg", kv));
   for (const auto& f : failures) a.failures.push_back(parse_failure(f));
-  a.hook_agree = agree == "on";
+  a.hook_agree = ftcomm::parse_hook_agreement(agree);
   a.jit = jit == "on";
   return std::nullopt;
 }
@@ -426,7 +429,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.hook = args.hook;
   options.hook_args = args.hook_args;
   options.pinned_digests = args.hook_digests;
-  options.hook_options.agree_per_bucket = args.hook_agree;
+  options.hook_options.agreement = args.hook_agree;
   options.commit_every = args.commit_every;
   options.just_in_time = args.jit;
   options.local_state_policy =

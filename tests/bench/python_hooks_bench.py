@@ -1,14 +1,17 @@
 """PyTorch's DistributedDataParallel with ftcomm's TorchScript hooks against the same
 DDP with PyTorch's own Python hooks, one run, same model, group and batches.
 
-    torchrun --nproc-per-node=2 tests/bench/python_hooks_bench.py [--device cuda] [--widths ...]
+    torchrun --nproc-per-node=2 tests/bench/python_hooks_bench.py [--device cuda] [--model mlp|deep]
 
 Every method is a DDP model of the same initial weights; each round runs every
 method for --steps forward+backward steps (round-robin, so drift hits all alike)
 and the median round is reported. What was timed is checked: after the last round
 each method's gradients are compared with the default DDP's (bit-equal expected
 for allreduce; fp16/bf16 against PyTorch's counterpart; PowerSGD as relative error).
-Rank 0 prints a table and, with --json, writes it.
+Rank 0 prints a table, the hook-speed targets (every ftcomm hook faster per step than
+its PyTorch counterpart, PowerSGD at most 0.75x) and, with --json, writes it. Two
+models: --model mlp (short backward, fixed costs exposed) and --model deep (12 layers
+of 2048, backward long enough to hide communication).
 """
 import argparse
 import json
@@ -29,7 +32,9 @@ from bench_models import mlp
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--widths", default="1024,2048,2048,2048,1024")
+    p.add_argument("--model", default="mlp", choices=["mlp", "deep"],
+                   help="mlp: 1024-2048-2048-2048-1024; deep: 12 layers of 2048")
+    p.add_argument("--widths", default="", help="layer widths, instead of --model's")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
@@ -45,7 +50,8 @@ def main():
     pg = ftcomm.init_process_group(timeout=300)
     rank, world = pg.rank(), pg.size()
     device = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
-    widths = [int(w) for w in a.widths.split(",")]
+    preset = {"mlp": "1024,2048,2048,2048,1024", "deep": ",".join(["2048"] * 13)}[a.model]
+    widths = [int(w) for w in (a.widths or preset).split(",")]
     r = a.powersgd_rank
 
     def python_powersgd():
@@ -78,7 +84,7 @@ def main():
         if how is not None and how[0] == "py":
             model.register_comm_hook(how[2](), how[1])
         elif how is not None:
-            ftcomm.register_hook(model, how[1], **how[2])
+            model._bench_hook = ftcomm.register_hook(model, how[1], **how[2])
         models.append(model)
 
     gen = torch.Generator().manual_seed(100 + rank)
@@ -127,8 +133,10 @@ def main():
             c = grads[counterpart]
             check = "equal to pytorch's" if torch.equal(grads[i], c) else \
                 f"rel err {rel(grads[i], c):.2e} vs pytorch's, {rel(grads[i], ref):.2e} vs default"
+        hook = getattr(models[i], "_bench_hook", None)
         rows.append({"method": name, "step_ms": med[i].item(), "vs_default": vs_default,
                      "vs_pytorch_hook": (med[i] / med[counterpart]).item() if counterpart is not None else None,
+                     "agreement": hook.agreement if hook is not None else None,
                      "check": check})
     if rank == 0:
         numel = sum(p.numel() for p in models[0].parameters())
@@ -138,10 +146,21 @@ def main():
         print(f"{'method':40s} {'step ms':>9s} {'x default':>10s} {'x pytorch hook':>15s}  check")
         for row in rows:
             vs = f"{row['vs_pytorch_hook']:.3f}" if row["vs_pytorch_hook"] is not None else "-"
-            print(f"{row['method']:40s} {row['step_ms']:9.2f} {row['vs_default']:10.3f} {vs:>15s}  {row['check']}")
+            agreement = f" [{row['agreement']}]" if row["agreement"] else ""
+            print(f"{row['method']:40s} {row['step_ms']:9.2f} {row['vs_default']:10.3f} {vs:>15s}  "
+                  f"{row['check']}{agreement}")
+        # The hook-speed targets: each ftcomm hook faster than its PyTorch
+        # counterpart per step; PowerSGD at most 0.75x.
+        for row in rows:
+            if row["vs_pytorch_hook"] is None:
+                continue
+            limit = 0.75 if "powersgd" in row["method"] else 1.0
+            ok = row["vs_pytorch_hook"] <= limit if limit < 1 else row["vs_pytorch_hook"] < 1.0
+            print(f"target: {row['method']} / pytorch's = {row['vs_pytorch_hook']:.3f} "
+                  f"({'<= 0.75' if limit < 1 else '< 1'}: {'met' if ok else 'MISSED'})")
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({"world": world, "device": device.type, "params": numel, "batch": a.batch,
+                json.dump({"world": world, "device": device.type, "params": numel, "batch": a.batch, "widths": widths,
                            "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 

