@@ -69,8 +69,17 @@ struct ScriptCommHook::Worker {
   // `device`, so no collective this rank enqueued waits for a peer that will not
   // join it; later buckets fail at once.
   void abort_device(const at::Device& device, const std::string& why);
+  // Fails the task's future unless something already completed it (the
+  // watchdog and the worker may both reach a task the watchdog gave up on).
   void fail(Task& task, const std::string& message) {
-    task.future->setError(std::make_exception_ptr(std::runtime_error(message)));
+    task.future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
+  }
+  // Under `mutex`: whether the watchdog gave up on this hook object; if so, fails
+  // `task` with the reason every other bucket got.
+  bool fail_if_abandoned(Task& task) {
+    if (!abandoned) return false;
+    fail(task, abandon_message);
+    return true;
   }
   std::string seconds(std::chrono::milliseconds d) const {
     char text[32];
@@ -110,6 +119,7 @@ struct ScriptCommHook::Worker {
   std::atomic<int64_t> queued{0};  // queue.size(), for the worker's look before it sleeps
   bool stop = false;
   bool abandoned = false;  // the watchdog gave up on a stuck call; the worker thread is lost
+  std::string abandon_message;  // why, for every bucket after it
   std::string broken;      // per step: why the device communicator was aborted
   HookAgreement mode = HookAgreement::kAuto;  // resolved at the first bucket
   bool in_call = false;    // the hook is running
@@ -180,6 +190,10 @@ HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
 }
 
 void ScriptCommHook::Worker::process(Task& task) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (fail_if_abandoned(task)) return;
+  }
   const at::Tensor buffer = task.bucket->buffer();
   c10::OptionalDeviceGuard device_guard;
   if (task.ready) {
@@ -197,6 +211,7 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   const at::Tensor buffer = task.bucket->buffer();
   {
     std::lock_guard<std::mutex> lock(mutex);
+    if (fail_if_abandoned(task)) return false;
     in_call = true;
     call_start = std::chrono::steady_clock::now();
     call_bucket = task.bucket->index();
@@ -221,8 +236,9 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   std::lock_guard<std::mutex> lock(mutex);
   in_call = false;
   call_future.reset();
-  // The watchdog gave up on this call while it ran, and fails its future.
-  return !abandoned;
+  // The watchdog gave up on this call while it ran (and has failed its future,
+  // unless the call had just come back and it saw another).
+  return !fail_if_abandoned(task);
 }
 
 void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
@@ -363,19 +379,6 @@ void ScriptCommHook::Worker::watch() {
       acted = true;
       agreement_error = first_line(e.what());
     }
-    lock.lock();
-    if (!acted) {
-      call_changed.wait_for(lock, 50ms);
-      continue;
-    }
-    // The group takes no further collectives now. If the call came back in the
-    // meantime, the worker concludes it itself (with the decision just made).
-    abandoned = true;
-    const bool still_in_call = in_call && call_future == future;
-    std::deque<Task> pending;
-    pending.swap(queue);
-    queued.store(0, std::memory_order_relaxed);
-    lock.unlock();
     std::string message = stuck_message(group->rank(), bucket);
     if (!agreement_error.empty()) {
       message += " (telling the other ranks failed: " + agreement_error + ")";
@@ -385,9 +388,23 @@ void ScriptCommHook::Worker::watch() {
     } else if (decision != 0 && group->rank_of(decision) != group->rank()) {
       message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
     }
+    lock.lock();
+    if (!acted) {
+      call_changed.wait_for(lock, 50ms);
+      continue;
+    }
+    // The group takes no further collectives now. If the call came back in the
+    // meantime, the worker fails whatever bucket it holds with this message.
+    abandoned = true;
+    abandon_message = message;
+    const bool still_in_call = in_call && call_future == future;
+    std::deque<Task> pending;
+    pending.swap(queue);
+    queued.store(0, std::memory_order_relaxed);
+    lock.unlock();
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
     if (per_step) abort_device(device, message);
-    if (still_in_call && future) future->setError(std::make_exception_ptr(std::runtime_error(message)));
+    if (still_in_call && future) future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
     for (auto& t : pending) fail(t, message);
     ready.notify_all();
     return;
@@ -471,8 +488,8 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
       return future;
     }
     if (worker_->abandoned) {
-      worker_->fail(task, "hook " + hook_->name() + " was abandoned after a call that did not return; this process "
-                                                     "must exit");
+      worker_->fail(task, "hook " + hook_->name() + " was abandoned after a call that did not return (" +
+                              worker_->abandon_message + "); this process must exit");
       return future;
     }
     worker_->queue.push_back(std::move(task));

@@ -32,6 +32,19 @@ at::Tensor run(c10d::CommHookInterface& hook, c10d::GradBucket& bucket) {
   return hook.parseHookResult(future->value());
 }
 
+// One step's buckets through `hook`: every runHook first, as the Reducer calls
+// them, then every future waited for. Returns the first error ("" if none).
+std::string run_step(c10d::CommHookInterface& hook, std::initializer_list<c10d::GradBucket*> buckets) {
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  for (auto* bucket : buckets) futures.push_back(hook.runHook(*bucket));
+  std::string error;
+  for (auto& f : futures) {
+    f->wait();
+    if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
+  }
+  return error;
+}
+
 at::Tensor rank_values(int rank, int64_t numel, double scale = 1000.0) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(100 + rank);
   return at::randn({numel}, gen) * scale;
@@ -496,13 +509,7 @@ std::vector<std::pair<std::string, double>> per_step(int world, const std::strin
     ScriptCommHook comm(pg, ScriptHook::load(path), options);
     TestBucket b0(rank_values(rank, 100), {{100}}, 0, 2), b1(rank_values(rank, 50), {{50}}, 1, 2);
     const auto start = std::chrono::steady_clock::now();
-    auto f0 = comm.runHook(*b0.bucket);
-    auto f1 = comm.runHook(*b1.bucket);
-    std::string error;
-    for (auto& f : {f0, f1}) {
-      f->wait();
-      if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
-    }
+    const std::string error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
     out[static_cast<size_t>(rank)] = {error, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
     if (!error.empty()) {
       // The group's device communicator was aborted: later buckets fail at once.
@@ -685,13 +692,7 @@ TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
       TestBucket b0(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 0, 2);
       TestBucket b1(rank_values(ctx.rank, 1000).to(gpu), {{1000}}, 1, 2);
       const auto start = std::chrono::steady_clock::now();
-      auto f0 = comm.runHook(*b0.bucket);
-      auto f1 = comm.runHook(*b1.bucket);
-      std::string error;
-      for (auto& f : {f0, f1}) {
-        f->wait();
-        if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
-      }
+      const std::string error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       EXPECT_NE(error.find("failed on rank 1"), std::string::npos) << path << ": " << error;
       EXPECT_NE(error.find("in bucket 0"), std::string::npos) << path << ": " << error;
@@ -718,11 +719,7 @@ TEST_F(HookFiles, GpuPerStepFailureAbortsTheNcclCommunicator) {
       auto pg = make_process_group(o);
       ScriptCommHook comm(pg, ScriptHook::load(path));
       TestBucket b0(rank_values(0, 1000).to(gpu), {{1000}}, 0, 2), b1(rank_values(0, 1000).to(gpu), {{1000}}, 1, 2);
-      auto f0 = comm.runHook(*b0.bucket);
-      auto f1 = comm.runHook(*b1.bucket);
-      f1->wait();
-      ASSERT_TRUE(f1->hasError());
-      const std::string error = f1->tryRetrieveErrorMessage();
+      const std::string error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
       EXPECT_NE(error.find("failed on rank 0 (threw"), std::string::npos) << error;
       EXPECT_NE(error.find("bucket zero is unhappy"), std::string::npos) << error;
       EXPECT_EQ(comm.agreement(), HookAgreement::kPerStep);

@@ -43,6 +43,13 @@ def main():
             ftcomm.FaultTolerant(model, opt, a.ckpt or "ck", commit_every=-1)
         elif a.case == "twice_init":
             ftcomm.init_process_group()
+        elif a.case == "bad_agreement":
+            ftcomm.register_hook(model, "allreduce", agreement="sometimes")
+        elif a.case == "per_step_on_gloo":
+            # Per step needs the hook's collectives apart from the exchange (NCCL);
+            # on Gloo alone the first bucket fails, naming the fix.
+            ftcomm.register_hook(model, "allreduce", agreement="per-step")
+            model(torch.randn(2, 8)).sum().backward()
         elif a.case == "step_before_resume":
             ftcomm.FaultTolerant(model, opt, a.ckpt).step_done(1)
         else:

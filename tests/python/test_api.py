@@ -35,6 +35,8 @@ def refused(case, expect, tmp_path, nproc=1):
     ("commit_every", ["commit_every", "-1"]),
     ("twice_init", ["already exists", "once"]),
     ("step_before_resume", ["resume()"]),
+    ("bad_agreement", ["unknown hook agreement 'sometimes'", "per-collective"]),
+    ("per_step_on_gloo", ["per-step agreement needs", "NCCL", "per-collective"]),
 ])
 def test_refusals(case, expect, tmp_path):
     refused(case, expect, tmp_path)
