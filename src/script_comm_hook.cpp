@@ -116,7 +116,6 @@ struct ScriptCommHook::Worker {
   std::mutex mutex;  // the queue, stop, abandoned, broken, mode, and the call in progress
   std::condition_variable ready, call_changed;
   std::deque<Task> queue;
-  std::atomic<int64_t> queued{0};  // queue.size(), for the worker's look before it sleeps
   bool stop = false;
   bool abandoned = false;  // the watchdog gave up on a stuck call; the worker thread is lost
   std::string abandon_message;  // why, for every bucket after it
@@ -136,31 +135,14 @@ struct ScriptCommHook::Worker {
 };
 
 void ScriptCommHook::Worker::run() {
-  using namespace std::chrono_literals;
   while (true) {
     Task task;
     {
       std::unique_lock<std::mutex> lock(mutex);
-      if (queue.empty() && !stop && !abandoned && mode == HookAgreement::kPerStep) {
-        // Per step (NCCL hosts): buckets come in bursts during backward, and the
-        // last one's wake-up is on the step's critical path; look for the next
-        // one a little while before sleeping (a core busy for at most this long).
-        lock.unlock();
-        const auto until = std::chrono::steady_clock::now() + 200us;
-        while (queued.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until) {
-#if defined(__x86_64__) || defined(__i386__)
-          __builtin_ia32_pause();
-#else
-          std::this_thread::yield();
-#endif
-        }
-        lock.lock();
-      }
       ready.wait(lock, [&] { return stop || abandoned || !queue.empty(); });
       if (abandoned || queue.empty()) return;
       task = std::move(queue.front());
       queue.pop_front();
-      queued.fetch_sub(1, std::memory_order_relaxed);
     }
     const auto started = std::chrono::steady_clock::now();
     process(task);
@@ -400,7 +382,6 @@ void ScriptCommHook::Worker::watch() {
     const bool still_in_call = in_call && call_future == future;
     std::deque<Task> pending;
     pending.swap(queue);
-    queued.store(0, std::memory_order_relaxed);
     lock.unlock();
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
     if (per_step) abort_device(device, message);
@@ -493,7 +474,6 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
       return future;
     }
     worker_->queue.push_back(std::move(task));
-    worker_->queued.fetch_add(1, std::memory_order_release);
   }
   worker_->ready.notify_one();
   return future;

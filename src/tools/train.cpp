@@ -151,8 +151,8 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "per-collective: a small exchange before each of the hook's collectives and after each bucket; "
                  "per-step: the hook's NCCL collectives go straight to the stream and the ranks exchange once per "
                  "step, aborting the NCCL communicator on a failure (the job then restarts and recovers); auto: "
-                 "per-step for CUDA buckets on NCCL with --hook-on-error fail, else per-collective; off: none (a "
-                 "rank-local hook failure then surfaces as a collective timeout)")
+                 "per-step for CUDA buckets on NCCL, else per-collective; off: none (a rank-local hook failure then "
+                 "surfaces as a collective timeout). A failing hook stops every rank (train has no fallback)")
       ->check(CLI::IsMember({"auto", "on", "per-collective", "per-step", "off"}))->capture_default_str();
   app.add_option("--timeout", a.timeout_s,
                  "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
