@@ -361,6 +361,11 @@ void ScriptCommHook::Worker::watch() {
       acted = true;
       agreement_error = first_line(e.what());
     }
+    if (!acted) {
+      lock.lock();
+      call_changed.wait_for(lock, 50ms);
+      continue;
+    }
     std::string message = stuck_message(group->rank(), bucket);
     if (!agreement_error.empty()) {
       message += " (telling the other ranks failed: " + agreement_error + ")";
@@ -371,10 +376,6 @@ void ScriptCommHook::Worker::watch() {
       message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
     }
     lock.lock();
-    if (!acted) {
-      call_changed.wait_for(lock, 50ms);
-      continue;
-    }
     // The group takes no further collectives now. If the call came back in the
     // meantime, the worker fails whatever bucket it holds with this message.
     abandoned = true;

@@ -172,6 +172,12 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     return ftcomm::testing::max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
   };
   const bool allreduce_equal = equal(1, 2), fp16_equal = equal(3, 4);
+  auto agreement_of = [&](const std::string& name) -> std::string {
+    for (const auto& m : methods) {
+      if (m.name == name && m.comm) return ftcomm::hook_agreement_name(m.comm->agreement());
+    }
+    return "-";
+  };
   if (pg->getRank() != 0) return 0;
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -187,7 +193,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   for (auto& m : methods) {
     const std::string base = m.name.find("fp16") != std::string::npos ? "builtin FP16_COMPRESS" : "builtin ALLREDUCE";
     std::printf("%-24s %10.2f %11.3fx  %s\n", m.name.c_str(), med[m.name], med[m.name] / med[base],
-                m.comm ? ftcomm::hook_agreement_name(m.comm->agreement()) : "-");
+                agreement_of(m.name).c_str());
   }
   // The hook-speed targets: 1.03x the built-ins on GPUs (1.05x on the CPU), and
   // noop within 2% of no hook (it communicates nothing, so any excess is ours).
@@ -208,7 +214,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
                                 {"backend", backend},
                                 {"params", numel},
                                 {"widths", args.widths},
-                                {"agreement", ftcomm::hook_agreement_name(methods[2].comm->agreement())},
+                                {"agreement", agreement_of("ts allreduce")},
                                 {"batch", args.batch},
                                 {"bucket_mb", args.bucket_mb},
                                 {"median_step_ms", med},
