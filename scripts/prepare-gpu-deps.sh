@@ -12,13 +12,9 @@ shared=${FTCOMM_SHARED_DIR:-../shared}
 "$shared/gpu/prepare-gpu-deps.sh"
 extra=(libcli11-dev nlohmann-json3-dev libssl-dev libssl3)
 missing=()
-for p in "${extra[@]}"; do # The Python package's build backend and test runner, as wheels (pure Python).
-mkdir -p .gpu-deps/wheels
-if ! ls .gpu-deps/wheels/scikit_build_core-*.whl .gpu-deps/wheels/pytest-*.whl >/dev/null 2>&1; then
-  echo "prepare-gpu-deps: downloading wheels: scikit-build-core pytest"
-  python3 -m pip download -q -d .gpu-deps/wheels --only-binary=:all: "scikit-build-core>=0.10" pytest
-fi
-ls .gpu-deps/debs .gpu-deps/wheels/"${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${extra[@]}"; do
+  ls .gpu-deps/debs/"${p}"_*.deb >/dev/null 2>&1 || missing+=("$p")
+done
 if ((${#missing[@]})); then
   echo "prepare-gpu-deps: downloading ${missing[*]}"
   (cd .gpu-deps/debs && apt-get download "${missing[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)

@@ -7,12 +7,14 @@
 #include <cstdio>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "control.h"
@@ -47,7 +49,7 @@ struct ScriptCommHook::Worker {
     c10::intrusive_ptr<HookBucket> bucket;
     at::Tensor original;  // a copy for kFallback
     // CUDA buckets: recorded on the caller's stream once the gradients are in the
-    // bucket; the worker's stream waits on it before the hook runs.
+    // bucket; the hook's stream waits on it before the hook runs.
     std::unique_ptr<c10::Event> ready;
     c10::intrusive_ptr<c10::ivalue::Future> future;
   };
@@ -57,14 +59,23 @@ struct ScriptCommHook::Worker {
   void run();       // the worker thread: runs queued buckets in order
   void watch();     // the watchdog thread: bounds each hook call
   void process(Task& task);
+  // The stream the hook's work goes on for buckets on `device`: one of its own,
+  // so the caller's stream (backward's) never waits for the hook's collectives.
+  c10::Stream hook_stream(const at::Device& device) {
+    if (!stream || stream->device() != device) {
+      stream = c10::impl::VirtualGuardImpl(device.type()).getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+    }
+    return *stream;
+  }
   void process_per_collective(Task& task, bool agree);
   void process_per_step(Task& task);
   // Runs the hook on the task's bucket under the watchdog: `error` is empty when
   // it returned a tensor of the bucket's shape, dtype and device. False when the
   // watchdog gave up on the call meanwhile (it has failed the future).
   bool call(Task& task, at::Tensor& result, std::string& error);
-  // The agreement for buckets on `device` (kAuto resolved); throws if it cannot serve them.
-  HookAgreement resolve(const at::Device& device) const;
+  // Under `mutex`, at the first bucket: the agreement for buckets on `device`
+  // (kAuto resolved) into `mode`; throws if it cannot serve them.
+  void resolve(const at::Device& device);
   // Per step, once the ranks decided a failure: aborts the communicator serving
   // `device`, so no collective this rank enqueued waits for a peer that will not
   // join it; later buckets fail at once.
@@ -128,6 +139,7 @@ struct ScriptCommHook::Worker {
   c10::intrusive_ptr<c10::ivalue::Future> call_future;
   int64_t fallbacks = 0;
   std::atomic<int64_t> busy_ns{0};
+  std::optional<c10::Stream> stream;  // see hook_stream(); worker thread only
   // Per step (worker thread only): this step's first failure on this rank.
   int64_t step_verdict = 0;
   std::string step_error;
@@ -152,7 +164,7 @@ void ScriptCommHook::Worker::run() {
   }
 }
 
-HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
+void ScriptCommHook::Worker::resolve(const at::Device& device) {
   bool nccl = false;
   if (device.is_cuda()) {
     try {
@@ -161,14 +173,15 @@ HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
       nccl = false;  // no backend registered for the device
     }
   }
-  if (options.agreement == HookAgreement::kAuto) {
-    return nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
+  HookAgreement chosen = options.agreement;
+  if (chosen == HookAgreement::kAuto) {
+    chosen = nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
   }
-  TORCH_CHECK(options.agreement != HookAgreement::kPerStep || nccl || options.control_group,
+  TORCH_CHECK(chosen != HookAgreement::kPerStep || nccl || options.control_group,
               "hook ", hook->name(), ": the per-step agreement needs the hook's collectives on NCCL (CUDA buckets), "
               "apart from its exchange on Gloo, or a separate control group; these buckets are on ", device.str(),
               ". Use the per-collective agreement (or auto)");
-  return options.agreement;
+  mode = chosen;
 }
 
 void ScriptCommHook::Worker::process(Task& task) {
@@ -177,10 +190,17 @@ void ScriptCommHook::Worker::process(Task& task) {
     if (fail_if_abandoned(task)) return;
   }
   const at::Tensor buffer = task.bucket->buffer();
+  // A CUDA hook runs on its own stream, as c10d's collectives run on theirs: a
+  // collective's wait() then holds back the hook's later work, not backward's
+  // (which would lose the overlap of communication with backward). The futures'
+  // events are recorded on it, for the Reducer's stream to wait on.
   c10::OptionalDeviceGuard device_guard;
-  if (task.ready) {
+  c10::OptionalStreamGuard stream_guard;
+  if (buffer.is_cuda()) {
     device_guard.reset_device(buffer.device());
-    task.ready->block(c10::impl::VirtualGuardImpl(buffer.device().type()).getStream(buffer.device()));
+    const c10::Stream stream = hook_stream(buffer.device());
+    stream_guard.reset_stream(stream);
+    task.ready->block(stream);
   }
   if (mode == HookAgreement::kPerStep) {
     process_per_step(task);
@@ -200,7 +220,7 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
     call_device = buffer.device();
     call_future = task.future;
   }
-  call_changed.notify_all();
+  // The watchdog polls (see watch()): no wake-up per call.
   try {
     result = hook->run(group, task.bucket);
     if (result.sizes() != buffer.sizes() || result.scalar_type() != buffer.scalar_type() ||
@@ -215,12 +235,21 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   } catch (const std::exception& e) {
     error = std::string("threw: ") + script_error(e.what());
   }
-  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_lock<std::mutex> lock(mutex);
   in_call = false;
   call_future.reset();
+  // Once the watchdog has begun to give up on this call, what it returns (often
+  // the error of a collective the watchdog stopped) is moot: the watchdog's
+  // decision stands, and it is made once its exchange is done.
+  if (group->abandoned()) call_changed.wait(lock, [&] { return abandoned; });
   // The watchdog gave up on this call while it ran (and has failed its future,
-  // unless the call had just come back and it saw another).
-  return !fail_if_abandoned(task);
+  // unless the call had just come back and it saw another); it may be waiting
+  // for the call to come back.
+  if (!abandoned) return true;
+  fail(task, abandon_message);
+  lock.unlock();
+  call_changed.notify_all();
+  return false;
 }
 
 void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
@@ -333,15 +362,17 @@ void ScriptCommHook::Worker::abort_device(const at::Device& device, const std::s
 
 void ScriptCommHook::Worker::watch() {
   using namespace std::chrono_literals;
+  // The watchdog polls rather than being woken at each call, which would cost
+  // every bucket a wake-up: a stuck call is seen at most one period late.
+  const std::chrono::milliseconds period = std::clamp<std::chrono::milliseconds>(options.hook_timeout / 8, 1ms, 100ms);
   std::unique_lock<std::mutex> lock(mutex);
   while (!stop) {
-    if (!in_call || options.hook_timeout.count() <= 0) {
+    if (options.hook_timeout.count() <= 0) {
       call_changed.wait(lock);
       continue;
     }
-    const auto deadline = call_start + options.hook_timeout;
-    if (std::chrono::steady_clock::now() < deadline) {
-      call_changed.wait_until(lock, deadline);
+    if (!in_call || std::chrono::steady_clock::now() < call_start + options.hook_timeout) {
+      call_changed.wait_for(lock, period);
       continue;
     }
     // Past the deadline. The stuck call cannot be stopped; decide for it what it
@@ -384,6 +415,7 @@ void ScriptCommHook::Worker::watch() {
     std::deque<Task> pending;
     pending.swap(queue);
     lock.unlock();
+    call_changed.notify_all();  // a call that came back meanwhile waits for this
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
     if (per_step) abort_device(device, message);
     if (still_in_call && future) future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
@@ -444,21 +476,22 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
   task.bucket = HookBucket::from(bucket);
   const at::Tensor& buffer = bucket.getBufferRef();
   if (worker_->options.on_error == OnHookError::kFallback) task.original = buffer.clone();
+  // A CUDA future carries events: the Reducer's wait() makes its stream wait for
+  // the hook's work, whichever stream the hook ran on.
+  task.future = buffer.is_cuda() ? c10::make_intrusive<c10::ivalue::Future>(
+                                       c10::TensorType::get(), std::vector<c10::Device>{buffer.device()})
+                                 : c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
+  auto future = task.future;
   if (buffer.is_cuda()) {
-    // The future carries CUDA events: the Reducer's wait() makes its stream wait
-    // for the hook's work, whichever streams the two threads use.
+    // The hook's stream waits until the gradients are in the bucket.
     task.ready = std::make_unique<c10::Event>(buffer.device().type());
     task.ready->record(c10::impl::VirtualGuardImpl(buffer.device().type()).getStream(buffer.device()));
-    task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), std::vector<c10::Device>{buffer.device()});
-  } else {
-    task.future = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get());
   }
-  auto future = task.future;
   {
     std::lock_guard<std::mutex> lock(worker_->mutex);
     if (worker_->mode == HookAgreement::kAuto) {
       try {
-        worker_->mode = worker_->resolve(buffer.device());
+        worker_->resolve(buffer.device());
       } catch (const std::exception& e) {
         worker_->fail(task, first_line(e.what()));
         return future;

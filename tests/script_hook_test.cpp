@@ -3,9 +3,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <gtest/gtest.h>
 
 #include "fsutil.h"
@@ -735,6 +737,75 @@ TEST_F(HookFiles, GpuPerStepFailureAbortsTheNcclCommunicator) {
     std::vector<at::Tensor> t{at::ones({4}, gpu)};
     fresh->allreduce(t)->wait();
     EXPECT_EQ(t[0].sum().item<double>(), 4.0);
+  });
+}
+
+// A hook's work goes on a stream of its own: the caller's stream (backward's,
+// in the Reducer) does not wait for the hook's collectives and GPU work, which
+// would lose the overlap of communication with backward; yet once the future is
+// waited for, it does. Here the hook's GPU work takes about 0.1 s (50 FP32
+// matmuls of 4096^2) before its last step, and the caller's stream must be free
+// of it at once.
+TEST_F(HookFiles, GpuTheHooksWorkStaysOffTheCallersStream) {
+  if (testing::gpu_count() < 1) GTEST_SKIP() << "needs a GPU";
+  const auto path = write("slow_gpu.py", hook_body(
+      "    b = bucket.buffer()\n    b.div_(group.world_size())\n    b = group.allreduce(b)\n"
+      "    x = torch.ones([4096, 4096], device=b.device)\n    for i in range(50):\n        x = torch.mm(x, x) / 4096.0\n"
+      "    return b.add_(x[0, 0])\n"));
+  testing::run_threads(1, [&](int rank, const Store& store) {
+    const at::Device gpu(at::kCUDA, 0);
+    auto o = testing::thread_options(rank, 1, store, 60s);
+    o.backend = Backend::kNccl;
+    auto pg = make_process_group(o);
+    c10::impl::VirtualGuardImpl impl(at::kCUDA);
+    for (HookAgreement agreement : {HookAgreement::kPerStep, HookAgreement::kPerCollective}) {
+      ScriptCommHookOptions options;
+      options.agreement = agreement;
+      ScriptCommHook comm(pg, ScriptHook::load(path), options);
+      const std::string what = hook_agreement_name(agreement);
+      for (int step = 0; step < 2; ++step) {  // the first also warms up the hook and cuBLAS
+        TestBucket b0(rank_values(0, 1000).to(gpu), {{1000}}, 0, 2), b1(rank_values(0, 10).to(gpu), {{10}}, 1, 2);
+        auto f0 = comm.runHook(*b0.bucket);
+        while (!f0->completed()) std::this_thread::sleep_for(1ms);  // the hook has enqueued its work
+        const auto start = std::chrono::steady_clock::now();
+        impl.getStream(gpu).synchronize();
+        const double caller_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        if (step == 1) EXPECT_LT(caller_ms, 20.0) << what << ": the caller's stream waited for the hook's work";
+        auto f1 = comm.runHook(*b1.bucket);
+        f0->wait();  // as the Reducer does: the caller's stream now waits for the hook's work
+        f1->wait();
+        ASSERT_FALSE(f1->hasError()) << f1->tryRetrieveErrorMessage();
+        EXPECT_TRUE(bit_equal(f0->value().toTensor().cpu(), rank_values(0, 1000) + 1)) << what;
+        EXPECT_TRUE(bit_equal(f1->value().toTensor().cpu(), rank_values(0, 10) + 1)) << what;
+      }
+      EXPECT_EQ(comm.agreement(), agreement);
+    }
+  });
+}
+
+// A hook that passes its deadline but comes back once the watchdog has begun to
+// decide (here it keeps calling collectives, which the watchdog stops): the
+// step fails with the deadline's error, not with what the stopped collective
+// threw.
+TEST_F(HookFiles, GpuPerStepAStuckCallThatComesBackFailsItsStep) {
+  if (testing::gpu_count() < 1) GTEST_SKIP() << "needs a GPU";
+  const auto path = write("keeps_going.py", hook_body("    b = bucket.buffer()\n    while True:\n"
+                                                      "        b = group.allreduce(b)\n    return b\n"));
+  testing::run_threads(1, [&](int rank, const Store& store) {
+    const at::Device gpu(at::kCUDA, 0);
+    auto o = testing::thread_options(rank, 1, store, 60s);
+    o.backend = Backend::kNccl;
+    auto pg = make_process_group(o);
+    ScriptCommHookOptions options;
+    options.hook_timeout = 500ms;
+    ScriptCommHook comm(pg, ScriptHook::load(path), options);
+    TestBucket b0(rank_values(0, 1000).to(gpu), {{1000}}, 0, 2), b1(rank_values(0, 10).to(gpu), {{10}}, 1, 2);
+    const auto start = std::chrono::steady_clock::now();
+    const std::string error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_NE(error.find("hook keeps_going did not return within 0.5 s on rank 0 in bucket 0"), std::string::npos)
+        << error;
+    EXPECT_LT(seconds, 0.5 + 0.1 + 5.0);  // the deadline, a polling period, the abort
   });
 }
 

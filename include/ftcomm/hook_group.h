@@ -82,6 +82,9 @@ class HookGroup : public torch::CustomClassHolder {
   // Whether this bucket was stopped at a control exchange because another rank
   // had failed (this rank's hook then saw an error it did not cause).
   bool stopped_by_peer() const { return stopped_by_peer_; }
+  // Whether the watchdog has begun to abandon the hook call (try_abandon acted):
+  // its collectives now throw, and whatever the call returns is moot.
+  bool abandoned() const { return abandoned_; }
 
  private:
   // Takes op_mutex_ for one collective (with its control exchange).

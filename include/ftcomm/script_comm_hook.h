@@ -77,7 +77,12 @@ struct ScriptCommHookOptions {
 // A ScriptHook registered with c10d::Reducer::register_comm_hook. runHook copies
 // what it needs of the bucket and returns at once; the hook runs on this object's
 // one worker thread, in bucket order, so collectives stay matched across ranks,
-// and a hook that never returns holds that thread, not the autograd thread.
+// and a hook that never returns holds that thread, not the autograd thread. The
+// thread also keeps the hook's host work (TorchScript, enqueueing collectives) off
+// the autograd thread, which launches backward's kernels meanwhile. On CUDA the
+// hook's work goes on a stream of its own (as c10d's collectives go on theirs), so
+// backward's stream never waits for the hook's collectives; the futures carry
+// events for the Reducer's stream.
 class ScriptCommHook : public c10d::CppCommHookInterface<c10::intrusive_ptr<c10d::ProcessGroup>> {
  public:
   ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,

@@ -189,11 +189,28 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
               args.steps);
   std::map<std::string, double> med;
   for (auto& m : methods) med[m.name] = median(m.step_ms);
-  std::printf("%-24s %10s %12s  %s\n", "method", "step ms", "vs builtin", "agreement");
+  // The spread: each round's ratio of medians (methods of a round run within
+  // moments of each other, so a drift of the host moves both sides).
+  auto round_ratios = [&](const Method& m, const Method& base) {
+    std::vector<double> ratios;
+    for (int r = 0; r < args.rounds; ++r) {
+      auto part = [&](const Method& x) {
+        return median(std::vector<double>(x.step_ms.begin() + r * args.steps, x.step_ms.begin() + (r + 1) * args.steps));
+      };
+      ratios.push_back(part(m) / part(base));
+    }
+    std::sort(ratios.begin(), ratios.end());
+    return ratios;
+  };
+  auto method = [&](const std::string& name) -> const Method& {
+    return *std::find_if(methods.begin(), methods.end(), [&](const Method& m) { return m.name == name; });
+  };
+  std::printf("%-24s %10s %12s %16s  %s\n", "method", "step ms", "vs builtin", "rounds' range", "agreement");
   for (auto& m : methods) {
     const std::string base = m.name.find("fp16") != std::string::npos ? "builtin FP16_COMPRESS" : "builtin ALLREDUCE";
-    std::printf("%-24s %10.2f %11.3fx  %s\n", m.name.c_str(), med[m.name], med[m.name] / med[base],
-                agreement_of(m.name).c_str());
+    const auto ratios = round_ratios(m, method(base));
+    std::printf("%-24s %10.2f %11.3fx %7.3f-%.3fx  %s\n", m.name.c_str(), med[m.name], med[m.name] / med[base],
+                ratios.front(), ratios.back(), agreement_of(m.name).c_str());
   }
   // The hook-speed targets: 1.03x the built-ins on GPUs (1.05x on the CPU), and
   // noop within 2% of no hook (it communicates nothing, so any excess is ours).
