@@ -704,6 +704,13 @@ TEST_F(HookFiles, MultiGpuAFailureOnOneRankIsDecidedByAllRanks) {
   }), world);
 }
 
+// The options of a world-1 NCCL group, for the one-GPU tests (on run_threads(1)'s thread).
+ProcessGroupOptions nccl_world_one(int rank, const Store& store) {
+  auto o = testing::thread_options(rank, 1, store, 60s);
+  o.backend = Backend::kNccl;
+  return o;
+}
+
 // One GPU is enough to see the per-step agreement's failure path on real NCCL:
 // the decision, the communicator's abort (without ending the process), the same
 // error, later buckets refused, and a new group working afterwards.
@@ -715,8 +722,7 @@ TEST_F(HookFiles, GpuPerStepFailureAbortsTheNcclCommunicator) {
                                                        "    return group.allreduce(b)\n"));
   testing::run_threads(1, [&](int rank, const Store& store) {
     const at::Device gpu(at::kCUDA, 0);
-    auto o = testing::thread_options(rank, 1, store, 60s);
-    o.backend = Backend::kNccl;
+    auto o = nccl_world_one(rank, store);
     {
       auto pg = make_process_group(o);
       ScriptCommHook comm(pg, ScriptHook::load(path));
@@ -754,8 +760,7 @@ TEST_F(HookFiles, GpuTheHooksWorkStaysOffTheCallersStream) {
       "    return b.add_(x[0, 0])\n"));
   testing::run_threads(1, [&](int rank, const Store& store) {
     const at::Device gpu(at::kCUDA, 0);
-    auto o = testing::thread_options(rank, 1, store, 60s);
-    o.backend = Backend::kNccl;
+    auto o = nccl_world_one(rank, store);
     auto pg = make_process_group(o);
     c10::impl::VirtualGuardImpl impl(at::kCUDA);
     for (HookAgreement agreement : {HookAgreement::kPerStep, HookAgreement::kPerCollective}) {
@@ -793,8 +798,7 @@ TEST_F(HookFiles, GpuPerStepAStuckCallThatComesBackFailsItsStep) {
                                                       "        b = group.allreduce(b)\n    return b\n"));
   testing::run_threads(1, [&](int rank, const Store& store) {
     const at::Device gpu(at::kCUDA, 0);
-    auto o = testing::thread_options(rank, 1, store, 60s);
-    o.backend = Backend::kNccl;
+    auto o = nccl_world_one(rank, store);
     auto pg = make_process_group(o);
     ScriptCommHookOptions options;
     options.hook_timeout = 500ms;
