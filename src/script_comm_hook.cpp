@@ -73,9 +73,8 @@ struct ScriptCommHook::Worker {
   // it returned a tensor of the bucket's shape, dtype and device. False when the
   // watchdog gave up on the call meanwhile (it has failed the future).
   bool call(Task& task, at::Tensor& result, std::string& error);
-  // Under `mutex`, at the first bucket: the agreement for buckets on `device`
-  // (kAuto resolved) into `mode`; throws if it cannot serve them.
-  void resolve(const at::Device& device);
+  // The agreement for buckets on `device` (kAuto resolved); throws if it cannot serve them.
+  HookAgreement resolve(const at::Device& device) const;
   // Per step, once the ranks decided a failure: aborts the communicator serving
   // `device`, so no collective this rank enqueued waits for a peer that will not
   // join it; later buckets fail at once.
@@ -164,7 +163,7 @@ void ScriptCommHook::Worker::run() {
   }
 }
 
-void ScriptCommHook::Worker::resolve(const at::Device& device) {
+HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
   bool nccl = false;
   if (device.is_cuda()) {
     try {
@@ -173,15 +172,14 @@ void ScriptCommHook::Worker::resolve(const at::Device& device) {
       nccl = false;  // no backend registered for the device
     }
   }
-  HookAgreement chosen = options.agreement;
-  if (chosen == HookAgreement::kAuto) {
-    chosen = nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
+  if (options.agreement == HookAgreement::kAuto) {
+    return nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
   }
-  TORCH_CHECK(chosen != HookAgreement::kPerStep || nccl || options.control_group,
+  TORCH_CHECK(options.agreement != HookAgreement::kPerStep || nccl || options.control_group,
               "hook ", hook->name(), ": the per-step agreement needs the hook's collectives on NCCL (CUDA buckets), "
               "apart from its exchange on Gloo, or a separate control group; these buckets are on ", device.str(),
               ". Use the per-collective agreement (or auto)");
-  mode = chosen;
+  return options.agreement;
 }
 
 void ScriptCommHook::Worker::process(Task& task) {
@@ -243,13 +241,8 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   // decision stands, and it is made once its exchange is done.
   if (group->abandoned()) call_changed.wait(lock, [&] { return abandoned; });
   // The watchdog gave up on this call while it ran (and has failed its future,
-  // unless the call had just come back and it saw another); it may be waiting
-  // for the call to come back.
-  if (!abandoned) return true;
-  fail(task, abandon_message);
-  lock.unlock();
-  call_changed.notify_all();
-  return false;
+  // unless the call had just come back and it saw another).
+  return !fail_if_abandoned(task);
 }
 
 void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
@@ -415,7 +408,7 @@ void ScriptCommHook::Worker::watch() {
     std::deque<Task> pending;
     pending.swap(queue);
     lock.unlock();
-    call_changed.notify_all();  // a call that came back meanwhile waits for this
+    call_changed.notify_all();  // a call that came back meanwhile waits for this (see call())
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
     if (per_step) abort_device(device, message);
     if (still_in_call && future) future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
@@ -491,7 +484,7 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
     std::lock_guard<std::mutex> lock(worker_->mutex);
     if (worker_->mode == HookAgreement::kAuto) {
       try {
-        worker_->resolve(buffer.device());
+        worker_->mode = worker_->resolve(buffer.device());
       } catch (const std::exception& e) {
         worker_->fail(task, first_line(e.what()));
         return future;

@@ -172,11 +172,15 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     return ftcomm::testing::max_over_ranks(pg, same ? 0.0 : 1.0) == 0.0;
   };
   const bool allreduce_equal = equal(1, 2), fp16_equal = equal(3, 4);
-  auto agreement_of = [&](const std::string& name) -> std::string {
+  auto method = [&](const std::string& name) -> const Method* {
     for (const auto& m : methods) {
-      if (m.name == name && m.comm) return ftcomm::hook_agreement_name(m.comm->agreement());
+      if (m.name == name) return &m;
     }
-    return "-";
+    return nullptr;
+  };
+  auto agreement_of = [&](const std::string& name) -> std::string {
+    const Method* m = method(name);
+    return m && m->comm ? ftcomm::hook_agreement_name(m->comm->agreement()) : "-";
   };
   if (pg->getRank() != 0) return 0;
   auto median = [](std::vector<double> v) {
@@ -202,13 +206,10 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     std::sort(ratios.begin(), ratios.end());
     return ratios;
   };
-  auto method = [&](const std::string& name) -> const Method& {
-    return *std::find_if(methods.begin(), methods.end(), [&](const Method& m) { return m.name == name; });
-  };
   std::printf("%-24s %10s %12s %16s  %s\n", "method", "step ms", "vs builtin", "rounds' range", "agreement");
   for (auto& m : methods) {
     const std::string base = m.name.find("fp16") != std::string::npos ? "builtin FP16_COMPRESS" : "builtin ALLREDUCE";
-    const auto ratios = round_ratios(m, method(base));
+    const auto ratios = round_ratios(m, *method(base));
     std::printf("%-24s %10.2f %11.3fx %7.3f-%.3fx  %s\n", m.name.c_str(), med[m.name], med[m.name] / med[base],
                 ratios.front(), ratios.back(), agreement_of(m.name).c_str());
   }
