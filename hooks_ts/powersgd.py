@@ -34,11 +34,11 @@ def params() -> Dict[str, float]:
 
 def ranges() -> Dict[str, List[float]]:
     return {
-        "rank": [1.0, 1024.0],
-        "start_iter": [0.0, 1e15],
+        "rank": [1.0, 1024.0, 1.0],
+        "start_iter": [0.0, 1e15, 1.0],
         "min_compression_rate": [0.0, 1e9],
-        "error_feedback": [0.0, 1.0],
-        "warm_start": [0.0, 1.0],
+        "error_feedback": [0.0, 1.0, 1.0],
+        "warm_start": [0.0, 1.0, 1.0],
         "epsilon": [0.0, 1.0]
     }
 

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -553,13 +554,45 @@ class RocksCheckpointStore final : public CheckpointStore {
       if (data == nullptr) return damaged("is truncated at tensor " + std::to_string(i));
       checksum = detail::checksum64(data, nbytes, checksum);
       if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) return damaged("has a bad dtype");
-      nt.tensor = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
-      if (static_cast<uint64_t>(nt.tensor.numel() * nt.tensor.element_size()) != nbytes) return damaged("has a bad size");
-      std::memcpy(nt.tensor.data_ptr(), data, nbytes);
+      // The header's shape is checked against the bytes that follow it before
+      // anything is allocated: a damaged (or forged) size must fall back to an
+      // older snapshot or a peer, not allocate 2^45 elements or throw.
+      if (!shape_fits(static_cast<c10::ScalarType>(dtype), sizes, nbytes)) {
+        return damaged("has a bad shape for tensor " + std::to_string(i));
+      }
+      try {
+        nt.tensor = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
+      } catch (const c10::Error&) {
+        return damaged("has a tensor of a type this ftcomm cannot hold (tensor " + std::to_string(i) + ")");
+      }
+      if (nbytes > 0) std::memcpy(nt.tensor.data_ptr(), data, nbytes);
       state->push_back(std::move(nt));
     }
-    if (checksum != record.blob_checksum) return damaged("fails its checksum");
+    if (checksum != record.blob_checksum) {
+      state->clear();
+      return damaged("fails its checksum");
+    }
     return StoreStatus::OK();
+  }
+
+  // Whether `sizes` of `dtype` make exactly `nbytes` bytes (no negative size, no
+  // overflow, an element size the dtype has).
+  static bool shape_fits(c10::ScalarType dtype, const std::vector<int64_t>& sizes, uint64_t nbytes) {
+    size_t item = 0;
+    try {
+      item = c10::elementSize(dtype);
+    } catch (const c10::Error&) {
+      return false;
+    }
+    if (item == 0) return false;
+    if (std::any_of(sizes.begin(), sizes.end(), [](int64_t d) { return d < 0; })) return false;
+    if (std::find(sizes.begin(), sizes.end(), 0) != sizes.end()) return nbytes == 0;
+    uint64_t total = item;
+    for (int64_t d : sizes) {
+      if (total > nbytes / static_cast<uint64_t>(d)) return false;  // more than nbytes, checked before it overflows
+      total *= static_cast<uint64_t>(d);
+    }
+    return total == nbytes;
   }
 
   StoreStatus DiscardCommits(const std::vector<int64_t>& steps) override {
@@ -714,8 +747,18 @@ class RocksCheckpointStore final : public CheckpointStore {
       std::lock_guard<std::mutex> lock(commit_mutex_);
       in_flight_blob_ = name + ".tmp";
     }
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) return StoreStatus::IOError("create " + tmp + ": " + std::strerror(errno) + "; is --ckpt writable?");
+    // A new file, never a path's target: whatever stands at the temporary name (a
+    // leftover, or a planted symbolic link) is removed, and the file is created
+    // exclusively without following links.
+    ::unlink(tmp.c_str());
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      {
+        std::lock_guard<std::mutex> lock(commit_mutex_);
+        in_flight_blob_.clear();
+      }
+      return StoreStatus::IOError("create " + tmp + ": " + std::strerror(errno) + "; is the checkpoint directory writable?");
+    }
     // The checksum chains over the pieces in file order (file header, then each
     // tensor's header and bytes); LoadSnapshot re-chains over the same pieces.
     Encoder head;
@@ -830,6 +873,38 @@ StoreStatus open_failure(const rocksdb::Status& s, const std::string& dir, bool 
   return StoreStatus::IOError("cannot open checkpoint store " + dir + ": " + text);
 }
 
+// The directory is this process's user's and no one else may write it; it is a
+// directory, not a link to one.
+StoreStatus check_owner(const std::string& dir) {
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) return StoreStatus::IOError("cannot stat " + dir + ": " + std::strerror(errno));
+  if (S_ISLNK(st.st_mode)) {
+    struct stat target {};
+    if (::stat(dir.c_str(), &target) != 0 || target.st_uid != st.st_uid) {
+      return StoreStatus::InvalidArgument("checkpoint store " + dir +
+                                          " is a symbolic link to a directory of another owner; refusing it. Point "
+                                          "the checkpoint directory at a real directory of this user");
+    }
+    st = target;
+  }
+  if (!S_ISDIR(st.st_mode)) return StoreStatus::InvalidArgument("checkpoint store " + dir + " is not a directory");
+  if (st.st_uid != ::geteuid()) {
+    return StoreStatus::InvalidArgument(
+        "checkpoint store " + dir + " is owned by uid " + std::to_string(st.st_uid) + ", not by this process's uid " +
+        std::to_string(::geteuid()) +
+        "; refusing it (what another user wrote is not read back into training). Give it to this user (chown -R), "
+        "or use a checkpoint directory of your own");
+  }
+  if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return StoreStatus::InvalidArgument("checkpoint store " + dir + " may be written by other users (mode " + mode +
+                                        "); refusing it (anyone who can write it can change what training reads "
+                                        "back). Run chmod go-w " + dir + ", or use a checkpoint directory of your own");
+  }
+  return StoreStatus::OK();
+}
+
 StoreStatus open_db(const CheckpointStoreOptions& options, bool read_only, bool existing,
                     std::unique_ptr<RocksCheckpointStore>* out) {
   rocksdb::Options ro;
@@ -837,6 +912,9 @@ StoreStatus open_db(const CheckpointStoreOptions& options, bool read_only, bool 
   ro.paranoid_checks = true;
   ro.max_open_files = 64;
   ro.keep_log_file_num = 2;
+  // Records are small: a 4 MiB memtable keeps RocksDB's preallocated write-ahead
+  // log near 4.4 MiB per rank instead of 72 MB (a store left by a crash keeps it).
+  ro.write_buffer_size = size_t(4) << 20;
   ro.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = read_only ? rocksdb::DB::OpenForReadOnly(ro, options.dir, &raw)
@@ -863,6 +941,13 @@ StoreStatus CheckpointStore::Open(const CheckpointStoreOptions& options, std::un
       return StoreStatus::IOError("cannot create checkpoint directory " + options.dir + " (" + error +
                                   "). Choose a writable --ckpt");
     }
+  }
+  if (!options.read_only) {
+    // A store is read back into the trainer: one that another user owns, or that
+    // others may write, could hold anything. Refused before anything is read.
+    auto st = check_owner(options.dir);
+    if (st.ok() && detail::path_exists(options.dir + "/blobs")) st = check_owner(options.dir + "/blobs");
+    if (!st.ok()) return st;
   }
   if (!options.read_only && ::access(options.dir.c_str(), W_OK) != 0) {
     return StoreStatus::IOError("checkpoint directory " + options.dir + " is not writable (" + std::strerror(errno) +

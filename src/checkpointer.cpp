@@ -99,22 +99,34 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
   report.local_state_reset = plan.local_reset;
   report.resumed_world_size = plan.step_world_size;
   report.resynced_ranks = plan.resync;
-  report.discarded_steps = discard_unusable(store_.get(), plan, local);
+  // Only noted here: accept_recovery() drops them once every check has passed.
+  report.discarded_steps = store_ ? unusable_steps(plan, local) : std::vector<int64_t>{};
   report.changed_settings =
-      check_settings(pg_, plan, local, effective_settings(state), options_.allow_changed_settings);
+      check_settings(pg_, plan, local, effective_settings(state), options_.allow_changed_settings, options_.fixes);
 
   start = Clock::now();
+  std::string refusal;
   if (plan.has_step(rank)) {
-    restore_from_checkpoint(plan, local, state, where);
-    report.data_position = local.record.data_position;
-    BucketLayout stored;
-    if (store_->GetLayout(local.record.layout_signature, &stored).ok()) {
-      const std::string why = layout_mismatch(stored, state.parameters);
-      TORCH_CHECK(why.empty(), "the stored bucket layout ", signature_hex(local.record.layout_signature), " in ",
-                  where, " does not fit this model: ", why);
-      pending_->layout = std::make_unique<BucketLayout>(stored);
+    // A snapshot that does not fit (another model, another hook) is refused on
+    // every rank together: the ranks that lack the step would otherwise wait in
+    // the resync for a peer that has given up.
+    try {
+      restore_from_checkpoint(plan, local, state, where, options_.fixes);
+      report.data_position = local.record.data_position;
+      BucketLayout stored;
+      if (store_->GetLayout(local.record.layout_signature, &stored).ok()) {
+        const std::string why = layout_mismatch(stored, state.parameters);
+        TORCH_CHECK(why.empty(), "the stored bucket layout ", signature_hex(local.record.layout_signature), " in ",
+                    where, " does not fit this model: ", why);
+        pending_->layout = std::make_unique<BucketLayout>(stored);
+      }
+    } catch (const c10::Error& e) {
+      refusal = e.what_without_backtrace();
     }
   }
+  control::throw_if_any(pg_, refusal.empty() ? refusal : "refusing to resume from step " +
+                                                             std::to_string(plan.step) + ": " + refusal +
+                                                             " (nothing was discarded)");
   report.load_ms = ms_since(start);
   return plan;
 }
@@ -138,7 +150,16 @@ RecoveryReport Checkpointer::finish_recovery(TrainingState& state, std::vector<s
   *buckets = agree_on_buckets(pg_, plan,
                               pending->layout ? bucket_indices(*pending->layout) : std::move(fresh_buckets),
                               state.parameters);
+  to_discard_ = report.discarded_steps;
+  resumed_step_ = plan.step;
+  last_committed_ = plan.step;
   return report;
+}
+
+void Checkpointer::accept_recovery() {
+  const std::vector<int64_t> steps = std::move(to_discard_);
+  to_discard_.clear();
+  discard_commits(store_.get(), steps, resumed_step_);
 }
 
 CommitRecord Checkpointer::record_of(int64_t step, int64_t data_position, const BucketLayout& layout,
@@ -162,13 +183,29 @@ bool Checkpointer::due(int64_t step) const {
 bool Checkpointer::commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
                           int64_t data_position) {
   if (!due(step)) return false;
+  commit_now(step, state, reducer, data_position);
+  return true;
+}
+
+bool Checkpointer::commit_last(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
+                               int64_t data_position) {
+  // The same answer on every rank: every rank ran the same steps since the same
+  // resumed step, and commit() decides by the step alone.
+  if (!store_ || options_.commit_every != 0 || step <= resumed_step_ || step <= last_committed_) return false;
+  commit_now(step, state, reducer, data_position);
+  return true;
+}
+
+void Checkpointer::commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
+                              int64_t data_position) {
+  accept_recovery();
   // The layout as the Reducer has it now (after its first-iteration rebuild);
   // stored under its signature, which the commit names.
   const BucketLayout layout = bucket_layout_of(reducer, state.parameters);
   const CommitRecord record = record_of(step, data_position, layout, state);
   check(store_->WaitForSnapshot());
   store_->CommitSnapshotAsync(record, snapshot_tensors(pg_, state));
-  return true;
+  last_committed_ = step;
 }
 
 void Checkpointer::flush() {
@@ -180,6 +217,7 @@ bool Checkpointer::commit_just_in_time(int64_t step, int64_t data_position, cons
                                        uint64_t buddy_parts, const std::string& reason) {
   if (!store_ || step < 1) return false;
   const auto start = Clock::now();
+  accept_recovery();
   // The periodic snapshot in flight is this rank's own disk work: finish it
   // first (it may be of this very step). Its error, if any, is the next
   // recovery's to report; the just-in-time commit goes on regardless.

@@ -114,4 +114,15 @@ std::vector<std::string> allgather_bytes(const Group& pg, const std::string& byt
   return all;
 }
 
+void throw_if_any(const Group& pg, const std::string& error, const Options& o) {
+  const auto failed = allgather(pg, int64_t(error.empty() ? 0 : 1), o);
+  if (std::none_of(failed.begin(), failed.end(), [](int64_t f) { return f != 0; })) return;
+  // Some rank refused: the texts travel so that every rank reports the cause.
+  const auto texts = allgather_bytes(pg, error, o);
+  if (!error.empty()) TORCH_CHECK(false, error);
+  for (size_t r = 0; r < texts.size(); ++r) {
+    if (!texts[r].empty()) TORCH_CHECK(false, texts[r], " (decided on rank ", r, ")");
+  }
+}
+
 }  // namespace ftcomm::control

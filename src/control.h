@@ -46,5 +46,10 @@ std::vector<int64_t> broadcast(const Group& pg, const std::vector<int64_t>& valu
 std::string broadcast_bytes(const Group& pg, const std::string& bytes, int root, const Options& o = {});
 // Every rank's bytes (any length each), rank by rank.
 std::vector<std::string> allgather_bytes(const Group& pg, const std::string& bytes, const Options& o = {});
+// A refusal decided together: every rank passes its own error (empty: none);
+// when any rank has one, every rank throws it (the lowest such rank's text; a
+// rank that has its own throws its own), so none goes on into a collective the
+// others have left. One 8-byte allgather when no rank fails.
+void throw_if_any(const Group& pg, const std::string& error, const Options& o = {});
 
 }  // namespace ftcomm::control

@@ -80,6 +80,7 @@ RecoveryReport DistributedDataParallel::finish_recovery() {
   if (options_.just_in_time && checkpointer_->store() != nullptr) {
     jit_ = std::make_unique<JustInTime>(pg_, checkpointer_.get(), options_.jit_options);
   }
+  checkpointer_->accept_recovery();
   return report;
 }
 
@@ -121,6 +122,11 @@ bool DistributedDataParallel::save_just_in_time(const std::string& reason) {
 
 double DistributedDataParallel::comm_seconds() const {
   return comm_ ? comm_->busy_seconds() : 0.0;
+}
+
+bool DistributedDataParallel::commit_last(int64_t step, int64_t data_position) {
+  TORCH_CHECK(reducer_, "DistributedDataParallel: call recover() before the first step");
+  return checkpointer_->commit_last(step, state_, *reducer_, data_position);
 }
 
 void DistributedDataParallel::flush() {

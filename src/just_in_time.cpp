@@ -33,6 +33,17 @@ std::string rank_text(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
   return "rank " + std::to_string(pg->getRank());
 }
 
+// One line for the log: a torch error without its C++ stack trace.
+std::string error_text(const std::exception& e) {
+  const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+  const std::string text = torch_error ? torch_error->what_without_backtrace() : e.what();
+  return text.substr(0, text.find('\n'));
+}
+
+bool is_default_or_ignore(const struct sigaction& sa) {
+  return !(sa.sa_flags & SA_SIGINFO) && (sa.sa_handler == SIG_DFL || sa.sa_handler == SIG_IGN);
+}
+
 }  // namespace
 
 struct JustInTime::Replica {
@@ -72,6 +83,37 @@ JustInTime::~JustInTime() {
 
 int64_t JustInTime::last_finished() const {
   return last_finished_.load();
+}
+
+void JustInTime::pause() {
+  ++paused_;
+}
+
+void JustInTime::resume() {
+  last_progress_ms_ = now_ms();
+  if (paused_.load() > 0) --paused_;
+}
+
+void JustInTime::keep_sigterm_handler() {
+  if (!installed_sigterm_) return;
+  struct sigaction current {};
+  if (::sigaction(SIGTERM, nullptr, &current) != 0) return;
+  if (!(current.sa_flags & SA_SIGINFO) && current.sa_handler == on_sigterm) return;
+  // The program installed a handler of its own (Python's signal.signal) over
+  // ours: ours goes back in front, and that one is passed the signal after the
+  // save.
+  struct sigaction ours {};
+  ours.sa_handler = on_sigterm;
+  sigemptyset(&ours.sa_mask);
+  ours.sa_flags = SA_RESTART;
+  if (::sigaction(SIGTERM, &ours, nullptr) != 0) return;
+  g_previous_sigterm = current;
+  if (!warned_replaced_) {
+    warned_replaced_ = true;
+    detail::log_line("ftcomm: " + rank_text(pg_) +
+                     ": the program installed a SIGTERM handler after ftcomm's; chaining it: on SIGTERM the last "
+                     "finished step is saved just in time first, then the signal goes to that handler");
+  }
 }
 
 void JustInTime::begin_update(const std::vector<at::Tensor>& rank_local) {
@@ -120,6 +162,10 @@ void JustInTime::step_finished(int64_t step, const TrainingState& state, const c
   r.step = step;
   r.data_position = data_position;
   r.state = state;
+  // Buffers (BatchNorm statistics) change in the next forward, long before the
+  // next optimizer step: the replica keeps them as they are now. (Parameters
+  // and optimizer state change only in the update, which a save never sees.)
+  for (auto& b : r.state.buffers) b = b.detach().clone();
   r.hook_state.clear();
   if (state.hook && (!state.hook->replicated_state().empty() || !state.hook->local_state().empty())) {
     r.hook_state = hook_state_entries(*state.hook);
@@ -175,8 +221,10 @@ bool JustInTime::save_locked(const std::string& reason) {
 }
 
 void JustInTime::save_and_exit(const std::string& reason, int code) {
+  const bool chain = code == 128 + SIGTERM && installed_sigterm_ && !is_default_or_ignore(g_previous_sigterm);
   detail::log_line("ftcomm: " + rank_text(pg_) + ": " + reason + "; saving step " +
-                   std::to_string(last_finished_.load()) + " just in time, then exiting");
+                   std::to_string(last_finished_.load()) + " just in time, then " +
+                   (chain ? "passing the signal to the program's SIGTERM handler" : "exiting"));
   // An optimizer step in progress may finish and become the step saved; the
   // trainer's thread then blocks at its next begin_update() until the exit.
   if (!state_mu_.try_lock_for(options_.update_grace)) {
@@ -196,10 +244,18 @@ void JustInTime::save_and_exit(const std::string& reason, int code) {
     }
     save_locked(reason);
   } catch (const std::exception& e) {
-    detail::log_line("ftcomm: " + rank_text(pg_) + ": the just-in-time save failed: " + e.what());
+    detail::log_line("ftcomm: " + rank_text(pg_) + ": the just-in-time save failed: " + error_text(e));
   }
   std::fflush(nullptr);
-  std::_Exit(code);
+  if (!chain) std::_Exit(code);
+  // The program's handler decides what happens next (Python's runs on the main
+  // thread at its next chance); the trainer may go on, so the state is its own
+  // again, and this object handles no further SIGTERM.
+  state_mu_.unlock();
+  g_sigterm = false;
+  installed_sigterm_ = false;
+  ::sigaction(SIGTERM, &g_previous_sigterm, nullptr);
+  ::kill(::getpid(), SIGTERM);
 }
 
 void JustInTime::watch() {
@@ -207,9 +263,16 @@ void JustInTime::watch() {
   while (!stop_) {
     watch_cv_.wait_for(lk, std::chrono::milliseconds(50));
     if (stop_) return;
-    if (g_sigterm.load()) save_and_exit("SIGTERM", 128 + SIGTERM);
+    if (g_sigterm.load()) {
+      lk.unlock();
+      save_and_exit("SIGTERM", 128 + SIGTERM);
+      lk.lock();
+      continue;
+    }
+    keep_sigterm_handler();
     const int64_t stall = options_.stall_timeout.count();
-    if (stall > 0 && last_finished_.load() >= 0 && now_ms() - last_progress_ms_.load() > stall) {
+    if (stall > 0 && paused_.load() == 0 && last_finished_.load() >= 0 &&
+        now_ms() - last_progress_ms_.load() > stall) {
       save_and_exit("step " + std::to_string(last_finished_.load() + 1) + " stalled for more than " +
                         std::to_string(stall) + " ms (a hung peer or collective)",
                     1);

@@ -382,24 +382,33 @@ bool load_agreed_step(CheckpointStore* store, const RecoveryPlan& plan, int rank
   return false;
 }
 
-std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local) {
+std::vector<int64_t> unusable_steps(const RecoveryPlan& plan, const LocalCheckpoint& local) {
   std::vector<int64_t> steps;
-  if (store == nullptr) return steps;
   for (int64_t step : local.commits) {
     const bool damaged = std::find(local.damaged.begin(), local.damaged.end(), step) != local.damaged.end();
     if (damaged || step > plan.step) steps.push_back(step);
   }
-  if (steps.empty()) return steps;
+  return steps;
+}
+
+void discard_commits(CheckpointStore* store, const std::vector<int64_t>& steps, int64_t resumed_step) {
+  if (store == nullptr || steps.empty()) return;
   check(store->DiscardCommits(steps));
   detail::log_line("ftcomm: " + rank_text(store->options().rank) + ": discarded commits of step(s) " + join(steps) +
                    " from " + store->options().dir + " (damaged, or newer than the resumed step " +
-                   std::to_string(plan.step) + ")");
+                   std::to_string(resumed_step) + ")");
+}
+
+std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local) {
+  if (store == nullptr) return {};
+  const std::vector<int64_t> steps = unusable_steps(plan, local);
+  discard_commits(store, steps, plan.step);
   return steps;
 }
 
 std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& plan, const LocalCheckpoint& local,
                                         const std::map<std::string, std::string>& current,
-                                        const std::set<std::string>& allowed) {
+                                        const std::set<std::string>& allowed, const ResumeFixes& fixes) {
   std::vector<std::string> changes;
   std::string refusal;
   // Records written before settings were recorded have none: nothing to compare.
@@ -427,8 +436,8 @@ std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& pla
     if (refused[r] == 0) continue;
     TORCH_CHECK(false, "refusing to resume from step ", plan.step, " with other settings: ",
                 refusal.empty() ? rank_text(r) + " found changed settings (see its error)" : refusal,
-                ". Resume with the stored values, allow the change with --allow-change NAME (repeatable; 'all' "
-                "allows every change), or point --ckpt at a new directory");
+                ". Resume with the stored values, ", fixes.allow_change, ", or ", fixes.new_store,
+                ". Nothing was discarded");
   }
   if (pg->getRank() == 0 && !changes.empty()) {
     std::string list;
@@ -439,7 +448,7 @@ std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& pla
 }
 
 void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
-                             const std::string& where) {
+                             const std::string& where, const ResumeFixes& fixes) {
   at::NoGradGuard no_grad;
   const Entries entries = by_name(local.tensors);
   auto fill = [&](std::vector<at::Tensor>& tensors, const std::string& prefix, const char* what) {
@@ -447,12 +456,21 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
       auto it = entries.find(prefix + std::to_string(i));
       TORCH_CHECK(it != entries.end() && it->second->tensor.sizes() == tensors[i].sizes(), "checkpoint ", where,
                   " does not fit this model: ", what, " ", i, " is missing or has another shape. Was it written by "
-                  "another --model? Point --ckpt elsewhere to start afresh");
+                  "another model? To start afresh, ", fixes.new_store);
       tensors[i].detach().copy_(it->second->tensor);
     }
   };
   fill(state.parameters, "param/", "parameter");
-  fill(state.buffers, "buffer/", "buffer");
+  // Snapshots of the Python package written before buffers were replicated
+  // state hold them as rank-local state only: then the live buffers stay, and
+  // the rank-local restore brings them back.
+  if (!state.buffers.empty() && entries.count("buffer/0") == 0 && entries.count("param/0") != 0 &&
+      entries.count("local/0") != 0) {
+    detail::log_line("ftcomm: " + where + ": this snapshot keeps buffers as rank-local state only (written by an "
+                     "older ftcomm); they come back with the rank-local state");
+  } else {
+    fill(state.buffers, "buffer/", "buffer");
+  }
   fill(state.optimizer, "extra/", "optimizer state");
   state.objects = indexed_entries(entries, "object/", state.accelerator());
   // Rank-local state only from this rank's own snapshot of this world size; a
@@ -467,10 +485,17 @@ void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& lo
                 ". Was it written by another trainer? Point the checkpoint directory elsewhere to start afresh");
     state.rank_local = std::move(mine);
   }
+  const std::string stored_digest = local.record.hook_digest;
+  TORCH_CHECK(state.hook || stored_digest.empty(), "checkpoint ", where, " of step ", plan.step,
+              " was written with a comm hook (digest ", stored_digest, ") and this run has none. Resume with the "
+              "same hook, or ", fixes.new_store);
   if (!state.hook) return;
-  TORCH_CHECK(local.record.hook_digest == state.hook->digest(), "checkpoint ", where, " of step ", plan.step,
-              " was written with hook digest ", local.record.hook_digest, ", this run's hook ", state.hook->name(),
-              " has ", state.hook->digest(), ". Resume with the same hook, or point --ckpt elsewhere");
+  TORCH_CHECK(!stored_digest.empty(), "checkpoint ", where, " of step ", plan.step,
+              " was written without a comm hook and this run has hook ", state.hook->name(), ". Resume without it, or ",
+              fixes.new_store);
+  TORCH_CHECK(stored_digest == state.hook->digest(), "checkpoint ", where, " of step ", plan.step,
+              " was written with hook digest ", stored_digest, ", this run's hook ", state.hook->name(),
+              " has ", state.hook->digest(), ". Resume with the same hook, or ", fixes.new_store);
   if (own) {
     restore_hook_tensors(*state.hook, local.tensors, {"hook_r", "hook_l"}, state.accelerator());
   } else {

@@ -227,11 +227,17 @@ struct ScriptHookLoader {
         TORCH_CHECK(hook->params_.contains(key), "hook ", path, ": ranges() names '", key,
                     "', which params() does not declare");
         const auto& bounds = entry.value();
-        TORCH_CHECK(bounds.isList() && bounds.toListRef().size() == 2, "hook ", path, ": ranges()['", key,
-                    "'] must be [lo, hi]");
+        const size_t n = bounds.isList() ? bounds.toListRef().size() : 0;
+        TORCH_CHECK(n == 2 || n == 3, "hook ", path, ": ranges()['", key,
+                    "'] must be [lo, hi], or [lo, hi, 1.0] for a whole number");
         const double lo = bounds.toListRef()[0].toDouble(), hi = bounds.toListRef()[1].toDouble();
         TORCH_CHECK(lo <= hi, "hook ", path, ": ranges()['", key, "'] has lo ", lo, " above hi ", hi);
         hook->ranges_[key] = {lo, hi};
+        if (n == 3) {
+          TORCH_CHECK(bounds.toListRef()[2].toDouble() == 1.0, "hook ", path, ": ranges()['", key,
+                      "'] third element must be 1.0 (whole numbers only)");
+          hook->whole_.insert(key);
+        }
         hook->check_param(key, hook->params_.at(key), "its default");
       }
     }
@@ -270,6 +276,9 @@ void ScriptHook::check_param(const std::string& key, double value, const std::st
   TORCH_CHECK(value >= it->second.first && value <= it->second.second, "hook ", name_, ": parameter ", key, "=",
               value, " (", where, ") is outside its range [", it->second.first, ", ", it->second.second,
               "] (the hook's ranges())");
+  TORCH_CHECK(!whole_.count(key) || value == std::floor(value), "hook ", name_, ": parameter ", key, "=", value, " (",
+              where, ") must be a whole number (the hook's ranges() says so); it would be cut to ",
+              std::floor(value));
 }
 
 at::Tensor ScriptHook::run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket) {

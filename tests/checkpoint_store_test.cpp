@@ -290,26 +290,84 @@ TEST(CheckpointStore, AnAdoptedStoreKeepsEachCommitsWriter) {
   EXPECT_TRUE(CheckpointStore::Open(o, &store).IsIncompatible());
 }
 
-TEST(RankStoreDir, ANodeNumberedAnewTakesOverTheStoresItHolds) {
+TEST(RankStoreDir, LeftoversPairWithMissingRanksInRankOrder) {
+  using M = std::map<int, int>;
+  // A node that ran ranks 2 and 3 runs 0 and 1 now.
+  EXPECT_EQ(pair_leftover_stores({2, 3}, {0, 1}), (M{{0, 2}, {1, 3}}));
+  // Every sharing rank has its store: nothing moves, whatever else is there.
+  EXPECT_EQ(pair_leftover_stores({0, 1, 5}, {0, 1}), M{});
+  // A fresh start: nothing stored.
+  EXPECT_EQ(pair_leftover_stores({}, {0, 1, 2, 3}), M{});
+  // Stores of other ranks that share the root are theirs, never leftovers (two
+  // agents on one disk: ranks 2 and 3 are the other agent's).
+  EXPECT_EQ(pair_leftover_stores({2, 3}, {0, 1, 2, 3}), M{});
+  // A node running rank 5 alone takes the lowest leftover.
+  EXPECT_EQ(pair_leftover_stores({0, 1}, {5}), (M{{5, 0}}));
+}
+
+TEST(RankStoreDir, RanksThatShareARootDecideTogether) {
   TempDir tmp;
   const std::string root = tmp.sub("node");
   ASSERT_EQ(::mkdir(root.c_str(), 0755), 0);
   for (const char* r : {"rank2", "rank3", "rank7x"}) ASSERT_EQ(::mkdir((root + "/" + r).c_str(), 0755), 0);
-  // The node's two workers are ranks 0 and 1 now; rank 1 asks first.
-  const RankStoreDir one = rank_store_dir(root, 1, 1, 2);
-  EXPECT_EQ(one.dir, root + "/rank1");
-  EXPECT_EQ(one.adopted_from, 3);
-  const RankStoreDir zero = rank_store_dir(root, 0, 0, 2);
-  EXPECT_EQ(zero.dir, root + "/rank0");
-  EXPECT_EQ(zero.adopted_from, 2);
-  // Asked again, each keeps its own; a rank with nothing left over gets a new one.
-  EXPECT_EQ(rank_store_dir(root, 0, 0, 2).adopted_from, -1);
+  std::vector<RankStoreDir> got(2);
+  testing::run_threads(2, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 2, store));
+    got[static_cast<size_t>(rank)] = rank_store_dir(pg, root);
+    // Asked again, each keeps its own.
+    EXPECT_EQ(rank_store_dir(pg, root).adopted_from, -1);
+  });
+  EXPECT_EQ(got[0].dir, root + "/rank0");
+  EXPECT_EQ(got[0].adopted_from, 2);
+  EXPECT_EQ(got[1].adopted_from, 3);
   EXPECT_TRUE(detail::path_exists(root + "/rank7x"));  // not a store name: left alone
-  // A node that now runs rank 5 alone takes the first of what it holds.
-  EXPECT_EQ(rank_store_dir(root, 5, 0, 1).adopted_from, 0);
-  const RankStoreDir fresh = rank_store_dir(tmp.sub("empty-disk"), 5, 0, 1);
-  EXPECT_EQ(fresh.dir, tmp.sub("empty-disk") + "/rank5");
-  EXPECT_EQ(fresh.adopted_from, -1);
+  EXPECT_FALSE(detail::path_exists(root + "/rank2"));
+}
+
+TEST(RankStoreDir, AFreshStartOnASharedRootTakesOverNothing) {
+  // Four ranks, one root, as two agents on one disk would run them: whichever
+  // rank comes first, no rank takes another's store (it did, 2 of 3 times).
+  TempDir tmp;
+  const std::string root = tmp.sub("shared");
+  for (int round = 0; round < 3; ++round) {
+    testing::run_threads(4, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+      auto pg = make_process_group(testing::thread_options(rank, 4, store));
+      if (rank >= 2) std::this_thread::sleep_for(std::chrono::milliseconds(20 * round));
+      const RankStoreDir d = rank_store_dir(pg, root);
+      EXPECT_EQ(d.adopted_from, -1) << "rank " << rank;
+      EXPECT_EQ(d.dir, root + "/rank" + std::to_string(rank));
+      auto s = open_store(d.dir, rank);  // each opens its own, as a job does
+    });
+  }
+  for (int r = 0; r < 4; ++r) EXPECT_TRUE(detail::path_exists(root + "/rank" + std::to_string(r) + "/CURRENT"));
+}
+
+TEST(RankStoreDir, ALeftoverStoreInUseIsRefusedOnEveryRank) {
+  const auto outcomes = testing::run_ranks(2, 60s, [](const testing::RankContext& ctx) {
+    const std::string root = ctx.dir + "/root", ready = ctx.dir + "/ready", done = ctx.dir + "/done";
+    if (ctx.rank == 1) {
+      // Another process holds a store of a rank that no longer uses this root.
+      auto store = open_store(root + "/rank9", 9);
+      std::ofstream(ready) << "1";
+      for (int i = 0; i < 3000 && !detail::path_exists(done); ++i) std::this_thread::sleep_for(10ms);
+      return;
+    }
+    for (int i = 0; i < 3000 && !detail::path_exists(ready); ++i) std::this_thread::sleep_for(10ms);
+    std::string error;
+    testing::run_threads(2, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+      auto pg = make_process_group(testing::thread_options(rank, 2, store));
+      try {
+        rank_store_dir(pg, root);
+        ADD_FAILURE() << "rank " << rank << " took over a store in use";
+      } catch (const c10::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("rank9 is open in process"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("its own checkpoint directory"), std::string::npos) << e.what();
+      }
+    });
+    std::ofstream(done) << "1";
+    EXPECT_TRUE(detail::path_exists(root + "/rank9/CURRENT"));
+  });
+  for (const auto& o : outcomes) EXPECT_TRUE(o.ok()) << "rank " << o.rank << " exit " << o.exit_code;
 }
 
 TEST(CheckpointStoreErrors, NewerSchemaIsRefused) {
@@ -597,6 +655,95 @@ TEST(CheckpointStore, RetentionKeepsTheNewestPeriodicSnapshotPastJustInTimeOnes)
 // store must reopen, LatestCommitted() must be a complete commit (its snapshot
 // and snapshot present and intact) and no older than the last commit the writer
 // saw return (Durability::kSync).
+void write_u64_at(const std::string& path, std::streamoff at, uint64_t value) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(at);
+  f.write(reinterpret_cast<const char*>(&value), 8);
+}
+
+TEST(CheckpointStoreErrors, ABadTensorHeaderIsDamageNotACrash) {
+  // The first tensor ("weight", [256, 256]) has its first size at byte 54:
+  // magic, count, name length, "weight", home, dtype, number of sizes.
+  for (const uint64_t bad : {uint64_t(-5), uint64_t(1) << 45, uint64_t(0), uint64_t(255)}) {
+    TempDir tmp;
+    const std::string dir = tmp.sub("r");
+    auto store = open_store(dir);
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+    CommitRecord r;
+    ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+    write_u64_at(dir + "/blobs/" + r.blob_file, 54, bad);
+    std::vector<NamedTensor> state;
+    const auto s = store->LoadSnapshot(r, &state);
+    EXPECT_TRUE(s.IsCorruption()) << bad << ": " << s.ToString();
+    EXPECT_NE(s.message().find("bad shape"), std::string::npos) << s.message();
+  }
+}
+
+TEST(CheckpointStoreErrors, ABlobIsNeverWrittenThroughALink) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r"), victim = tmp.sub("victim");
+  std::ofstream(victim) << "precious";
+  auto store = open_store(dir);
+  // A link planted where the next snapshot's temporary file goes.
+  ASSERT_EQ(::symlink(victim.c_str(), (dir + "/blobs/step-" + std::string(19, '0') + "1.blob.tmp").c_str()), 0)
+      << "the temporary name changed: update this test";
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+  std::string text;
+  std::getline(std::ifstream(victim), text);
+  EXPECT_EQ(text, "precious");
+  std::vector<NamedTensor> state;
+  CommitRecord r;
+  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  EXPECT_TRUE(store->LoadSnapshot(r, &state).ok());
+}
+
+TEST(CheckpointStoreErrors, AStoreOthersCanWriteOrOwnIsRefused) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  open_store(dir).reset();
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  std::unique_ptr<CheckpointStore> store;
+  ASSERT_EQ(::chmod(dir.c_str(), 0777), 0);
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("may be written by other users (mode 0777)"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("chmod go-w"), std::string::npos) << s.message();
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod((dir + "/blobs").c_str(), 0757), 0);
+  EXPECT_FALSE(CheckpointStore::Open(o, &store).ok());
+  ASSERT_EQ(::chmod((dir + "/blobs").c_str(), 0755), 0);
+  EXPECT_TRUE(CheckpointStore::Open(o, &store).ok());
+  store.reset();
+  if (::geteuid() == 0) {  // only root can give a directory away
+    ASSERT_EQ(::chown(dir.c_str(), 65534, 65534), 0);
+    s = CheckpointStore::Open(o, &store);
+    EXPECT_FALSE(s.ok());
+    EXPECT_NE(s.message().find("is owned by uid 65534"), std::string::npos) << s.message();
+    // Reading it (ftcomm inspect) stays possible.
+    o.read_only = true;
+    EXPECT_TRUE(CheckpointStore::Open(o, &store).ok());
+  }
+}
+
+TEST(CheckpointStore, TheWriteAheadLogStaysSmall) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  auto store = open_store(dir);
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+  // As a crash leaves it: the log still open, never flushed into a table.
+  uint64_t allocated = 0;
+  for (const auto& name : detail::list_dir(dir)) {
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".log") == 0) {
+      struct stat st {};
+      ASSERT_EQ(::stat((dir + "/" + name).c_str(), &st), 0);
+      allocated += static_cast<uint64_t>(st.st_blocks) * 512;
+    }
+  }
+  EXPECT_LT(allocated, uint64_t(8) << 20) << "bytes the write-ahead log holds on disk";
+}
+
 TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
   if (auto ctx = testing::child_context()) {
     // The writer: commit forever; every third step a snapshot.

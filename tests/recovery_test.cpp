@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "fsutil.h"
+#include "ftcomm/checkpointer.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/recovery.h"
 #include "support/multiprocess.h"
@@ -365,6 +366,104 @@ TEST(RecoveryForked, AReplacedRankInItsOwnProcessResumesBitExactly) {
     TORCH_CHECK(counter_of(state) == kBig + ctx.rank, "rank-local int64 state differs on rank ", ctx.rank);
   });
   testing::expect_ranks_ok(outcomes, 3);
+}
+
+// --- a refused resume discards nothing (issue 28, item 1) ------------------------
+
+std::vector<int64_t> steps_in_open(Checkpointer& ckpt) {
+  std::vector<CommitRecord> records;
+  check(ckpt.store()->ListCommits(&records));
+  std::vector<int64_t> out;
+  for (const auto& r : records) out.push_back(r.step);
+  return out;
+}
+
+std::vector<int64_t> steps_in(const std::string& dir, int rank) {
+  auto store = open_rank_store(dir, rank);
+  std::vector<CommitRecord> records;
+  check(store->ListCommits(&records));
+  std::vector<int64_t> out;
+  for (const auto& r : records) out.push_back(r.step);
+  return out;
+}
+
+TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLate) {
+  // Both ranks hold 10 and 20; rank 0 also a newer 24 that rank 1 lacks its
+  // rank-local state for, so an exact resume picks 20 and leaves 24 behind.
+  Scratch scratch;
+  const int world = 2;
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store));
+    {
+      auto ckpt = open_rank_store(scratch.rank_dir(rank), rank);
+      commit(*ckpt, pg, make_state(1.0f, true, rank), 10, {{"lr", "0.1"}});
+      commit(*ckpt, pg, make_state(2.0f, true, rank), 20, {{"lr", "0.1"}});
+      if (rank == 0) {
+        const TrainingState at24 = make_state(3.0f, true, rank);
+        CommitRecord r;
+        r.step = 24;
+        r.world_size = world;
+        r.just_in_time = true;
+        r.buddy_parts = 0;
+        r.hook_digest = at24.hook->digest();
+        r.settings = {{"lr", "0.1"}};
+        check(ckpt->CommitSnapshotAsync(r, own_state_tensors(at24, hook_state_entries(*at24.hook), {})).get());
+      }
+    }
+    pg->barrier()->wait();
+    auto attempt = [&](std::map<std::string, std::string> settings, const std::string& hook) {
+      CheckpointerOptions o;
+      o.ckpt_dir = scratch.rank_dir(rank);
+      o.job_id = "recovery-test";
+      o.keep_snapshots = 4;
+      o.settings = std::move(settings);
+      o.fixes.allow_change = "pass allow_changed_settings=['NAME']";
+      Checkpointer ckpt(pg, o);
+      TrainingState state = make_state(0.0f, false, rank);
+      if (hook == "none") state.hook.reset();
+      if (hook == "other") state.hook = ScriptHook::load(test_hook("fail_on_rank"));
+      ckpt.prepare_recovery(state);
+      std::vector<std::vector<size_t>> buckets;
+      const RecoveryReport report = ckpt.finish_recovery(state, {{0, 1}}, &buckets);
+      EXPECT_EQ(report.resumed_from_step, 20);
+      EXPECT_EQ(report.discarded_steps, rank == 0 ? std::vector<int64_t>{24} : std::vector<int64_t>{});
+      // Not yet: the front-end may still refuse (a Python optimizer that does not fit).
+      EXPECT_EQ(steps_in_open(ckpt), rank == 0 ? (std::vector<int64_t>{10, 20, 24}) : (std::vector<int64_t>{10, 20}));
+      ckpt.accept_recovery();
+      EXPECT_EQ(steps_in_open(ckpt), (std::vector<int64_t>{10, 20}));
+    };
+    for (const auto& [settings, hook, expect] :
+         std::vector<std::tuple<std::map<std::string, std::string>, std::string, std::string>>{
+             {{{"lr", "0.2"}}, "same", "'lr' was 0.1 in the checkpoint and is 0.2 now"},
+             // Another hook's parameters differ first: refused as changed settings.
+             {{{"lr", "0.1"}}, "other", "refusing to resume from step"},
+             {{{"lr", "0.1"}}, "none", "this run has none"}}) {
+      try {
+        CheckpointerOptions o;
+        o.ckpt_dir = scratch.rank_dir(rank);
+        o.job_id = "recovery-test";
+        o.settings = settings;
+        o.fixes.allow_change = "pass allow_changed_settings=['NAME']";
+        Checkpointer ckpt(pg, o);
+        TrainingState state = make_state(0.0f, false, rank);
+        if (hook == "none") state.hook.reset();
+        if (hook == "other") state.hook = ScriptHook::load(test_hook("fail_on_rank"));
+        ckpt.prepare_recovery(state);
+        ADD_FAILURE() << "rank " << rank << ": resumed with " << hook;
+      } catch (const c10::Error& e) {
+        // Every rank refuses, the one without the step too, and nothing changed.
+        const std::string what = e.what_without_backtrace();
+        if (hook == "same") EXPECT_NE(what.find("allow_changed_settings"), std::string::npos) << what;
+        if (rank == 0 || hook == "same") EXPECT_NE(what.find(expect), std::string::npos) << what;
+        EXPECT_NE(what.find("othing was discarded"), std::string::npos) << what;
+      }
+      pg->barrier()->wait();
+      EXPECT_EQ(steps_in(scratch.rank_dir(rank), rank),
+                rank == 0 ? (std::vector<int64_t>{10, 20, 24}) : (std::vector<int64_t>{10, 20}));
+      pg->barrier()->wait();
+    }
+    attempt({{"lr", "0.1"}}, "same");
+  });
 }
 
 }  // namespace

@@ -6,8 +6,11 @@
 //   Checkpointer ckpt(pg, options);
 //   ckpt.prepare_recovery(state);                       // collective
 //   auto report = ckpt.finish_recovery(state, fresh, &buckets);  // collective
-//   ... build the Reducer on `buckets`, or re-bucket an existing one ...
+//   ... build the Reducer on `buckets`, or re-bucket an existing one; restore
+//       what only the front-end knows (a Python optimizer's state) ...
+//   ckpt.accept_recovery();                             // this rank: drops what the resume left behind
 //   for each step: train; ckpt.commit(step, state, reducer, position);  // collective when due
+//   ckpt.commit_last(step, state, reducer, position);   // collective: the job's last step, when not yet committed
 #pragma once
 
 #include <cstdint>
@@ -46,6 +49,8 @@ struct CheckpointerOptions {
   // Ranks on this node; 0: torchrun's LOCAL_WORLD_SIZE (1 without it). Buddy
   // copies go that many ranks on (TrainingState::buddy_stride).
   int local_world_size = 0;
+  // How refusals name the fix (the CLI's flags by default).
+  ResumeFixes fixes;
 };
 
 struct RecoveryReport {
@@ -65,7 +70,9 @@ struct RecoveryReport {
   // this job's means the job was resized: replicated state carried over, every
   // rank's rank-local state started afresh.
   int resumed_world_size = 0;
-  std::vector<int64_t> discarded_steps;  // this rank's commits dropped (damaged, or newer than the resume)
+  // This rank's commits that the resume leaves behind (damaged, or newer than the
+  // resumed step); accept_recovery() drops them.
+  std::vector<int64_t> discarded_steps;
   std::vector<std::string> changed_settings;  // allowed changes: "name: old -> new"
 
   double agreement_ms = 0, load_ms = 0, resync_ms = 0;
@@ -82,9 +89,10 @@ class Checkpointer {
   Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, CheckpointerOptions options);
   ~Checkpointer();
 
-  // Collective: agrees on the newest step some rank holds intact, discards this
-  // rank's commits that cannot be continued, checks the settings and loads the
-  // step into `state` on the ranks that hold it.
+  // Collective: agrees on the newest step some rank holds intact, checks the
+  // settings and loads the step into `state` on the ranks that hold it. A refusal
+  // (changed settings, another hook, a snapshot that does not fit) throws on
+  // every rank, and nothing in any store has changed.
   const RecoveryPlan& prepare_recovery(TrainingState& state);
   // Collective: resyncs the ranks that lack the step, restores rank-local state
   // and agrees on the buckets: on a resume the source's stored layout, else
@@ -92,11 +100,25 @@ class Checkpointer {
   RecoveryReport finish_recovery(TrainingState& state, std::vector<std::vector<size_t>> fresh_buckets,
                                  std::vector<std::vector<size_t>>* buckets);
 
+  // Not collective, once the front-end has restored everything (every rank has
+  // passed the collective checks by then): drops this rank's commits that the
+  // resume left behind (RecoveryReport::discarded_steps), so the next commit
+  // follows the resumed step. The commit calls below do it first if it was not
+  // called; a resume refused before it leaves the store as it was.
+  void accept_recovery();
+
   bool due(int64_t step) const;
   // After the optimizer step `step`: when due, persists the Reducer's bucket
   // layout and snapshots `state` in the background (the previous snapshot is
   // waited for first). Collective when due. Returns whether it committed.
   bool commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
+  // Collective, at the end of training, after the last step `step`: with
+  // commit_every = 0 (no periodic snapshots), commits it as commit() would, so a
+  // finished job can be continued with more steps; nothing when no step ran since
+  // the resume. With commit_every = K the last periodic commit serves, as it
+  // always has (a continued job redoes at most K - 1 steps). Returns whether it
+  // committed.
+  bool commit_last(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   // Waits for a snapshot in flight; throws its error.
   void flush();
 
@@ -116,10 +138,14 @@ class Checkpointer {
   struct Pending;
   // Stores `layout` under its signature and returns the commit record naming it.
   CommitRecord record_of(int64_t step, int64_t data_position, const BucketLayout& layout, const TrainingState& state);
+  void commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   CheckpointerOptions options_;
   std::unique_ptr<CheckpointStore> store_;
   std::unique_ptr<Pending> pending_;  // between prepare_recovery and finish_recovery
+  std::vector<int64_t> to_discard_;   // from finish_recovery to accept_recovery
+  int64_t resumed_step_ = -1;         // the step recovery resumed (-1: fresh)
+  int64_t last_committed_ = -1;       // the newest step commit() or commit_last() wrote
 };
 
 }  // namespace ftcomm

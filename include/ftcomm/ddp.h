@@ -62,9 +62,10 @@ class DistributedDataParallel {
   // same as prepare_recovery() then finish_recovery().
   RecoveryReport recover();
   // The two halves of recover(), for callers that act between them: prepare
-  // agrees on the step (discarding what cannot be continued, checking the
-  // settings) and loads it on the ranks that hold it; finish resyncs the others,
-  // restores rank-local hook state and builds the Reducer on the agreed buckets.
+  // agrees on the step (checking the settings and the hook) and loads it on the
+  // ranks that hold it; finish resyncs the others, restores rank-local hook
+  // state, builds the Reducer on the agreed buckets and then discards what the
+  // resume left behind.
   const RecoveryPlan& prepare_recovery();
   RecoveryReport finish_recovery();
 
@@ -81,6 +82,10 @@ class DistributedDataParallel {
   // After an error on the trainer's thread: saves the last finished step just in
   // time (no collective). Returns whether a commit was written.
   bool save_just_in_time(const std::string& reason);
+  // Collective, after the last step: with commit_every = 0, commits step `step`
+  // so the job can be continued (Checkpointer::commit_last). Returns whether it
+  // committed.
+  bool commit_last(int64_t step, int64_t data_position);
   // Waits for a snapshot in flight.
   void flush();
 

@@ -12,6 +12,10 @@
 //    when one step runs past `stall_timeout`, the watcher thread saves and exits;
 //  * torchrun's SIGTERM (it sends it to the survivors once a worker died, then
 //    SIGKILLs them 30 s later): the watcher thread saves and exits with 143.
+//    A SIGTERM handler the program installed, before this object or after it
+//    (the watcher sees a replaced handler within 50 ms and puts its own in front
+//    again), is chained: the save comes first, then the signal is passed on to
+//    that handler instead of exiting.
 //
 // Which step is "finished": the trainer marks the two moments that matter.
 // step_finished(S) after the optimizer step of S (and any other state change of
@@ -101,6 +105,12 @@ class JustInTime {
 
   int64_t last_finished() const;
 
+  // While paused (nestable), no step counts as stalled: for healthy work between
+  // steps that can outlast stall_timeout (an evaluation, a long data reload). A
+  // SIGTERM is still handled. The stall clock starts afresh at the last resume().
+  void pause();
+  void resume();
+
  private:
   struct Replica;
   // The trainer's rank-local state, copied, and every rank's (allgathered).
@@ -112,7 +122,12 @@ class JustInTime {
   Exchange exchange(const std::vector<at::Tensor>& rank_local);
   bool save_locked(const std::string& reason);
   void watch();
-  [[noreturn]] void save_and_exit(const std::string& reason, int code);
+  // Saves the last finished step, then exits with `code`; or, for a SIGTERM
+  // with a program's handler chained, passes the signal on and returns.
+  void save_and_exit(const std::string& reason, int code);
+  // The watcher's look at the SIGTERM disposition: a handler installed over ours
+  // is chained behind it.
+  void keep_sigterm_handler();
 
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   Checkpointer* checkpointer_;
@@ -123,11 +138,13 @@ class JustInTime {
   std::unique_ptr<Exchange> pending_;  // from begin_update() to step_finished(), under state_mu_
   std::atomic<int64_t> last_finished_{-1};
   std::atomic<int64_t> last_progress_ms_{0};
+  std::atomic<int> paused_{0};
   std::atomic<bool> stop_{false};
   std::mutex watch_mu_;
   std::condition_variable watch_cv_;
   std::thread watcher_;
-  bool installed_sigterm_ = false;
+  bool installed_sigterm_ = false;  // ours is (or was last) the SIGTERM disposition
+  bool warned_replaced_ = false;
 };
 
 }  // namespace ftcomm

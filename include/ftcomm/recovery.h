@@ -4,12 +4,12 @@
 //
 //   LocalCheckpoint local = load_newest_intact(store, world, rank);   // this rank
 //   RecoveryPlan plan = agree_on_step(pg, local);                       // collective
-//   discard_unusable(store, plan, local);                               // this rank
 //   check_settings(pg, plan, local, settings, allowed);                 // collective
 //   restore_from_checkpoint(plan, local, state, where);                 // this rank
 //   resync(pg, plan, state);                                            // collective
 //   restore_rank_local(pg, plan, local, state);                         // collective
 //   buckets = agree_on_buckets(pg, plan, candidate);                    // collective
+//   discard_unusable(store, plan, local);      // this rank, once every rank accepted
 //
 // and at each snapshot, snapshot_tensors(pg, state) is what goes to the store,
 // the buddy copy of the previous rank's rank-local hook state included.
@@ -158,22 +158,37 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
 // the candidate, when it turns out damaged; the ranks then agree again.
 bool load_agreed_step(CheckpointStore* store, const RecoveryPlan& plan, int rank, LocalCheckpoint* local);
 
-// This rank's commits that cannot be continued (damaged, or newer than the agreed
-// step) leave its store, so the next commit follows its latest. Returns them.
+// This rank's commits that cannot be continued: damaged, or newer than the agreed
+// step. Nothing is changed; see discard_commits.
+std::vector<int64_t> unusable_steps(const RecoveryPlan& plan, const LocalCheckpoint& local);
+// Removes `steps` (unusable_steps) from this rank's store, so the next commit
+// follows its latest, and logs it. Only once every rank has accepted the plan:
+// a refused resume (changed settings, another hook, another optimizer) must find
+// the newer commits still there when it is relaunched correctly.
+void discard_commits(CheckpointStore* store, const std::vector<int64_t>& steps, int64_t resumed_step);
+// unusable_steps, then discard_commits. Returns the steps.
 std::vector<int64_t> discard_unusable(CheckpointStore* store, const RecoveryPlan& plan, const LocalCheckpoint& local);
+
+// How a refusal tells the user to go on, in the words of the front-end they use
+// (a CLI flag, or a Python argument).
+struct ResumeFixes {
+  std::string allow_change = "allow the change with --allow-change NAME (repeatable; 'all' allows every change)";
+  std::string new_store = "point --ckpt at a new directory";
+};
 
 // Collective: the settings recorded with the agreed step against `current`. A
 // change not in `allowed` (or "all") throws on every rank, naming the setting and
 // both values; the allowed ones come back as "name: old -> new".
 std::vector<std::string> check_settings(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const RecoveryPlan& plan,
                                         const LocalCheckpoint& local, const std::map<std::string, std::string>& current,
-                                        const std::set<std::string>& allowed);
+                                        const std::set<std::string>& allowed, const ResumeFixes& fixes = {});
 
 // On a rank that holds the agreed step: parameters, buffers, optimizer state,
 // objects, rank-local state and all hook state from its own snapshot. Throws
-// naming `where` when the snapshot does not fit the state (another model or hook).
+// naming `where` when the snapshot does not fit the state (another model, another
+// hook, a hook where there was none or none where there was one).
 void restore_from_checkpoint(const RecoveryPlan& plan, const LocalCheckpoint& local, TrainingState& state,
-                             const std::string& where);
+                             const std::string& where, const ResumeFixes& fixes = {});
 
 // Collective: one manifest and one broadcast_coalesced from the plan's source
 // bring parameters, buffers, optimizer, objects and replicated hook state to the

@@ -20,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -69,6 +70,7 @@ class ScriptHook {
   std::string name_, path_, digest_;
   std::vector<std::string> replicated_, local_;
   std::map<std::string, std::pair<double, double>> ranges_;
+  std::set<std::string> whole_;  // parameters that take whole numbers only (ranges() [lo, hi, 1.0])
   std::function<c10::IValue(std::vector<c10::IValue>)> hook_;
   std::function<c10::IValue()> spec_fn_, params_fn_, ranges_fn_;
   std::shared_ptr<void> keep_alive_;  // the CompilationUnit or Module the functions live in

@@ -1,6 +1,8 @@
 """Bit-exact recovery for PyTorch's DistributedDataParallel."""
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 from typing import Any, Iterable, Optional
@@ -18,16 +20,27 @@ class FaultTolerant:
 
     What is saved at each commit, and restored by :meth:`resume`:
 
-    * the model's parameters (replicated) and buffers (BatchNorm statistics included;
-      rank-local, as each rank updates them with its own batch after DDP's broadcast);
-    * the optimizer's full ``state_dict`` (its tensors, and the numbers and lists of
-      ``param_groups``);
+    * the model's parameters (replicated) and buffers (BatchNorm statistics
+      included). Buffers are kept twice: as each rank's own (each rank updates them
+      with its own batch; restored byte for byte, from the buddy copy for a replaced
+      rank) and as replicated state, which is what a rank gets when its own is gone:
+      at a resize, or under ``jit_policy="reset"``. With ``broadcast_buffers=True``
+      (DDP's default) every rank uses rank 0's buffers at the next forward anyway;
+      with ``broadcast_buffers=False`` a resized job's ranks all start from the
+      buffers of the rank that served the resumed step (rank-local statistics do not
+      map one to one onto another world size), and the resume line says so;
+    * every optimizer's full ``state_dict`` (its tensors, and the numbers and lists of
+      ``param_groups``), and its class: a resume with another optimizer is refused;
     * the hook's replicated and rank-local state (e.g. PowerSGD's error feedback);
     * torch's CPU RNG state and, when the model is on a GPU, that GPU's RNG state
       (rank-local: rank r + the ranks per node keeps a byte-exact copy of rank r's
       rank-local state, on the next node);
-    * ``user_state``, the trainer's own small state (a data position, a scheduler's
-      ``state_dict()``, an epoch): picklable values and tensors, the same on every rank;
+    * ``user_state``, the trainer's own small dict (a data position, a scheduler's
+      ``state_dict()``, an epoch): tensors and plain values (numbers, strings, bytes,
+      None, lists, tuples, dicts, sets), the same on every rank (checked at the first
+      ``step_done``). Its tensors are copied at each ``step_done``, so an in-place
+      change during the next step never leaks into the saved one. Other classes are
+      refused when saved: reading a checkpoint never runs code;
     * the Reducer's bucket layout, which a resume reuses.
 
     Just in time (``jit=True``, the default): at a failure each surviving rank
@@ -38,7 +51,9 @@ class FaultTolerant:
     script is caught by ``sys.excepthook``, or by ``with ft:``), by a step that
     stalls past ``stall_timeout`` (a hung peer or NCCL collective), or by
     torchrun's SIGTERM (caught in C++; it then saves and exits with 143, within
-    torchrun's 30 s before SIGKILL). The last finished step is the one of the
+    torchrun's 30 s before SIGKILL). A SIGTERM handler of the script's own,
+    installed before :meth:`resume` or after it, is chained: the save comes first,
+    then the signal goes to that handler, which decides what happens next. The last finished step is the one of the
     last ``step_done``; from ``optimizer.step()`` (a pre-hook marks it) until
     the next ``step_done`` the state is half-updated, and a failure there saves
     nothing (a SIGTERM waits up to ``update_grace`` for ``step_done``). The same
@@ -63,20 +78,29 @@ class FaultTolerant:
     the new world size). A store of another job, a damaged store, and changed
     settings are refused with an error that names the problem and the fix.
 
+    A stall is measured from one ``step_done`` to the next: wrap healthy work
+    between steps that can take longer than ``stall_timeout`` (an evaluation pass)
+    in ``with ft.paused():``.
+
     Args:
         model: the DDP model (a hook, if any, registered with :func:`ftcomm.register_hook`).
-        optimizer: its optimizer.
+        optimizer: its optimizer, or a list of optimizers; together they must hold
+            every parameter the model trains (each one's state is saved).
         ckpt_dir: the stores' directory (on each node its own disk); rank r uses
             ``<ckpt_dir>/rank<r>``, or takes over a store there of a rank the node no
             longer runs (the rendezvous numbered the node's workers anew).
-        commit_every: a snapshot every K steps (0: none).
+        commit_every: a snapshot every K steps. 0: no periodic snapshots; the job's
+            last step is still committed by :meth:`close`, so a finished job can be
+            continued with more steps.
         hook: the :class:`ftcomm.Hook` of ``model``, whose state is saved (default:
             the one registered on ``model``).
         keep_snapshots: how many snapshots each store keeps.
-        job_id: the job's name; a store written under another is refused.
+        job_id: the job's name (printable, no line breaks, not empty); a store
+            written under another is refused.
         settings: name -> value of what changes the result (learning rate, batch, ...);
             a resume with other values is refused unless the name (or ``"all"``) is
-            in ``allow_changed_settings``. Hook parameters are recorded as ``hook.<name>``.
+            in ``allow_changed_settings`` (a list of names). Hook parameters are recorded
+            as ``hook.<name>``.
         user_state: the trainer's own dict; :meth:`resume` updates it in place.
         jit: just-in-time commits at a failure (above).
         jit_policy: ``"exact"`` or ``"reset"`` (above).
@@ -95,43 +119,72 @@ class FaultTolerant:
         if not isinstance(model, DistributedDataParallel):
             raise TypeError(f"FaultTolerant needs a torch.nn.parallel.DistributedDataParallel model, got "
                             f"{type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"FaultTolerant needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        for o in optimizers:
+            if not isinstance(o, torch.optim.Optimizer):
+                raise TypeError(f"FaultTolerant needs a torch.optim.Optimizer (or a list of them), got "
+                                f"{type(o).__name__}")
+        if not optimizers:
+            raise ValueError("FaultTolerant needs at least one optimizer")
         if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 0:
             raise ValueError(f"commit_every must be a whole number of steps, 0 or more; got {commit_every!r}")
+        if isinstance(keep_snapshots, bool) or not isinstance(keep_snapshots, int) or keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be a whole number, 1 or more; got {keep_snapshots!r}")
         if jit_policy not in ("exact", "reset"):
             raise ValueError(f"jit_policy must be 'exact' or 'reset', got {jit_policy!r}")
         if stall_timeout is None:
             stall_timeout = 0.9 * process_group.group_timeout_s if process_group.group_timeout_s else 0.0
-        if isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or stall_timeout < 0:
-            raise ValueError(f"stall_timeout must be 0 (never) or positive seconds, got {stall_timeout!r}")
-        if isinstance(update_grace, bool) or not isinstance(update_grace, (int, float)) or update_grace < 0:
-            raise ValueError(f"update_grace must be 0 or more seconds, got {update_grace!r}")
+        stall_timeout = _seconds("stall_timeout", stall_timeout, "0 (never) or positive seconds")
+        update_grace = _seconds("update_grace", update_grace, "0 or more seconds")
         if not ckpt_dir:
             raise ValueError("ckpt_dir is empty; give the directory the ranks' stores live in")
+        if not isinstance(job_id, str) or not job_id or not job_id.isprintable() or len(job_id) > 200:
+            raise ValueError(f"job_id must be a non-empty printable string without line breaks (at most 200 "
+                             f"characters), got {job_id!r}; it names the job whose stores may be resumed")
+        if user_state is not None and not isinstance(user_state, dict):
+            raise TypeError(f"user_state must be a dict (resume() updates it in place), got "
+                            f"{type(user_state).__name__}; wrap it: user_state={{'values': ...}}")
+        for name, value in (("allow_changed_settings", allow_changed_settings),):
+            if isinstance(value, (str, bytes)):
+                raise TypeError(f"{name} must be a list of setting names, got the string {value!r}; "
+                                f"write {name}=[{value!r}]")
+        if settings is not None and not isinstance(settings, dict):
+            raise TypeError(f"settings must be a dict of name -> value, got {type(settings).__name__}")
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = optimizers[0]
+        self.optimizers = optimizers
+        self._check_every_parameter_has_an_optimizer()
         self.hook = hook if hook is not None else getattr(model, "_ftcomm_hook", None)
         self.user_state = user_state if user_state is not None else {}
         self.report: dict = {}
         pg = model.process_group
+        self._pg = pg
         self.rank = pg.rank()
         self.world_size = pg.size()
-        # torchrun gives a node's workers consecutive ranks; after a rendezvous
-        # numbers them anew, a rank takes over a store this node keeps for a rank
-        # it no longer runs (its replicated state is the job's).
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.ckpt_dir = _C.rank_store_dir(os.fspath(ckpt_dir), self.rank, local_rank, local_world)
+        # Collective: after a rendezvous numbered the ranks anew, a rank takes over
+        # a leftover store on its disk (its replicated state is the job's).
+        self.ckpt_dir = _C.rank_store_dir(pg, os.fspath(ckpt_dir))
         self._params = model._build_params_for_reducer()[0]
         self._device = next((p.device for p in self._params if p.device.type == "cuda"), None)
         self._resumed = False
-        self._ckpt = _C.Checkpointer(pg, self.ckpt_dir, str(job_id), commit_every, int(keep_snapshots),
+        self._last_step: Optional[int] = None
+        self._user_checked = False
+        self._ckpt = _C.Checkpointer(pg, self.ckpt_dir, job_id, commit_every, keep_snapshots,
                                      {str(k): _setting(v) for k, v in (settings or {}).items()},
                                      set(map(str, allow_changed_settings)), bool(jit), jit_policy,
                                      float(stall_timeout), float(update_grace))
-        self._update_handle = None
+        self._update_handles: list = []
         self._previous_excepthook = None
+
+    def _check_every_parameter_has_an_optimizer(self) -> None:
+        held = {id(p) for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        names = {id(p): n for n, p in self.model.module.named_parameters()}
+        missing = [names.get(id(p), "?") for p in self.model.module.parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"the model's parameter(s) {shown} belong to none of the optimizers given to "
+                             "FaultTolerant, so their optimizer state would not be saved. Pass every optimizer: "
+                             "FaultTolerant(model, [optimizer_a, optimizer_b], ...)")
 
     # --- what is saved ---------------------------------------------------------
     def _buffers(self) -> list:
@@ -150,13 +203,45 @@ class FaultTolerant:
     def _rank_local(self) -> list:
         return self._rng() + self._buffers()
 
+    def _objects(self) -> dict:
+        parts = {"optimizer": self.optimizers[0].state_dict(), "user": self.user_state,
+                 "optimizer_classes": [type(o).__qualname__ for o in self.optimizers]}
+        if len(self.optimizers) > 1:
+            parts["more_optimizers"] = [o.state_dict() for o in self.optimizers[1:]]
+        return parts
+
     def _c_state(self) -> _C.State:
         state = _C.State()
         state.parameters = self._params
-        state.objects = _state.pack({"optimizer": self.optimizer.state_dict(), "user": self.user_state})
+        # Replicated too: a rank whose own buffers are gone (a resize, policy
+        # reset) gets the resumed step's instead of the initial values.
+        state.buffers = self._buffers()
+        state.objects = _state.pack(self._objects(), copy=("user",))
         state.rank_local = self._rank_local()
         state.hook = self.hook._impl if self.hook is not None else None
         return state
+
+    def _restore_objects(self, parts: dict) -> None:
+        classes = parts.get("optimizer_classes")
+        mine = [type(o).__qualname__ for o in self.optimizers]
+        saved = [parts["optimizer"]] + list(parts.get("more_optimizers", []))
+        if classes is not None and list(classes) != mine:
+            raise ValueError(f"the checkpoint's optimizer(s) {', '.join(classes)} differ from this run's "
+                             f"{', '.join(mine)}; resume with the same optimizer(s), or give FaultTolerant a new "
+                             "ckpt_dir (nothing was discarded)")
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds the state of {len(saved)} optimizer(s), this run has "
+                             f"{len(self.optimizers)}; pass the same optimizers in the same order, or give "
+                             "FaultTolerant a new ckpt_dir (nothing was discarded)")
+        for i, (o, sd) in enumerate(zip(self.optimizers, saved)):
+            try:
+                o.load_state_dict(sd)
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise ValueError(f"the checkpoint's state of optimizer {i} does not fit this run's "
+                                 f"{type(o).__qualname__} ({type(e).__name__}: {e}); resume with the optimizer "
+                                 "that wrote it, or give FaultTolerant a new ckpt_dir (nothing was discarded)") from None
+        self.user_state.clear()
+        self.user_state.update(parts["user"])
 
     # --- the protocol ------------------------------------------------------------
     def resume(self) -> int:
@@ -171,16 +256,19 @@ class FaultTolerant:
         self.report = dict(report)
         step = self.report["resumed_from_step"]
         if step >= 0:
-            parts = _state.unpack(list(objects))
-            self.optimizer.load_state_dict(parts["optimizer"])
-            self.user_state.clear()
-            self.user_state.update(parts["user"])
+            self._restore_objects(_state.unpack(list(objects)))
             torch.set_rng_state(rank_local[0].cpu())
             if self._device is not None:
                 torch.cuda.set_rng_state(rank_local[1].cpu(), self._device)
             rng_count = 1 if self._device is None else 2  # as _rng() lays them out
+            # This rank's own buffers where they were restored; where its
+            # rank-local state started afresh these are the live tensors, which
+            # already hold the replicated buffers of the resumed step.
             for mine, saved in zip(self._buffers(), rank_local[rng_count:]):
                 mine.copy_(saved)
+        # Every rank has accepted the plan: now what it left behind may go.
+        self._ckpt.accept()
+        self._last_step = max(step, 0)
         if self._ckpt.jit_active:
             self._arm_just_in_time()
         if self.rank == 0:
@@ -195,6 +283,11 @@ class FaultTolerant:
                 if r["resumed_world_size"] != self.world_size:
                     jit += (f", written at world size {r['resumed_world_size']}: resized to {self.world_size}, "
                             "rank-local state started afresh")
+                    if self._buffers():
+                        jit += ("; buffers (BatchNorm statistics) carried over from the rank that served the step"
+                                + ("" if self.model.broadcast_buffers else
+                                   ", the same on every rank (broadcast_buffers=False: per-rank statistics do not "
+                                   "map onto another world size)"))
                 print(f"ftcomm: resumed from step {step}{jit}{resynced}; {r['steps_lost']} step(s) behind the newest "
                       f"saved (policy {r['policy']}); rank-local state: {r['local_state']}; "
                       f"agreement {r['agreement_ms']:.1f} ms, load {r['load_ms']:.1f} ms, "
@@ -208,6 +301,17 @@ class FaultTolerant:
         Returns whether it committed."""
         if not self._resumed:
             raise RuntimeError("call FaultTolerant.resume() before the first step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step_done(step): step must be an int, the number of the step just finished "
+                            f"(1, 2, ...), got {step!r} ({type(step).__name__})")
+        if step <= self._last_step or step >= 1 << 62:
+            hint = (f"the previous step_done was step {self._last_step}" if step <= self._last_step
+                    else "step numbers stay below 2**62")
+            raise ValueError(f"step_done({step}): steps must increase, one call per finished step ({hint}; "
+                             f"resume() returned the step to continue after)")
+        if not self._user_checked:
+            self._check_user_state_agrees()
+        self._last_step = step
         jit = self._ckpt.jit_active
         if not jit and not self._ckpt.due(step):
             return False
@@ -219,6 +323,31 @@ class FaultTolerant:
                 return False
             return self._ckpt.commit(step, state, self.model.reducer, step)
 
+    def _check_user_state_agrees(self) -> None:
+        # Collective, once: user_state is replicated (a resync copies rank 0's
+        # over every other), so ranks that disagree would lose theirs silently.
+        digest = _C.tensors_digest(_state.pack({"user": self.user_state}))
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self._pg)
+        differ = [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
+        self._user_checked = True
+        if differ:
+            raise ValueError(f"user_state differs between ranks (rank(s) {differ} differ from rank 0); it is "
+                             "replicated state, and a resync would overwrite a rank's with rank 0's. Keep per-rank "
+                             "values (a data cursor of each rank's own shard) out of it, or make them equal")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No step counts as stalled inside this block: for healthy work between steps
+        that can outlast ``stall_timeout`` (an evaluation pass, a long data reload).
+        Not a collective; a SIGTERM inside it still saves the last finished step."""
+        self._ckpt.pause_watch(True)
+        try:
+            yield self
+        finally:
+            self._ckpt.pause_watch(False)
+
     def save_just_in_time(self, reason: str = "requested") -> bool:
         """Saves the last finished step now, without any collective (what a failure
         does). Returns whether a commit was written: not when the store already
@@ -227,14 +356,14 @@ class FaultTolerant:
 
     # --- just in time ------------------------------------------------------------
     def _arm_just_in_time(self) -> None:
-        self._update_handle = self.optimizer.register_step_pre_hook(_BeginUpdate(self))
+        self._update_handles = [o.register_step_pre_hook(_BeginUpdate(self)) for o in self.optimizers]
         self._previous_excepthook = sys.excepthook
         sys.excepthook = _SaveOnError(self._ckpt, self._previous_excepthook)
 
     def _disarm_just_in_time(self) -> None:
-        if self._update_handle is not None:
-            self._update_handle.remove()
-            self._update_handle = None
+        for handle in self._update_handles:
+            handle.remove()
+        self._update_handles = []
         if self._previous_excepthook is not None:
             if isinstance(sys.excepthook, _SaveOnError):
                 sys.excepthook = self._previous_excepthook
@@ -249,8 +378,16 @@ class FaultTolerant:
         self._ckpt.flush()
 
     def close(self) -> None:
-        """Waits for the snapshot in flight and stops just-in-time saving (call at the end
-        of training; a SIGTERM after it is no longer caught)."""
+        """Collective, at the end of training: with ``commit_every=0`` commits the last
+        step (so the job can be continued with more steps), waits for the snapshot in
+        flight and stops just-in-time saving (a SIGTERM after it is no longer caught;
+        a SIGTERM handler of the script's own is put back)."""
+        self._close(finished=True)
+
+    def _close(self, finished: bool) -> None:
+        if finished and self._resumed and self._last_step:
+            with torch.no_grad():
+                self._ckpt.commit_last(self._last_step, self._c_state(), self.model.reducer, self._last_step)
         self._disarm_just_in_time()
         self._ckpt.stop_just_in_time()
         self.flush()
@@ -259,9 +396,14 @@ class FaultTolerant:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is not None and self._ckpt.jit_active and not isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
-            self._ckpt.save_just_in_time(_reason(exc))
-        self.close()
+        failed = exc is not None
+        if failed and self._ckpt.jit_active and not isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
+            try:
+                self._ckpt.save_just_in_time(_reason(exc))
+            except Exception as save_error:  # noqa: BLE001 - the original error matters more
+                print(f"ftcomm: the just-in-time save failed: {_first_line(save_error)}", file=sys.stderr, flush=True)
+        # After an error no collective: the peers may be gone.
+        self._close(finished=not failed)
         return False
 
 
@@ -289,13 +431,26 @@ class _SaveOnError:
             try:
                 self._ckpt.save_just_in_time(_reason(exc))
             except Exception as save_error:  # noqa: BLE001 - the original error matters more
-                print(f"ftcomm: the just-in-time save failed: {save_error}", file=sys.stderr, flush=True)
+                print(f"ftcomm: the just-in-time save failed: {_first_line(save_error)}", file=sys.stderr, flush=True)
         self._previous(exc_type, exc, tb)
+
+
+def _first_line(exc: BaseException) -> str:
+    # A torch error's text can carry a C++ stack trace after its first line.
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"error: {type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _seconds(name: str, value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or value >= 1e9:
+        raise ValueError(f"{name} must be {what} (finite, below 1e9), got {value!r}")
+    return float(value)
 
 
 def _setting(value: Any) -> str:

@@ -1,6 +1,7 @@
 """Scripted comm hooks on PyTorch's DistributedDataParallel."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -88,6 +89,13 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
             or ``"fallback"`` (every rank reduces that bucket with a mean allreduce).
         hook_timeout: seconds one hook call may take before it fails on every rank; 0: unbounded.
             Keep it below the process group's timeout.
+        A hook file is code, as trusted as the training script: TorchScript can read
+        and write files (``torch.from_file``), and the hook runs when it is loaded
+        (its declarations) and at every bucket. Load hooks only from places as
+        trusted as the script itself; ``pins`` makes every rank refuse a hook
+        whose digest is not one you reviewed.
+        With ``find_unused_parameters=True`` the hook gets a process group of its own
+        (made here, collectively), apart from the Reducer's own collectives.
         agreement: how a hook failing on some ranks only is made to fail (or fall back) on
             all of them, so that no rank waits on a collective the others never join:
             ``"auto"`` (the default: ``"per-step"`` for CUDA buckets on NCCL with
@@ -111,9 +119,21 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
     if getattr(model, "_ftcomm_hook", None) is not None or model._comm_hooks:
         raise RuntimeError("this DDP model already has a comm hook; DDP runs one hook per model "
                            "(register it once, before training)")
+    if isinstance(pins, (str, bytes)):
+        raise TypeError(f"pins must be a list of SHA-256 digests, got the string {pins!r}; write pins=[{pins!r}]")
+    if isinstance(hook_timeout, bool) or not isinstance(hook_timeout, (int, float)) or \
+            not math.isfinite(hook_timeout) or not 0 <= hook_timeout < 1e9:
+        raise ValueError(f"hook_timeout must be 0 (unbounded) or positive seconds (finite, below 1e9), got "
+                         f"{hook_timeout!r}")
     pg = model.process_group
     _check_cpu_backend(pg)
-    impl = _C.load_hook(pg, str(hook), {str(k): str(v) for k, v in params.items()}, list(pins), on_error,
+    if model.find_unused_parameters:
+        # With find_unused_parameters the Reducer allreduces its used-parameter
+        # map on the model's group from the autograd thread while the hook's
+        # worker runs collectives: on one group their order would differ
+        # between ranks (Gloo aborts). The hook gets a group of its own.
+        pg = dist.new_group(ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg))
+    impl = _C.load_hook(pg, str(hook), {str(k): _param(k, v) for k, v in params.items()}, list(pins), on_error,
                         float(hook_timeout), str(agreement))
     try:
         impl.attach(model.reducer)
@@ -125,6 +145,12 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
     handle = Hook(impl)
     model._ftcomm_hook = handle
     return handle
+
+
+def _param(name: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"hook parameter {name}={value!r}: give a number")
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 def list_hooks() -> list:

@@ -16,9 +16,11 @@ group_timeout_s: float | None = None
 
 
 def _seconds(timeout: float | timedelta) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
+        raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {timeout!r}")
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    if not seconds > 0:
-        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    if not (0 < seconds < 1e9):  # also refuses inf and nan
+        raise ValueError(f"timeout must be positive seconds, finite and below 1e9, got {timeout!r}")
     return seconds
 
 

@@ -74,7 +74,8 @@ std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_na
                                   double hook_timeout_s, const std::string& agreement) {
   TORCH_CHECK(on_error == "fail" || on_error == "fallback", "on_error must be 'fail' or 'fallback', got '", on_error,
               "'");
-  TORCH_CHECK(hook_timeout_s >= 0, "hook_timeout must be 0 (unbounded) or positive seconds, got ", hook_timeout_s);
+  TORCH_CHECK(hook_timeout_s >= 0 && hook_timeout_s < 1e9, "hook_timeout must be 0 (unbounded) or positive seconds "
+              "below 1e9, got ", hook_timeout_s);
   std::shared_ptr<ScriptHook> hook;
   {
     py::gil_scoped_release release;
@@ -180,6 +181,27 @@ class PyCheckpointer {
     return jit_->save(reason);
   }
   bool jit_active() const { return jit_ != nullptr; }
+  // No step counts as stalled while paused (FaultTolerant.paused()).
+  void pause_watch(bool pause) {
+    if (!jit_) return;
+    if (pause) {
+      jit_->pause();
+    } else {
+      jit_->resume();
+    }
+  }
+  // The front-end restored everything: drop what the resume left behind.
+  void accept() {
+    py::gil_scoped_release release;
+    impl_->accept_recovery();
+  }
+  bool commit_last(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
+                   int64_t data_position) {
+    TrainingState s = state.view();
+    s.buddy_stride = buddy_stride_;
+    py::gil_scoped_release release;
+    return impl_->commit_last(step, s, *reducer, data_position);
+  }
   // Ends just-in-time saving (the SIGTERM handler goes back to the previous one).
   void stop_just_in_time() {
     py::gil_scoped_release release;
@@ -279,12 +301,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("list_hooks", &list_hooks);
   m.def(
       "rank_store_dir",
-      [](const std::string& root, int rank, int local_rank, int local_world_size) {
-        return rank_store_dir(root, rank, local_rank, local_world_size).dir;
+      [](const Group& pg, const std::string& root) {
+        py::gil_scoped_release release;
+        return rank_store_dir(pg, root).dir;
       },
-      py::arg("root"), py::arg("rank"), py::arg("local_rank"), py::arg("local_world_size"),
-      "This rank's store under a node's checkpoint root: root/rank<R>, or a store of a rank this node no longer "
-      "runs, renamed to it (the rendezvous numbered the node's workers anew).");
+      py::arg("pg"), py::arg("root"),
+      "Collective: this rank's store under root: root/rank<R>, or a leftover store of a rank that no longer uses "
+      "this directory, renamed to it (the rendezvous numbered the ranks anew).");
   m.def("hooks_dir", &hooks_dir);
 
   py::class_<PyState>(m, "State")
@@ -302,8 +325,10 @@ PYBIND11_MODULE(_C, m) {
                        double stall_timeout_s, double update_grace_s) {
              TORCH_CHECK(policy == "exact" || policy == "reset", "jit_policy must be 'exact' or 'reset', got '", policy,
                          "'");
-             TORCH_CHECK(stall_timeout_s >= 0, "stall_timeout must be 0 (none) or positive seconds, got ",
-                         stall_timeout_s);
+             TORCH_CHECK(stall_timeout_s >= 0 && stall_timeout_s < 1e9, "stall_timeout must be 0 (none) or "
+                         "positive seconds below 1e9, got ", stall_timeout_s);
+             TORCH_CHECK(update_grace_s >= 0 && update_grace_s < 1e9, "update_grace must be 0 or more seconds, "
+                         "below 1e9, got ", update_grace_s);
              JustInTimeOptions jo;
              jo.stall_timeout = millis(stall_timeout_s);
              jo.update_grace = millis(update_grace_s);
@@ -315,6 +340,9 @@ PYBIND11_MODULE(_C, m) {
              o.keep_snapshots = keep_snapshots;
              o.settings = settings;
              o.allow_changed_settings = allow;
+             o.fixes.allow_change =
+                 "allow the change with FaultTolerant(allow_changed_settings=['NAME']) ('all' allows every change)";
+             o.fixes.new_store = "give FaultTolerant a new ckpt_dir";
              return std::make_unique<PyCheckpointer>(pg, std::move(o), jit, std::move(jo));
            }),
            py::arg("pg"), py::arg("dir"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
@@ -327,6 +355,9 @@ PYBIND11_MODULE(_C, m) {
       .def("stop_just_in_time", &PyCheckpointer::stop_just_in_time)
       .def("resume", &PyCheckpointer::resume)
       .def("commit", &PyCheckpointer::commit)
+      .def("commit_last", &PyCheckpointer::commit_last)
+      .def("accept", &PyCheckpointer::accept)
+      .def("pause_watch", &PyCheckpointer::pause_watch)
       .def("due", &PyCheckpointer::due)
       .def("flush", &PyCheckpointer::flush)
       .def("commits", &PyCheckpointer::commits);

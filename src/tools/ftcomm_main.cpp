@@ -212,7 +212,9 @@ int hook_command(const std::vector<std::string>& args) {
   std::vector<std::string> hook_args;
   double timeout_s = 30;
   CLI::App app("ftcomm hook check: compile or load a comm hook, check its signature and state declaration, run it "
-               "on synthetic buckets over a real Gloo group, check every output",
+               "on synthetic buckets over a real Gloo group, check every output. A hook is code, as trusted as a "
+               "training script: this runs it (its declarations, then its hook function on every synthetic bucket), "
+               "and TorchScript can read and write files (torch.from_file). Check only hooks you would train with",
                "ftcomm hook check");
   app.add_option("HOOK", target, "a .py TorchScript file, a .pt archive, or a name from hooks_ts/")->required();
   app.add_option("--world-size", options.world_size, "ranks (threads of this process)")->check(ftcomm::cli::integer_in(1, 16))->capture_default_str();

@@ -450,7 +450,7 @@ int train_main(const std::vector<std::string>& argv) {
   options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
   options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
   if (!args.ckpt.empty() && args.torch_save_every == 0) {
-    options.ckpt_dir = ftcomm::rank_store_dir(args.ckpt, rank, pgo.local_rank, pgo.local_world_size).dir;
+    options.ckpt_dir = ftcomm::rank_store_dir(pg, args.ckpt).dir;
   }
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   // Errors from here on are reported before anything is torn down (see
@@ -586,6 +586,7 @@ int train_main(const std::vector<std::string>& argv) {
         steps_since_log = 0;
       }
     }
+    ddp.commit_last(args.steps, args.steps * global_batch);
     ddp.flush();
     const std::string digest = ftcomm::tensors_digest(params);
     if (rank == 0 && !args.summary.empty()) {

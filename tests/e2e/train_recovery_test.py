@@ -413,7 +413,31 @@ def reliability_cases(runner, workdir):
         done = next(e for e in ev if e["event"] == "done")
         assert done["param_digest"] == r["param_digest"] == runner.reference(2, "allreduce")
 
-    out += [("structured events of a run with a failure", events_of_a_failure),
+    def refused_resume_discards_nothing():
+        # Issue 28, item 1: rank 1 dies in step 25, rank 0 saves step 24 just in
+        # time. A relaunch with another hook is refused (its exact plan would pass
+        # over step 24), and must not discard step 24 first: the correct relaunch
+        # still resumes there.
+        ckpt = os.path.join(workdir, "refused-keeps")
+        runner.train(2, "allreduce", ["--fail-at", "1:25:hook"], ckpt=ckpt, restarts=0, expect_fail=True)
+        r = runner.train(2, "powersgd", [], ckpt=ckpt, restarts=0, expect_fail=True)
+        expect_in(r["output"], "written with hook digest", "othing was discarded")
+        assert "discarded commits" not in r["output"], r["output"][-3000:]
+        r = runner.train(2, "allreduce", [], ckpt=ckpt, restarts=0)
+        assert r["resumed_from_step"] == 24 and r["resumed_just_in_time"], r
+        assert r["param_digest"] == runner.reference(2, "allreduce")
+
+    def finished_job_continues_without_periodic_commits():
+        # Issue 28, item 4: with --commit-every 0 the last step is committed at the end.
+        ckpt = os.path.join(workdir, "continue")
+        runner.train(2, "allreduce", [], steps=15, ckpt=ckpt, restarts=0, commit_every=0)
+        r = runner.train(2, "allreduce", [], steps=STEPS, ckpt=ckpt, restarts=0, commit_every=0)
+        assert r["resumed_from_step"] == 15 and r["steps_trained"] == STEPS - 15, r
+        assert r["param_digest"] == runner.reference(2, "allreduce")
+
+    out += [("a refused resume discards nothing", refused_resume_discards_nothing),
+            ("commit-every 0: a finished job can be continued", finished_job_continues_without_periodic_commits),
+            ("structured events of a run with a failure", events_of_a_failure),
             ("damaged store (CURRENT lost) is refused and never overwritten", damaged_store_never_overwritten),
             ("damaged newest snapshot on every rank falls back", damaged_newest_snapshot_everywhere),
             ("damaged newest snapshot with a lagging peer", damaged_newest_with_a_lagging_peer),
