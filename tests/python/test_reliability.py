@@ -39,7 +39,7 @@ def test_refused_resume_discards_nothing(tmp_path):
     args = ["--ckpt", ckpt, "--out", tmp_path / "b.json", "--steps", 12, "--commit-every", 4]
     bad = torchrun(TRAINER, args + ["--hook", "powersgd", "--hook-arg", "rank=2"], nproc=2)
     assert bad.returncode != 0
-    assert "written with hook digest" in bad.output and "othing was discarded" in bad.output, bad.output[-3000:]
+    assert "refusing to resume from step 4" in bad.output and "othing was discarded" in bad.output, bad.output[-3000:]
     assert "discarded commits" not in bad.output, bad.output[-3000:]
     none = torchrun(TRAINER, args + ["--hook", "none"], nproc=2)
     assert none.returncode != 0 and "this run has none" in none.output, none.output[-3000:]
