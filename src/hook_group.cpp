@@ -1,5 +1,10 @@
 #include "ftcomm/hook_group.h"
 
+#include <condition_variable>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+
 #include <ATen/ATen.h>
 
 #include "control.h"
@@ -35,10 +40,97 @@ int64_t HookGroup::conclude_step(int64_t verdict) {
 std::unique_lock<std::mutex> HookGroup::begin_collective() {
   std::unique_lock<std::mutex> lock(op_mutex_);
   TORCH_CHECK(!abandoned_, "this hook call passed its deadline and was abandoned; no further collectives");
+  TORCH_CHECK(!(store_ && stopped_by_peer_), "the hook failed on rank ", rank_of(peer_record_.verdict),
+              "; no further collectives on this group");
   return lock;
 }
 
+void HookGroup::set_fail_fast(c10::intrusive_ptr<c10d::Store> store, std::string key,
+                              std::chrono::milliseconds slice) {
+  store_ = std::move(store);
+  key_ = std::move(key);
+  slice_ = slice;
+}
+
+HookGroup::Record HookGroup::record_failure(int64_t verdict, const std::string& reason) {
+  const std::string text = std::to_string(verdict) + "|" + reason;
+  // compareSet writes only when the key is missing (expected: empty), and
+  // returns what the key holds afterwards: the first record wins.
+  const std::vector<uint8_t> held =
+      store_->compareSet(key_, std::vector<uint8_t>{}, std::vector<uint8_t>(text.begin(), text.end()));
+  const std::string got(held.begin(), held.end());
+  const auto bar = got.find('|');
+  if (bar == std::string::npos) return {verdict, reason};
+  return {std::strtoll(got.c_str(), nullptr, 10), got.substr(bar + 1)};
+}
+
+HookGroup::Record HookGroup::recorded_failure() {
+  if (!store_->check({key_})) return {};
+  const std::vector<uint8_t> held = store_->get(key_);
+  const std::string got(held.begin(), held.end());
+  const auto bar = got.find('|');
+  if (bar == std::string::npos) return {};
+  return {std::strtoll(got.c_str(), nullptr, 10), got.substr(bar + 1)};
+}
+
+void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
+  if (!store_) {
+    work->wait();
+    return;
+  }
+  struct Done {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool done = false;
+  };
+  auto done = std::make_shared<Done>();
+  auto future = work->getFuture();
+  future->addCallback([done](c10::ivalue::Future&) {
+    std::lock_guard<std::mutex> lock(done->mutex);
+    done->done = true;
+    done->cv.notify_all();
+  });
+  auto stopped = [&](const Record& r) {
+    // The collective may stay pending: nothing more goes on this group
+    // (begin_collective refuses once stopped_by_peer_ is set, when failing fast).
+    stopped_by_peer_ = true;
+    peer_record_ = r;
+    TORCH_CHECK(false, "the hook failed on rank ", rank_of(r.verdict), "; stopping on every rank");
+  };
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(done->mutex);
+      if (done->cv.wait_for(lock, slice_, [&] { return done->done; })) break;
+    }
+    // Slow: a peer may have failed and will never join. One store request per slice.
+    const Record r = recorded_failure();
+    if (r.verdict != 0) stopped(r);
+  }
+  if (future->hasError()) {
+    // A peer's connection closed (it failed and exited) or the collective timed
+    // out: a recorded failure explains it, and the failing rank records before it
+    // leaves. It may still be on its way: look for a while.
+    for (int i = 0; i < 20; ++i) {
+      const Record r = recorded_failure();
+      if (r.verdict != 0) stopped(r);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    work->wait();  // rethrows the collective's own error
+  }
+}
+
 bool HookGroup::try_abandon(int64_t verdict, int64_t* decision, bool per_step) {
+  if (store_) {
+    // Fail fast: no exchange to make; the record tells the peers. Not while the
+    // hook waits in a collective: a peer that never joins it is the one stuck (or
+    // failed), its record ends this wait, and recording this rank first would
+    // name the wrong rank. (The collective's own deadline bounds the wait.)
+    std::unique_lock<std::mutex> lock(op_mutex_, std::try_to_lock);
+    if (!lock.owns_lock()) return false;
+    abandoned_ = true;
+    *decision = record_failure(verdict, "did not return in time").verdict;
+    return true;
+  }
   if (per_step) {
     // The step's exchange travels apart from the hook's collectives: it can be
     // made while the hook sits in one (or on a GPU stuck behind one).
@@ -84,7 +176,7 @@ at::Tensor HookGroup::allreduce(at::Tensor tensor) {
   auto lock = begin_collective();
   control_before_collective();
   std::vector<at::Tensor> list{tensor};
-  pg_->allreduce(list)->wait();
+  wait(pg_->allreduce(list));
   return tensor;
 }
 
@@ -94,7 +186,7 @@ std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
   std::vector<std::vector<at::Tensor>> out(1);
   for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(at::empty_like(tensor));
   std::vector<at::Tensor> in{tensor};
-  pg_->allgather(out, in)->wait();
+  wait(pg_->allgather(out, in));
   return out[0];
 }
 
@@ -106,7 +198,7 @@ at::Tensor HookGroup::broadcast(at::Tensor tensor, int64_t root) {
   std::vector<at::Tensor> list{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
-  pg_->broadcast(list, options)->wait();
+  wait(pg_->broadcast(list, options));
   return tensor;
 }
 

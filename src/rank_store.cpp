@@ -122,7 +122,8 @@ RankStoreDir rank_store_dir(const Group& pg, const std::string& root) {
   out.dir = root + "/rank" + std::to_string(rank);
   std::string error;
   if (!detail::make_dirs(root, &error)) {
-    error = "cannot create the checkpoint directory " + root + " (" + error + "); choose a writable one";
+    error = "cannot create the checkpoint directory " + root + " (" + error +
+            "). Choose a writable --ckpt (in Python: FaultTolerant's ckpt_dir)";
   }
   // Which ranks share this root: they see each other's stores, never leftovers.
   const auto roots = control::allgather_bytes(pg, error.empty() ? root_identity(root) : std::string());

@@ -30,8 +30,9 @@ HookAgreement parse_hook_agreement(const std::string& name) {
   if (name == "auto" || name == "on") return HookAgreement::kAuto;
   if (name == "per-collective") return HookAgreement::kPerCollective;
   if (name == "per-step") return HookAgreement::kPerStep;
+  if (name == "fail-fast") return HookAgreement::kFailFast;
   if (name == "off") return HookAgreement::kOff;
-  TORCH_CHECK(false, "unknown hook agreement '", name, "': use auto, per-collective, per-step or off");
+  TORCH_CHECK(false, "unknown hook agreement '", name, "': use auto, per-collective, per-step, fail-fast or off");
 }
 
 const char* hook_agreement_name(HookAgreement agreement) {
@@ -39,10 +40,32 @@ const char* hook_agreement_name(HookAgreement agreement) {
     case HookAgreement::kAuto: return "auto";
     case HookAgreement::kPerCollective: return "per-collective";
     case HookAgreement::kPerStep: return "per-step";
+    case HookAgreement::kFailFast: return "fail-fast";
     case HookAgreement::kOff: return "off";
   }
   return "?";
 }
+
+namespace {
+
+// The store the group was made with, which every rank of the group shares;
+// null when there is none.
+c10::intrusive_ptr<c10d::Store> failure_store_of(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  try {
+    return pg->getStore();
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
+// The number of this hook among the hooks this rank made on the group whose
+// store this is: ranks make their hooks in the same order (register_hook is a
+// collective), so the same hook gets the same number on every rank.
+int64_t next_hook_number(const c10::intrusive_ptr<c10d::Store>& store, int rank) {
+  return store->add("ftcomm/hooks-made/rank" + std::to_string(rank), 1) - 1;
+}
+
+}  // namespace
 
 struct ScriptCommHook::Worker {
   struct Task {
@@ -69,6 +92,7 @@ struct ScriptCommHook::Worker {
   }
   void process_per_collective(Task& task, bool agree);
   void process_per_step(Task& task);
+  void process_fail_fast(Task& task);
   // Runs the hook on the task's bucket under the watchdog: `error` is empty when
   // it returned a tensor of the bucket's shape, dtype and device. False when the
   // watchdog gave up on the call meanwhile (it has failed the future).
@@ -105,16 +129,21 @@ struct ScriptCommHook::Worker {
   // The error every rank reports for a decided failure: the hook, the failing
   // rank and the bucket; a rank that failed itself names itself, with its reason
   // (`own_error`, in bucket `own_bucket`).
-  std::string failed_message(int64_t decision, const std::string& own_error, int64_t own_bucket) const {
+  std::string failed_message(int64_t decision, const std::string& own_error, int64_t own_bucket,
+                             const std::string& peer_reason = "") const {
     const bool mine = !own_error.empty();
     const int64_t who = mine ? group->rank() : group->rank_of(decision);
     const int64_t bucket = mine ? own_bucket : group->bucket_of(decision);
-    if (!mine && group->failure_of(decision) == HookGroup::Failure::kStuck) {
-      return stuck_message(who, bucket) + " (the ranks agreed)";
-    }
-    return "hook " + hook->name() + " failed on rank " + std::to_string(who) + (mine ? " (" + own_error + ")" : "") +
-           " in bucket " + std::to_string(bucket) + "; every rank stops here (the ranks agreed). Fix the hook" +
-           (options.on_error == OnHookError::kFail && mode != HookAgreement::kPerStep
+    // Failing fast, the ranks learn it from the failing rank's record.
+    const std::string how = mode == HookAgreement::kFailFast
+                                ? " (the ranks agreed: recorded by rank " + std::to_string(who) + ")"
+                                : " (the ranks agreed)";
+    if (!mine && group->failure_of(decision) == HookGroup::Failure::kStuck) return stuck_message(who, bucket) + how;
+    const std::string reason = mine ? own_error : peer_reason;
+    return "hook " + hook->name() + " failed on rank " + std::to_string(who) +
+           (reason.empty() ? "" : " (" + reason + ")") + " in bucket " + std::to_string(bucket) +
+           "; every rank stops here" + how + ". Fix the hook" +
+           (options.on_error == OnHookError::kFail && mode == HookAgreement::kPerCollective
                 ? ", or run with the fallback policy" : "");
   }
 
@@ -142,6 +171,11 @@ struct ScriptCommHook::Worker {
   // Per step (worker thread only): this step's first failure on this rank.
   int64_t step_verdict = 0;
   std::string step_error;
+  // Fail fast (worker thread only): the failure every later bucket reports.
+  std::string failed;
+  // Where kFailFast records failures (set before the threads start).
+  c10::intrusive_ptr<c10d::Store> failure_store;
+  std::string failure_key;
   std::thread thread, watchdog;
 };
 
@@ -173,8 +207,16 @@ HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
     }
   }
   if (options.agreement == HookAgreement::kAuto) {
-    return nccl && options.on_error == OnHookError::kFail ? HookAgreement::kPerStep : HookAgreement::kPerCollective;
+    if (options.on_error != OnHookError::kFail) return HookAgreement::kPerCollective;
+    if (nccl) return HookAgreement::kPerStep;
+    return !device.is_cuda() && failure_store ? HookAgreement::kFailFast : HookAgreement::kPerCollective;
   }
+  TORCH_CHECK(options.agreement != HookAgreement::kFailFast || failure_store, "hook ", hook->name(),
+              ": the fail-fast agreement records failures in the group's store, and this group has none that ftcomm "
+              "can reach (no Gloo backend); use per-collective");
+  TORCH_CHECK(options.agreement != HookAgreement::kFailFast || options.on_error == OnHookError::kFail, "hook ",
+              hook->name(), ": the fail-fast agreement cannot fall back (the group is unusable after a failure); use "
+              "per-collective with the fallback policy");
   TORCH_CHECK(options.agreement != HookAgreement::kPerStep || nccl || options.control_group,
               "hook ", hook->name(), ": the per-step agreement needs the hook's collectives on NCCL (CUDA buckets), "
               "apart from its exchange on Gloo, or a separate control group; these buckets are on ", device.str(),
@@ -202,6 +244,8 @@ void ScriptCommHook::Worker::process(Task& task) {
   }
   if (mode == HookAgreement::kPerStep) {
     process_per_step(task);
+  } else if (mode == HookAgreement::kFailFast) {
+    process_fail_fast(task);
   } else {
     process_per_collective(task, mode == HookAgreement::kPerCollective);
   }
@@ -336,6 +380,41 @@ void ScriptCommHook::Worker::process_per_step(Task& task) {
   fail(task, message);
 }
 
+void ScriptCommHook::Worker::process_fail_fast(Task& task) {
+  // After a failure this rank runs no further hooks: its peers stopped (or will
+  // stop) at the collective it left, and the group may hold it still.
+  if (!failed.empty()) {
+    fail(task, failed);
+    return;
+  }
+  at::Tensor result;
+  std::string error;
+  if (!call(task, result, error)) return;  // the watchdog decided (and recorded) it
+  if (error.empty()) {
+    task.future->markCompleted(c10::IValue(result));
+    return;
+  }
+  const int64_t bucket = task.bucket->index();
+  if (group->stopped_by_peer()) {
+    const auto& r = group->peer_record();
+    failed = failed_message(r.verdict, "", 0, r.reason);
+  } else {
+    // This rank's own failure, unless a peer's is on record first (the root
+    // cause: this one may be a collective that peer's exit broke).
+    HookGroup::Record r;
+    try {
+      r = group->record_failure(group->encode_verdict(HookGroup::Failure::kError, bucket), error);
+    } catch (const std::exception& e) {
+      r = {group->encode_verdict(HookGroup::Failure::kError, bucket), error};
+      detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": could not record the hook's failure (" +
+                       first_line(e.what()) + "); peers find out from their collectives");
+    }
+    failed = group->rank_of(r.verdict) == group->rank() ? failed_message(r.verdict, error, bucket)
+                                                        : failed_message(r.verdict, "", 0, r.reason);
+  }
+  fail(task, failed);
+}
+
 void ScriptCommHook::Worker::abort_device(const at::Device& device, const std::string& why) {
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -394,8 +473,9 @@ void ScriptCommHook::Worker::watch() {
     if (!agreement_error.empty()) {
       message += " (telling the other ranks failed: " + agreement_error + ")";
     } else if (decision != 0 && group->failure_of(decision) == HookGroup::Failure::kError) {
-      message = failed_message(decision, "", 0) + " (this rank's own call did not return within " +
-                seconds(options.hook_timeout) + " s)";
+      message = failed_message(decision, "", 0,
+                               mode == HookAgreement::kFailFast ? group->recorded_failure().reason : "") +
+                " (this rank's own call did not return within " + seconds(options.hook_timeout) + " s)";
     } else if (decision != 0 && group->rank_of(decision) != group->rank()) {
       message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
     }
@@ -424,6 +504,18 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
   TORCH_CHECK(options.agreement != HookAgreement::kPerStep || options.on_error == OnHookError::kFail, "hook ",
               hook->name(), ": the per-step agreement cannot fall back (it aborts the communicator on a failure); "
               "use the per-collective agreement with the fallback policy");
+  // Fail fast needs a store every rank shares: the given one, else the one the
+  // group was made with. Each hook of a group has its own key (ranks register hooks in
+  // the same order).
+  worker_->failure_store = options.failure_store ? options.failure_store : failure_store_of(pg);
+  if (worker_->failure_store) {
+    try {
+      worker_->failure_key =
+          "ftcomm/hook-failure/" + std::to_string(next_hook_number(worker_->failure_store, pg->getRank()));
+    } catch (const std::exception&) {
+      worker_->failure_store.reset();  // a store that cannot count: no fail-fast
+    }
+  }
   // The threads hold the worker: one stuck in a hook outlives this object.
   auto w = worker_;
   w->thread = std::thread([w] { w->run(); });
@@ -488,6 +580,10 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
       } catch (const std::exception& e) {
         worker_->fail(task, first_line(e.what()));
         return future;
+      }
+      // Before the worker's first call (it takes this task under the same lock).
+      if (worker_->mode == HookAgreement::kFailFast) {
+        worker_->group->set_fail_fast(worker_->failure_store, worker_->failure_key);
       }
     }
     if (!worker_->broken.empty()) {

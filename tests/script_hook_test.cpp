@@ -582,7 +582,101 @@ TEST_F(HookFiles, PerStepWithoutAFailureReducesEveryBucket) {
   });
 }
 
-TEST(HookAgreementChoice, AutoIsPerCollectiveOnTheCpuAndPerStepIsRefusedWhereItCannotBeSafe) {
+// --- fail fast: no exchange; the failing rank's record tells its peers ----------
+//
+// Rank 1 fails at each point a hook can fail; every rank of world 2, 3 and 4 (the
+// issue's CPU worlds, as threads over Gloo) must end its step with one error that
+// names the hook, rank 1, the bucket and rank 1's reason, within the bound: at
+// once for rank 1, within the look-up slice for a peer waiting in a collective,
+// and within the hook deadline plus a slice for a stuck rank. Each rank's group
+// closes when its thread ends, as a failed process's connections close.
+TEST_F(HookFiles, FailFastAFailureAtEveryPointIsReportedByEveryRank) {
+  const std::string on_rank1_bucket = "    if group.rank() == 1 and bucket.index() == ";
+  const std::string mean = "    b = bucket.buffer()\n    b.div_(group.world_size())\n";
+  struct Case {
+    std::string name, body, reason;
+    int64_t bucket;
+  };
+  const std::vector<Case> cases = {
+      {"ff_before_first", hook_body(on_rank1_bucket + "0:\n        raise Exception('unhappy early')\n" + mean +
+                                    "    return group.allreduce(b)\n"), "unhappy early", 0},
+      {"ff_between", hook_body(mean + "    b = group.allreduce(b)\n" + on_rank1_bucket +
+                               "0:\n        raise Exception('unhappy between')\n    return group.allreduce(b)\n"),
+       "unhappy between", 0},
+      {"ff_before_last", hook_body(on_rank1_bucket + "1:\n        raise Exception('unhappy late')\n" + mean +
+                                   "    return group.allreduce(b)\n"), "unhappy late", 1},
+      {"ff_bad_shape_last", hook_body(mean + "    b = group.allreduce(b)\n" + on_rank1_bucket +
+                                      "1:\n        return b[:10]\n    return b\n"), "returned Float[10]", 1},
+      // Stuck well past the deadline, then back (the late result is discarded),
+      // so the abandoned thread does not spin on for the rest of the test.
+      {"ff_stuck_first", hook_body(on_rank1_bucket + "0:\n        spins = 0\n        while spins < 80000000:\n"
+                                   "            spins += 1\n" + mean + "    return group.allreduce(b)\n"),
+       "did not return within 1.5 s", 0},
+  };
+  const auto hook_timeout = 1500ms;
+  for (int world : {2, 3, 4}) {
+    for (const auto& c : cases) {
+      const auto path = write(c.name + ".py", c.body);
+      std::vector<std::pair<std::string, double>> results(static_cast<size_t>(world));
+      testing::run_threads(world, [&](int rank, const Store& store) {
+        auto pg = make_process_group(testing::thread_options(rank, world, store, 30s));
+        ScriptCommHookOptions options;
+        options.hook_timeout = hook_timeout;
+        ScriptCommHook comm(pg, ScriptHook::load(path), options);
+        // Up to two steps: a failure after rank 1's last collective of a step
+        // reaches its peers at their next collective (their step was whole).
+        std::string error;
+        double seconds = 0;
+        for (int step = 0; step < 2 && error.empty(); ++step) {
+          TestBucket b0(rank_values(rank, 100), {{100}}, 0, 2), b1(rank_values(rank, 50), {{50}}, 1, 2);
+          const auto start = std::chrono::steady_clock::now();
+          error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
+          seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+        results[static_cast<size_t>(rank)] = {error, seconds};
+        EXPECT_EQ(comm.agreement(), HookAgreement::kFailFast);
+        if (!error.empty()) {
+          // Nothing more runs on this rank: later buckets fail at once.
+          TestBucket again(rank_values(rank, 10), {{10}}, 0, 2);
+          auto f = comm.runHook(*again.bucket);
+          f->wait();
+          EXPECT_TRUE(f->hasError()) << "rank " << rank;
+        }
+      });
+      for (int rank = 0; rank < world; ++rank) {
+        const auto& [error, seconds] = results[static_cast<size_t>(rank)];
+        const std::string where = c.name + " world " + std::to_string(world) + " rank " + std::to_string(rank);
+        const bool stuck = c.name.find("stuck") != std::string::npos;
+        const std::string what = stuck ? "hook " + c.name + " did not return within 1.5 s on rank 1"
+                                       : "hook " + c.name + " failed on rank 1 (";
+        EXPECT_NE(error.find(what), std::string::npos) << where << ": " << error;
+        if (!stuck) EXPECT_NE(error.find(c.reason), std::string::npos) << where << ": " << error;
+        EXPECT_NE(error.find("in bucket " + std::to_string(c.bucket)), std::string::npos) << where << ": " << error;
+        if (rank != 1) EXPECT_NE(error.find("recorded by rank 1"), std::string::npos) << where << ": " << error;
+        EXPECT_LT(seconds, stuck ? 1.5 + 2.0 : 2.0) << where;
+      }
+    }
+  }
+}
+
+TEST_F(HookFiles, FailFastWithoutAFailureLooksAtTheStoreOnlyWhileACollectiveIsSlow) {
+  // Two steps of two buckets at world 3: every bucket reduced, no record made.
+  testing::run_threads(3, [&](int rank, const Store& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 3, store, 30s));
+    ScriptCommHook comm(pg, ScriptHook::load("allreduce"));
+    for (int step = 0; step < 2; ++step) {
+      TestBucket b0(rank_values(rank, 100), {{100}}, 0, 2), b1(rank_values(rank, 50), {{50}}, 1, 2);
+      EXPECT_EQ(run_step(comm, {b0.bucket.get(), b1.bucket.get()}), "") << "rank " << rank;
+      const at::Tensor mean = (rank_values(0, 100) + rank_values(1, 100) + rank_values(2, 100)) / 3;
+      EXPECT_LE((b0.bucket->getBuffer() - mean).abs().max().item<double>(), 1e-3);
+    }
+    EXPECT_EQ(comm.agreement(), HookAgreement::kFailFast);
+    EXPECT_TRUE(pg->getStore()->check({"ftcomm/hooks-made/rank0"}));
+    EXPECT_FALSE(pg->getStore()->check({"ftcomm/hook-failure/0"}));
+  });
+}
+
+TEST(HookAgreementChoice, AutoIsFailFastOnTheCpuAndPerStepIsRefusedWhereItCannotBeSafe) {
   EXPECT_EQ(parse_hook_agreement("on"), HookAgreement::kAuto);
   EXPECT_EQ(parse_hook_agreement("per-step"), HookAgreement::kPerStep);
   EXPECT_THROW(parse_hook_agreement("sometimes"), c10::Error);
@@ -594,7 +688,25 @@ TEST(HookAgreementChoice, AutoIsPerCollectiveOnTheCpuAndPerStepIsRefusedWhereItC
       EXPECT_EQ(comm.agreement(), HookAgreement::kAuto);
       TestBucket b(rank_values(rank, 10), {{10}});
       run(comm, *b.bucket);
+      EXPECT_EQ(comm.agreement(), HookAgreement::kFailFast);
+    }
+    {
+      // The fallback needs every rank to decide together: per collective.
+      ScriptCommHookOptions options;
+      options.on_error = OnHookError::kFallback;
+      ScriptCommHook comm(pg, hook, options);
+      TestBucket b(rank_values(rank, 10), {{10}});
+      run(comm, *b.bucket);
       EXPECT_EQ(comm.agreement(), HookAgreement::kPerCollective);
+      options.agreement = HookAgreement::kFailFast;
+      ScriptCommHook refused(pg, hook, options);
+      TestBucket c(rank_values(rank, 10), {{10}});
+      try {
+        run(refused, *c.bucket);
+        ADD_FAILURE() << "fail-fast with the fallback policy was accepted";
+      } catch (const std::exception& e) {
+        EXPECT_NE(std::string(e.what()).find("cannot fall back"), std::string::npos) << e.what();
+      }
     }
     {
       // Per step on Gloo alone: the exchange would queue behind the hook's own

@@ -6,12 +6,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/custom_class.h>
 
@@ -35,6 +38,9 @@ namespace ftcomm {
 //   carried to that exchange (the failing rank runs no further hooks that step),
 //   and the caller then aborts the communicator on every rank, which ends any
 //   collective that a peer enqueued and this rank never will.
+// - fail fast: no exchange. A failing rank records its verdict and reason in the
+//   store (record_failure); a collective that is slow, or fails, looks there and
+//   ends with the recorded failure (stopped_by_peer).
 class HookGroup : public torch::CustomClassHolder {
  public:
   // `control` carries the agreement's exchanges (its CPU backend); null: `pg`.
@@ -86,11 +92,31 @@ class HookGroup : public torch::CustomClassHolder {
   // its collectives now throw, and whatever the call returns is moot.
   bool abandoned() const { return abandoned_; }
 
+  // Fail fast: failures are recorded under `key` in `store`, and a collective
+  // waits in slices of `slice`, looking for a record between them.
+  void set_fail_fast(c10::intrusive_ptr<c10d::Store> store, std::string key,
+                     std::chrono::milliseconds slice = std::chrono::milliseconds(50));
+  bool fail_fast() const { return static_cast<bool>(store_); }
+  // Records this rank's failure unless one is recorded already (the first
+  // wins: the root cause). Returns the record in force.
+  struct Record {
+    int64_t verdict = 0;  // 0: none
+    std::string reason;
+  };
+  Record record_failure(int64_t verdict, const std::string& reason);
+  // The record, if any (verdict 0: none). One store request.
+  Record recorded_failure();
+  // The record that stopped a collective of this rank (stopped_by_peer()).
+  const Record& peer_record() const { return peer_record_; }
+
  private:
   // Takes op_mutex_ for one collective (with its control exchange).
   std::unique_lock<std::mutex> begin_collective();
   void control_before_collective();
   int64_t exchange(int64_t value);
+  // Waits for a collective: at once, or (fail fast) in slices, looking for a
+  // recorded failure between them and after a failure of the collective.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_, control_;
   std::mutex op_mutex_;     // held by the worker during each collective
   std::atomic<bool> abandoned_{false};  // the watchdog gave up on this hook call
@@ -102,6 +128,11 @@ class HookGroup : public torch::CustomClassHolder {
   bool step_open_ = false;     // a bucket of this step has begun; its exchange is owed
   bool step_decided_ = false;  // the watchdog made this rank's exchange
   int64_t step_decision_ = 0;
+  // Fail fast.
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::string key_;
+  std::chrono::milliseconds slice_{50};
+  Record peer_record_;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
 #include "ftcomm/script_hook.h"
@@ -25,8 +26,9 @@ enum class OnHookError { kFail, kFallback };
 // others waiting: either every rank fails with the same error, naming the hook
 // and the failing rank, or every rank falls back (kFallback).
 enum class HookAgreement {
-  // kPerStep for CUDA buckets on NCCL under OnHookError::kFail, else
-  // kPerCollective: the safe choice at the lowest cost for each backend.
+  // Under OnHookError::kFail: kPerStep for CUDA buckets on NCCL, kFailFast for
+  // CPU buckets (where the group has a store); else kPerCollective: the
+  // safe choice at the lowest cost for each backend.
   kAuto,
   // A control exchange (a 1-element allreduce on the CPU) before each of the
   // hook's collectives and one after each bucket. A failure stops every rank at
@@ -43,12 +45,23 @@ enum class HookAgreement {
   // hook's collectives: NCCL buckets (the exchange is on Gloo), or a separate
   // control group.
   kPerStep,
+  // No exchange at all (Gloo's choice under kFail): the hook's collectives go
+  // straight to the group. A rank whose hook fails (throws, returns a bad result,
+  // or passes its deadline) records why in the job's store (the first record
+  // wins) and fails that bucket and every later one; a rank waiting in a
+  // collective looks at the store whenever the collective has taken longer than
+  // a short slice, or has failed (the failing rank's connections closed), and
+  // fails with the recorded reason. Every rank reports the same hook, rank,
+  // bucket and reason. The group is unusable afterwards (a collective may stay
+  // pending on it) and the job restarts; kFail only. Costs nothing per
+  // collective: a look at the store only while a collective is slow.
+  kFailFast,
   // No agreement: for trusted hooks only; a failure on one rank can leave the
   // others waiting until the group's timeout.
   kOff,
 };
 
-// Parses "auto", "per-collective", "per-step" or "off" (and "on" = "auto");
+// Parses "auto", "per-collective", "per-step", "fail-fast" or "off" (and "on" = "auto");
 // throws naming the accepted values otherwise.
 HookAgreement parse_hook_agreement(const std::string& name);
 const char* hook_agreement_name(HookAgreement agreement);
@@ -59,6 +72,9 @@ struct ScriptCommHookOptions {
   // group. A separate group lets kPerStep run where the hook's collectives are on
   // Gloo too (tests).
   c10::intrusive_ptr<c10d::ProcessGroup> control_group;
+  // Where kFailFast records a failure; null: the store the group was made with
+  // (ProcessGroup::getStore(); every rank of the group shares it).
+  c10::intrusive_ptr<c10d::Store> failure_store;
   // Also treat a result with NaN or Inf as a failure. A full pass over every
   // bucket (it took a 50 MB model's step from 121 to 183 ms on this project's
   // 2-core CI machine), so off in training and on in `ftcomm hook check`; a non-finite

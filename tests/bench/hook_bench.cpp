@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -40,6 +41,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Args {
   int world = 2, steps = 5, rounds = 5, batch = 64;
+  int threads = 0;  // intra-op threads per rank; 0: OMP_NUM_THREADS, else 1
   double bucket_mb = 25;
   std::vector<int64_t> widths;
   std::string model = "mlp";
@@ -61,6 +63,8 @@ Args parse(int argc, char** argv) {
   app.add_option("--steps", a.steps, "timed steps per method and round")->check(CLI::Range(1, 100000))->capture_default_str();
   app.add_option("--rounds", a.rounds, "rounds (methods interleaved)")->check(CLI::Range(1, 10000))->capture_default_str();
   app.add_option("--batch", a.batch, "samples per rank")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  app.add_option("--threads", a.threads, "intra-op threads per rank (default: OMP_NUM_THREADS, else 1, as torchrun "
+                 "sets for several ranks on one host)")->check(CLI::Range(1, 256));
   app.add_option("--bucket-mb", a.bucket_mb, "bucket size")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
   app.add_option("--model", a.model,
                  "mlp: 1024-2048-2048-2048-1024 (12.6M params; short backward, the hooks' fixed costs exposed); deep: "
@@ -96,7 +100,11 @@ Args parse(int argc, char** argv) {
 }
 
 int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
-  at::set_num_threads(1);  // as torchrun does for several ranks on one host
+  // As the Python benchmark's ranks run (OMP_NUM_THREADS), else 1 as torchrun
+  // sets for several ranks on one host.
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  const int threads = args.threads > 0 ? args.threads : (omp && std::atoi(omp) > 0 ? std::atoi(omp) : 1);
+  at::set_num_threads(threads);
   options.timeout = std::chrono::seconds(300);
   const bool cuda = args.device == "cuda";
   options.backend = cuda ? ftcomm::parse_backend(args.backend) : ftcomm::Backend::kGloo;
@@ -206,6 +214,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     std::sort(ratios.begin(), ratios.end());
     return ratios;
   };
+  std::printf("%d threads per rank\n", at::get_num_threads());
   std::printf("%-24s %10s %12s %16s  %s\n", "method", "step ms", "vs builtin", "rounds' range", "agreement");
   for (auto& m : methods) {
     const std::string base = m.name.find("fp16") != std::string::npos ? "builtin FP16_COMPRESS" : "builtin ALLREDUCE";
@@ -234,6 +243,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
                                 {"widths", args.widths},
                                 {"agreement", agreement_of("ts allreduce")},
                                 {"batch", args.batch},
+                                {"threads", at::get_num_threads()},
                                 {"bucket_mb", args.bucket_mb},
                                 {"median_step_ms", med},
                                 {"allreduce_bit_equal", allreduce_equal},
