@@ -98,8 +98,12 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
         (made here, collectively), apart from the Reducer's own collectives.
         agreement: how a hook failing on some ranks only is made to fail (or fall back) on
             all of them, so that no rank waits on a collective the others never join:
-            ``"auto"`` (the default: ``"per-step"`` for CUDA buckets on NCCL with
-            ``on_error="fail"``, else ``"per-collective"``); ``"per-collective"`` (a small
+            ``"auto"`` (the default: with ``on_error="fail"``, ``"per-step"`` for CUDA buckets
+            on NCCL and ``"fail-fast"`` for CPU buckets; else ``"per-collective"``);
+            ``"fail-fast"`` (nothing per collective: a failing rank records hook, rank,
+            bucket and reason in the group's store, and a peer whose collective is slow
+            or broken finds it there and raises the same error; the group is unusable
+            afterwards: restart the job, :class:`FaultTolerant` resumes it); ``"per-collective"`` (a small
             Gloo exchange before each of the hook's collectives and after each bucket; the
             group stays usable; needed for ``on_error="fallback"``); ``"per-step"`` (the
             hook's NCCL collectives go straight to the stream, one exchange per step after

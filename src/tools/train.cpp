@@ -150,10 +150,12 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "how the ranks make a hook failing or stuck on some ranks fail (or fall back) on all of them. "
                  "per-collective: a small exchange before each of the hook's collectives and after each bucket; "
                  "per-step: the hook's NCCL collectives go straight to the stream and the ranks exchange once per "
-                 "step, aborting the NCCL communicator on a failure (the job then restarts and recovers); auto: "
-                 "per-step for CUDA buckets on NCCL, else per-collective; off: none (a rank-local hook failure then "
-                 "surfaces as a collective timeout). A failing hook stops every rank (train has no fallback)")
-      ->check(CLI::IsMember({"auto", "on", "per-collective", "per-step", "off"}))->capture_default_str();
+                 "step, aborting the NCCL communicator on a failure (the job then restarts and recovers); "
+                 "fail-fast: nothing per collective, a failing rank records its reason in the group's store and "
+                 "peers whose collective stalls or breaks find it there (the job then restarts and recovers); auto: "
+                 "per-step for CUDA buckets on NCCL, fail-fast for CPU buckets; off: none (a rank-local hook failure "
+                 "then surfaces as a collective timeout). A failing hook stops every rank (train has no fallback)")
+      ->check(CLI::IsMember({"auto", "on", "per-collective", "per-step", "fail-fast", "off"}))->capture_default_str();
   app.add_option("--timeout", a.timeout_s,
                  "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
                  "than half of it fails the step on every rank, naming the stuck rank")
