@@ -115,6 +115,7 @@ void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
       if (r.verdict != 0) stopped(r);
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
+    collective_broke_ = true;
     work->wait();  // rethrows the collective's own error
   }
 }

@@ -398,6 +398,12 @@ void ScriptCommHook::Worker::process_fail_fast(Task& task) {
   if (group->stopped_by_peer()) {
     const auto& r = group->peer_record();
     failed = failed_message(r.verdict, "", 0, r.reason);
+  } else if (group->collective_broke()) {
+    // Not the hook's failure: a peer's process died (or the group timed out).
+    failed = "hook " + hook->name() + " in bucket " + std::to_string(bucket) + " on rank " +
+             std::to_string(group->rank()) + ": a collective failed (" + error +
+             ") with no hook failure on record: a peer's process died, or the group's timeout passed; this "
+             "process must restart";
   } else {
     // This rank's own failure, unless a peer's is on record first (the root
     // cause: this one may be a collective that peer's exit broke).

@@ -676,6 +676,23 @@ TEST_F(HookFiles, FailFastWithoutAFailureLooksAtTheStoreOnlyWhileACollectiveIsSl
   });
 }
 
+TEST_F(HookFiles, FailFastAPeerThatDiesIsNotRecordedAsThisRanksHookFailure) {
+  // Rank 1's process "dies" (its group closes) without any hook failure while
+  // rank 0 waits in its allreduce: rank 0 says what broke, records nothing, and
+  // does not blame its own hook.
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 2, store, 30s));
+    if (rank == 1) return;
+    ScriptCommHook comm(pg, ScriptHook::load("allreduce"));
+    TestBucket b(rank_values(rank, 100), {{100}});
+    const std::string error = run_step(comm, {b.bucket.get()});
+    EXPECT_NE(error.find("a collective failed"), std::string::npos) << error;
+    EXPECT_NE(error.find("no hook failure on record"), std::string::npos) << error;
+    EXPECT_EQ(error.find("failed on rank 0"), std::string::npos) << error;
+    EXPECT_FALSE(pg->getStore()->check({"ftcomm/hook-failure/0"}));
+  });
+}
+
 TEST(HookAgreementChoice, AutoIsFailFastOnTheCpuAndPerStepIsRefusedWhereItCannotBeSafe) {
   EXPECT_EQ(parse_hook_agreement("on"), HookAgreement::kAuto);
   EXPECT_EQ(parse_hook_agreement("per-step"), HookAgreement::kPerStep);

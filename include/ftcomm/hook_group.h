@@ -108,6 +108,10 @@ class HookGroup : public torch::CustomClassHolder {
   Record recorded_failure();
   // The record that stopped a collective of this rank (stopped_by_peer()).
   const Record& peer_record() const { return peer_record_; }
+  // Fail fast: a collective of this rank failed with no failure on record (a
+  // peer's process died, or the group's timeout passed): not this hook's fault,
+  // and not recorded as such.
+  bool collective_broke() const { return collective_broke_; }
 
  private:
   // Takes op_mutex_ for one collective (with its control exchange).
@@ -133,6 +137,7 @@ class HookGroup : public torch::CustomClassHolder {
   std::string key_;
   std::chrono::milliseconds slice_{50};
   Record peer_record_;
+  bool collective_broke_ = false;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.
