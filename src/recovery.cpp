@@ -217,7 +217,7 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
   const uint64_t want = any_local ? (needs.hook_local ? CommitRecord::kBuddyHook : 0) |
                                         (needs.trainer_local ? CommitRecord::kBuddyTrainer : 0)
                                   : CommitRecord::kBuddyHook | CommitRecord::kBuddyTrainer;
-  auto local_source = [&](int r, int64_t step) -> RecoveryPlan::LocalSource {
+  auto local_source_of = [&](int r, int64_t step, uint64_t want) -> RecoveryPlan::LocalSource {
     for (int x = 0; x < world; ++x) {
       const SnapshotCandidate* c = held(x, step);
       if (c && same_world(*c) && owner(*c, x) == r) return {x, false};
@@ -231,6 +231,7 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
     }
     return {};
   };
+  auto local_source = [&](int r, int64_t step) { return local_source_of(r, step, want); };
   auto local_ok = [&](int r, int64_t step) { return !any_local || local_source(r, step).rank >= 0; };
   auto foreign = [&](int64_t step) {
     for (int r = 0; r < world; ++r) {
@@ -279,6 +280,9 @@ RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& ca
   for (int r = 0; r < world; ++r) {
     plan.local_source.push_back(local_source(r, chosen));
     if (any_local && plan.local_source.back().rank < 0) plan.local_reset.push_back(r);
+    plan.trainer_source.push_back(plan.local_source.back().rank >= 0 || !needs.trainer_local
+                                      ? plan.local_source.back()
+                                      : local_source_of(r, chosen, CommitRecord::kBuddyTrainer));
   }
   return plan;
 }
@@ -558,7 +562,15 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
   }
   std::vector<std::string> notes;
   for (int r = 0; r < world; ++r) {
-    const RecoveryPlan::LocalSource from = plan.local_source[static_cast<size_t>(r)];
+    RecoveryPlan::LocalSource from = plan.local_source[static_cast<size_t>(r)];
+    // The hook's part is missing, the trainer's (RNG, buffers) is not: that part
+    // comes back, and the hook's alone starts afresh.
+    bool trainer_only = false;
+    if (from.rank < 0 && !state.rank_local.empty() && r < static_cast<int>(plan.trainer_source.size()) &&
+        plan.trainer_source[static_cast<size_t>(r)].rank >= 0) {
+      from = plan.trainer_source[static_cast<size_t>(r)];
+      trainer_only = true;
+    }
     if (from.rank < 0) {
       const int buddy = (r + state.buddy_stride) % world;
       const bool lost = std::find(plan.resync.begin(), plan.resync.end(), r) != plan.resync.end();
@@ -583,8 +595,8 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
       for (const auto& nt : local.tensors) {
         if (from.buddy) {
           const std::string own = from_buddy_name(nt.name);
-          if (!own.empty()) copy.push_back({own, nt.tensor, nt.home});
-        } else if (nt.name.rfind("local/", 0) == 0 || nt.name.rfind("hook_l/", 0) == 0) {
+          if (!own.empty() && (!trainer_only || own.rfind("local/", 0) == 0)) copy.push_back({own, nt.tensor, nt.home});
+        } else if (nt.name.rfind("local/", 0) == 0 || (!trainer_only && nt.name.rfind("hook_l/", 0) == 0)) {
           copy.push_back(nt);
         }
       }
@@ -598,8 +610,17 @@ RankLocalOutcome restore_rank_local(const Group& pg, const RecoveryPlan& plan, c
       auto mine = indexed_entries(by_name(copy), "local/", state.accelerator());
       if (mine.size() == state.rank_local.size()) state.rank_local = std::move(mine);
     }
+    const std::string part = trainer_only ? " (the trainer's part; the hook's reset to empty, policy " +
+                                                std::string(policy_name(plan.policy)) + ")"
+                                          : "";
     notes.push_back(rank_text(r) + (from.buddy ? ": restored from " + rank_text(from.rank) + "'s buddy copy"
-                                               : ": restored from its own snapshot, held by " + rank_text(from.rank)));
+                                               : ": restored from its own snapshot, held by " + rank_text(from.rank)) +
+                    part);
+    if (trainer_only && rank == r) {
+      detail::log_line("ftcomm: " + rank_text(rank) + ": " + what + " does not exist at step " +
+                       std::to_string(plan.step) + "; started afresh (empty); the trainer's rank-local state comes "
+                       "from " + rank_text(from.rank) + (from.buddy ? "'s buddy copy" : ""));
+    }
   }
   if (notes.empty()) {
     out.summary = "restored from each rank's store";

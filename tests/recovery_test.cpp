@@ -96,6 +96,23 @@ TEST(RecoveryPlan, WithoutRankLocalStateTheNewestStepWinsAndLaggardsAreResynced)
   EXPECT_EQ(plan.steps_lost(), 0);
 }
 
+TEST(RecoveryPlan, ResetKeepsTheTrainerPartThatTheBuddyHolds) {
+  // Rank 1 died in step 17; rank 0's just-in-time step 16 holds rank 1's
+  // trainer-local copy (every step) but not its hook state (periodic only).
+  const RecoveryNeeds reset{true, true, LocalStatePolicy::kReset};
+  const RecoveryPlan plan = plan_recovery({{jit(16, CommitRecord::kBuddyTrainer), periodic(10)}, {periodic(10)}}, reset);
+  EXPECT_EQ(plan.step, 16);
+  EXPECT_EQ(plan.local_reset, (std::vector<int>{1}));  // its hook state starts afresh...
+  ASSERT_EQ(plan.trainer_source.size(), 2u);
+  EXPECT_EQ(plan.trainer_source[1].rank, 0);  // ...its RNG and buffers come from rank 0's copy
+  EXPECT_TRUE(plan.trainer_source[1].buddy);
+  EXPECT_EQ(plan.trainer_source[0].rank, 0);
+  EXPECT_FALSE(plan.trainer_source[0].buddy);
+  // Without that copy, nothing to keep.
+  const RecoveryPlan none = plan_recovery({{jit(16), periodic(10)}, {periodic(10)}}, reset);
+  EXPECT_EQ(none.trainer_source[1].rank, -1);
+}
+
 TEST(RecoveryPlan, ExactPassesOverAStepWhoseRankLocalHookStateIsMissing) {
   // PowerSGD's error feedback of rank 1 exists only at the periodic step 10.
   const RecoveryNeeds exact{true, false, LocalStatePolicy::kExact};

@@ -134,6 +134,12 @@ struct RecoveryPlan {
     bool buddy = false;
   };
   std::vector<LocalSource> local_source;
+  // Where each rank's trainer-local state alone (TrainingState::rank_local: RNG,
+  // buffers) comes from: the same as local_source where that has it all, else a
+  // buddy copy that holds at least this part (a just-in-time commit copies it
+  // every step, the hook's state only at periodic commits). A rank whose hook
+  // state starts afresh (policy reset) keeps its trainer state from here.
+  std::vector<LocalSource> trainer_source;
   bool resized() const { return step >= 0 && step_world_size != static_cast<int>(rank_steps.size()); }
   int64_t steps_lost() const { return newest_step < 0 ? 0 : newest_step - std::max<int64_t>(0, step); }
   bool fresh() const { return step < 0; }

@@ -109,5 +109,8 @@ def test_jit_powersgd_policies(tmp_path, tmp_path_factory, policy):
         assert got["digest"] == baseline(tmp_path_factory, "powersgd", 2)["digest"]
     else:
         assert report["resumed_from_step"] == 7 and report["local_state_reset"] == [1], report
+        # Only the hook's part is gone: rank 1's RNG and BatchNorm buffers come back
+        # from rank 0's per-step buddy copy (issue 28, item 2).
+        assert "rank 1: restored from rank 0's buddy copy (the trainer's part" in report["local_state"], report
         want = baseline(tmp_path_factory, "powersgd", 2)["loss"]
         assert abs(got["loss"] - want) <= 0.15 * abs(want), (got["loss"], want)
