@@ -326,7 +326,7 @@ class FaultTolerant:
     def _check_user_state_agrees(self) -> None:
         # Collective, once: user_state is replicated (a resync copies rank 0's
         # over every other), so ranks that disagree would lose theirs silently.
-        digest = _C.tensors_digest(_state.pack({"user": self.user_state}))
+        digest = _C.tensors_digest(_state.pack({"user": _canonical(self.user_state)}))
         mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self._pg)
@@ -433,6 +433,18 @@ class _SaveOnError:
             except Exception as save_error:  # noqa: BLE001 - the original error matters more
                 print(f"ftcomm: the just-in-time save failed: {_first_line(save_error)}", file=sys.stderr, flush=True)
         self._previous(exc_type, exc, tb)
+
+
+def _canonical(obj: Any) -> Any:
+    # Equal sets pickle in hash order, which differs between processes (string
+    # hashing is salted per process): compare them sorted.
+    if isinstance(obj, (set, frozenset)):
+        return ("<set>", sorted((_canonical(v) for v in obj), key=repr))
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 def _first_line(exc: BaseException) -> str:
