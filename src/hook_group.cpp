@@ -108,12 +108,13 @@ void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
   }
   if (future->hasError()) {
     // A peer's connection closed (it failed and exited) or the collective timed
-    // out: a recorded failure explains it, and the failing rank records before it
-    // leaves. It may still be on its way: look for a while.
-    for (int i = 0; i < 20; ++i) {
+    // out: a recorded failure explains it. The failing rank records before it
+    // fails its bucket, so before its connections close: a short look suffices
+    // (a long one would let torchrun's SIGTERM overtake this rank's error path).
+    for (int i = 0; i < 2; ++i) {
       const Record r = recorded_failure();
       if (r.verdict != 0) stopped(r);
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     collective_broke_ = true;
     work->wait();  // rethrows the collective's own error

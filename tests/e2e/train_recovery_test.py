@@ -57,7 +57,10 @@ class Runner:
         events_path = os.path.join(self.workdir, f"run{self.count}.events.jsonl")
         # noop keeps no replicas: a just-in-time resume would resync its lagging
         # rank from a peer (see expect_equal), so its runs keep periodic commits only.
-        jit = ["--jit", "off"] if hook == "noop" else []
+        # And it communicates nothing: under the fail-fast agreement nothing in its
+        # step is collective, so survivors would commit steps past a dead rank's and
+        # resync it from a peer; the per-collective exchange keeps its ranks in step.
+        jit = ["--jit", "off", "--hook-agree", "per-collective"] if hook == "noop" else []
         args = ["--steps", str(steps), "--hook", hook, "--ckpt", ckpt, "--commit-every", str(commit_every),
                 "--summary-json", summary, "--events", events_path] + hook_args(hook) + jit + extra
         env = dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore")
