@@ -427,13 +427,19 @@ void flip_byte(const std::string& path, double where) {
   f.write(&c, 1);
 }
 
+// A store at `dir` holding one snapshot (step 1), and its commit record.
+std::unique_ptr<CheckpointStore> store_with_one_snapshot(const std::string& dir, CommitRecord* r) {
+  auto store = open_store(dir);
+  EXPECT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+  EXPECT_TRUE(store->LatestSnapshot(r).ok());
+  return store;
+}
+
 TEST(CheckpointStoreErrors, CorruptBlobIsReported) {
   TempDir tmp;
   const std::string dir = tmp.sub("r");
-  auto store = open_store(dir);
-  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
   CommitRecord r;
-  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  auto store = store_with_one_snapshot(dir, &r);
   flip_byte(dir + "/blobs/" + r.blob_file, 0.6);
   std::vector<NamedTensor> state;
   auto s = store->LoadSnapshot(r, &state);
@@ -667,10 +673,8 @@ TEST(CheckpointStoreErrors, ABadTensorHeaderIsDamageNotACrash) {
   for (const uint64_t bad : {uint64_t(-5), uint64_t(1) << 45, uint64_t(0), uint64_t(255)}) {
     TempDir tmp;
     const std::string dir = tmp.sub("r");
-    auto store = open_store(dir);
-    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
     CommitRecord r;
-    ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+    auto store = store_with_one_snapshot(dir, &r);
     write_u64_at(dir + "/blobs/" + r.blob_file, 54, bad);
     std::vector<NamedTensor> state;
     const auto s = store->LoadSnapshot(r, &state);

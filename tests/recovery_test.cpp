@@ -387,18 +387,9 @@ TEST(RecoveryForked, AReplacedRankInItsOwnProcessResumesBitExactly) {
 
 // --- a refused resume discards nothing (issue 28, item 1) ------------------------
 
-std::vector<int64_t> steps_in_open(Checkpointer& ckpt) {
+std::vector<int64_t> steps_of(CheckpointStore& store) {
   std::vector<CommitRecord> records;
-  check(ckpt.store()->ListCommits(&records));
-  std::vector<int64_t> out;
-  for (const auto& r : records) out.push_back(r.step);
-  return out;
-}
-
-std::vector<int64_t> steps_in(const std::string& dir, int rank) {
-  auto store = open_rank_store(dir, rank);
-  std::vector<CommitRecord> records;
-  check(store->ListCommits(&records));
+  check(store.ListCommits(&records));
   std::vector<int64_t> out;
   for (const auto& r : records) out.push_back(r.step);
   return out;
@@ -428,26 +419,33 @@ TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLa
       }
     }
     pg->barrier()->wait();
-    auto attempt = [&](std::map<std::string, std::string> settings, const std::string& hook) {
+    auto options = [&](std::map<std::string, std::string> settings) {
       CheckpointerOptions o;
       o.ckpt_dir = scratch.rank_dir(rank);
       o.job_id = "recovery-test";
       o.keep_snapshots = 4;
       o.settings = std::move(settings);
       o.fixes.allow_change = "pass allow_changed_settings=['NAME']";
-      Checkpointer ckpt(pg, o);
+      return o;
+    };
+    auto state_with = [&](const std::string& hook) {
       TrainingState state = make_state(0.0f, false, rank);
       if (hook == "none") state.hook.reset();
       if (hook == "other") state.hook = ScriptHook::load(test_hook("fail_on_rank"));
+      return state;
+    };
+    auto attempt = [&](std::map<std::string, std::string> settings, const std::string& hook) {
+      Checkpointer ckpt(pg, options(std::move(settings)));
+      TrainingState state = state_with(hook);
       ckpt.prepare_recovery(state);
       std::vector<std::vector<size_t>> buckets;
       const RecoveryReport report = ckpt.finish_recovery(state, {{0, 1}}, &buckets);
       EXPECT_EQ(report.resumed_from_step, 20);
       EXPECT_EQ(report.discarded_steps, rank == 0 ? std::vector<int64_t>{24} : std::vector<int64_t>{});
       // Not yet: the front-end may still refuse (a Python optimizer that does not fit).
-      EXPECT_EQ(steps_in_open(ckpt), rank == 0 ? (std::vector<int64_t>{10, 20, 24}) : (std::vector<int64_t>{10, 20}));
+      EXPECT_EQ(steps_of(*ckpt.store()), rank == 0 ? (std::vector<int64_t>{10, 20, 24}) : (std::vector<int64_t>{10, 20}));
       ckpt.accept_recovery();
-      EXPECT_EQ(steps_in_open(ckpt), (std::vector<int64_t>{10, 20}));
+      EXPECT_EQ(steps_of(*ckpt.store()), (std::vector<int64_t>{10, 20}));
     };
     for (const auto& [settings, hook, expect] :
          std::vector<std::tuple<std::map<std::string, std::string>, std::string, std::string>>{
@@ -456,15 +454,8 @@ TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLa
              {{{"lr", "0.1"}}, "other", "refusing to resume from step"},
              {{{"lr", "0.1"}}, "none", "this run has none"}}) {
       try {
-        CheckpointerOptions o;
-        o.ckpt_dir = scratch.rank_dir(rank);
-        o.job_id = "recovery-test";
-        o.settings = settings;
-        o.fixes.allow_change = "pass allow_changed_settings=['NAME']";
-        Checkpointer ckpt(pg, o);
-        TrainingState state = make_state(0.0f, false, rank);
-        if (hook == "none") state.hook.reset();
-        if (hook == "other") state.hook = ScriptHook::load(test_hook("fail_on_rank"));
+        Checkpointer ckpt(pg, options(settings));
+        TrainingState state = state_with(hook);
         ckpt.prepare_recovery(state);
         ADD_FAILURE() << "rank " << rank << ": resumed with " << hook;
       } catch (const c10::Error& e) {
@@ -475,7 +466,7 @@ TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLa
         EXPECT_NE(what.find("othing was discarded"), std::string::npos) << what;
       }
       pg->barrier()->wait();
-      EXPECT_EQ(steps_in(scratch.rank_dir(rank), rank),
+      EXPECT_EQ(steps_of(*open_rank_store(scratch.rank_dir(rank), rank)),
                 rank == 0 ? (std::vector<int64_t>{10, 20, 24}) : (std::vector<int64_t>{10, 20}));
       pg->barrier()->wait();
     }

@@ -96,7 +96,6 @@ class HookGroup : public torch::CustomClassHolder {
   // waits in slices of `slice`, looking for a record between them.
   void set_fail_fast(c10::intrusive_ptr<c10d::Store> store, std::string key,
                      std::chrono::milliseconds slice = std::chrono::milliseconds(50));
-  bool fail_fast() const { return static_cast<bool>(store_); }
   // Records this rank's failure unless one is recorded already (the first
   // wins: the root cause). Returns the record in force.
   struct Record {

@@ -144,10 +144,9 @@ class FaultTolerant:
         if user_state is not None and not isinstance(user_state, dict):
             raise TypeError(f"user_state must be a dict (resume() updates it in place), got "
                             f"{type(user_state).__name__}; wrap it: user_state={{'values': ...}}")
-        for name, value in (("allow_changed_settings", allow_changed_settings),):
-            if isinstance(value, (str, bytes)):
-                raise TypeError(f"{name} must be a list of setting names, got the string {value!r}; "
-                                f"write {name}=[{value!r}]")
+        if isinstance(allow_changed_settings, (str, bytes)):
+            raise TypeError(f"allow_changed_settings must be a list of setting names, got the string "
+                            f"{allow_changed_settings!r}; write allow_changed_settings=[{allow_changed_settings!r}]")
         if settings is not None and not isinstance(settings, dict):
             raise TypeError(f"settings must be a dict of name -> value, got {type(settings).__name__}")
         self.model = model
