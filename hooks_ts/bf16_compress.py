@@ -1,19 +1,9 @@
 # BF16 compression, as PyTorch's bf16_compress_hook: the bucket travels as
 # bfloat16 (half the bytes), is divided by the world size before the sum, and is
 # written back into the bucket's dtype.
-from typing import Dict, List
+from typing import Dict
 import torch
 from torch import Tensor
-
-
-def spec() -> Dict[str, List[str]]:
-    none: List[str] = []
-    return {"replicated": none, "local": none}
-
-
-def params() -> Dict[str, float]:
-    p: Dict[str, float] = {}
-    return p
 
 
 def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:

@@ -1,19 +1,9 @@
 # FP16 compression: bit-for-bit what c10d's built-in FP16_COMPRESS hook computes.
 # The bucket travels as float16 (half the bytes), is divided by the world size in
 # float16 before the sum (against overflow), and is written back into the bucket.
-from typing import Dict, List
+from typing import Dict
 import torch
 from torch import Tensor
-
-
-def spec() -> Dict[str, List[str]]:
-    none: List[str] = []
-    return {"replicated": none, "local": none}
-
-
-def params() -> Dict[str, float]:
-    p: Dict[str, float] = {}
-    return p
 
 
 def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:

@@ -3,19 +3,9 @@
 # all-gathered (1 byte an element per rank on the wire), and each rank
 # dequantizes and averages. Error bound: each element of the mean is within
 # scale / 2 of the exact mean, scale = max|g| / 127.
-from typing import Dict, List
+from typing import Dict
 import torch
 from torch import Tensor
-
-
-def spec() -> Dict[str, List[str]]:
-    none: List[str] = []
-    return {"replicated": none, "local": none}
-
-
-def params() -> Dict[str, float]:
-    p: Dict[str, float] = {}
-    return p
 
 
 def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor:

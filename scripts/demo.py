@@ -73,16 +73,16 @@ def main():
     failed, failed_losses, ev = run(args.ftcomm, workdir, "with-failure", args.steps,
                                     ["--fail-at", f"2:{args.fail_step}:backward"])
     clean, clean_losses, _ = run(args.ftcomm, workdir, "no-failure", args.steps, [])
-    rec = failed["recovery_ms"]
+    rec = failed
     restart_s = ev.get("rendezvous", ev.get("resumed", 0)) - ev.get("failure", 0)
     rows = [
         ("steps", f"{args.steps} (killed rank 2 at step {args.fail_step}; resumed from {failed['resumed_from_step']})"),
         ("restarts", str(failed["restarts"])),
         ("failure -> new group formed", f"{restart_s * 1000:.0f} ms (torchrun restart + rendezvous)"),
-        ("agreement on the step", f"{rec['agreement']:.1f} ms"),
-        ("load from the local store", f"{rec['load']:.1f} ms"),
-        ("resync", f"{rec['resync']:.1f} ms, {failed['resync_bytes']} bytes"),
-        ("first step after recovery", f"{rec['first_step']:.1f} ms"),
+        ("agreement on the step", f"{rec['agreement_ms']:.1f} ms"),
+        ("load from the local store", f"{rec['load_ms']:.1f} ms"),
+        ("resync", f"{rec['resync_ms']:.1f} ms, {failed['resync_bytes']} bytes"),
+        ("first step after recovery", f"{rec['first_step_ms']:.1f} ms"),
         ("lost work", f"{args.fail_step - 1 - failed['resumed_from_step']} steps (commit every 10)"),
         ("final digest, failure run", failed["param_digest"][:16]),
         ("final digest, clean run", clean["param_digest"][:16]),

@@ -8,7 +8,7 @@
 
 #include "control.h"
 #include "ftcomm/bucket_layout.h"
-#include "ftcomm/ddp.h"
+#include "ftcomm/settings.h"
 #include "ftcomm/process_group.h"
 #include "log.h"
 
@@ -40,9 +40,7 @@ Checkpointer::Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpoint
   so.job_id = options_.job_id;
   so.rank = pg_->getRank();
   so.keep_snapshots = options_.keep_snapshots;
-  // A store of another rank of this job is this rank's now (rank_store_dir gave
-  // it over after the ranks were numbered anew); its commits name their writer.
-  so.adopt_other_rank = true;
+  so.adopt_other_rank = options_.adopt_other_rank;
   check(CheckpointStore::Open(so, &store_));
 }
 

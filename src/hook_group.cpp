@@ -60,8 +60,36 @@ HookGroup::Record HookGroup::record_failure(int64_t verdict, const std::string& 
       store_->compareSet(key_, std::vector<uint8_t>{}, std::vector<uint8_t>(text.begin(), text.end()));
   const std::string got(held.begin(), held.end());
   const auto bar = got.find('|');
-  if (bar == std::string::npos) return {verdict, reason};
+  if (bar == std::string::npos || got == text) {
+    // This rank's record is the one in force: give the peers a moment to find it
+    // and report it as their own error, before this rank's exit (and torchrun's
+    // SIGTERM to them) overtakes their error path.
+    wait_for_acknowledgements();
+    return {verdict, reason};
+  }
+  acknowledge();
   return {std::strtoll(got.c_str(), nullptr, 10), got.substr(bar + 1)};
+}
+
+void HookGroup::acknowledge() {
+  if (acknowledged_.exchange(true)) return;
+  try {
+    store_->add(key_ + "/seen", 1);
+  } catch (const std::exception&) {
+    // The store is gone (its host rank exited): nobody waits for this any more.
+  }
+}
+
+void HookGroup::wait_for_acknowledgements() {
+  const int64_t peers = pg_->getSize() - 1;
+  const auto until = std::chrono::steady_clock::now() + kAcknowledgeWait;
+  try {
+    while (store_->add(key_ + "/seen", 0) < peers && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  } catch (const std::exception&) {
+    // The store is gone: report without waiting.
+  }
 }
 
 HookGroup::Record HookGroup::recorded_failure() {
@@ -95,6 +123,7 @@ void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
     // (begin_collective refuses once stopped_by_peer_ is set, when failing fast).
     stopped_by_peer_ = true;
     peer_record_ = r;
+    acknowledge();
     TORCH_CHECK(false, "the hook failed on rank ", rank_of(r.verdict), "; stopping on every rank");
   };
   for (;;) {

@@ -134,6 +134,19 @@ int cuda_device_count() {
 
 }  // namespace
 
+NcclCandidate nccl_candidate(int rank, int local_rank, const std::string& no_nccl) {
+  NcclCandidate c;
+  const int gpus = cuda_device_count();
+  if (gpus == 0) {
+    c.local_failure = "no CUDA device";
+  } else if (!no_nccl.empty()) {
+    c.local_failure = no_nccl;
+  } else {
+    c.device = (local_rank >= 0 ? local_rank : rank) % gpus;
+  }
+  return c;
+}
+
 std::string agree_nccl_usable(c10d::Store& store, int rank, int world, const std::string& local_failure,
                               int device) {
   // First agree that NCCL can be tried at all, so no rank enters NCCL's
@@ -297,20 +310,13 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
   } else {
     // First agree that NCCL can be tried at all, so no rank enters NCCL's
     // rendezvous alone and waits there for peers that will never come.
-    std::string local;
 #ifdef FTCOMM_WITH_NCCL
-    if (!choice.cuda_available) {
-      local = "no CUDA device";
-    }
+    const NcclCandidate mine = nccl_candidate(o.rank, o.local_rank, "");
 #else
-    local = "built without NCCL";
+    const NcclCandidate mine = nccl_candidate(o.rank, o.local_rank, "built without NCCL");
 #endif
-#ifdef FTCOMM_WITH_NCCL
-    const int device = gpus > 0 ? (o.local_rank >= 0 ? o.local_rank % gpus : o.rank % gpus) : -1;
-#else
-    const int device = -1;
-#endif
-    std::string failure = agree_nccl_usable(*store, o.rank, o.world_size, local, device);
+    const int device = mine.device;
+    std::string failure = agree_nccl_usable(*store, o.rank, o.world_size, mine.local_failure, device);
 #ifdef FTCOMM_WITH_NCCL
     if (failure.empty()) {
       c10::intrusive_ptr<c10d::Backend> nccl;

@@ -195,6 +195,12 @@ const char* policy_name(LocalStatePolicy policy) {
   return policy == LocalStatePolicy::kExact ? "exact" : "reset";
 }
 
+LocalStatePolicy parse_local_state_policy(const std::string& text, const std::string& what) {
+  if (text == "exact") return LocalStatePolicy::kExact;
+  if (text == "reset") return LocalStatePolicy::kReset;
+  TORCH_CHECK(false, what, " must be 'exact' or 'reset', got '", text, "'");
+}
+
 RecoveryPlan plan_recovery(const std::vector<std::vector<SnapshotCandidate>>& candidates, const RecoveryNeeds& needs) {
   RecoveryPlan plan;
   plan.policy = needs.policy;

@@ -160,14 +160,15 @@ struct ScriptHookLoader {
       } catch (const std::exception& e) {
         TORCH_CHECK(false, "hook ", path, " does not compile as TorchScript:\n", e.what());
       }
-      for (const char* fn : {"spec", "params", "hook"}) {
-        TORCH_CHECK(cu->find_function(fn) != nullptr, "hook ", path, " is not a hook: it defines no '", fn,
-                    "' function (a hook defines spec(), params() and hook(state, params, group, bucket))");
-      }
+      TORCH_CHECK(cu->find_function("hook") != nullptr, "hook ", path,
+                  " is not a hook: it defines no 'hook' function (a hook defines hook(state, params, group, bucket), "
+                  "and spec(), params() and ranges() when it keeps state or takes parameters)");
       check_hook_schema(cu->get_function("hook").getSchema(), path, 0);
-      hook->spec_fn_ = [cu] { return cu->get_function("spec")({}); };
+      // spec(), params() and ranges() are optional: a hook without them keeps no
+      // state and takes no parameters.
+      if (cu->find_function("spec") != nullptr) hook->spec_fn_ = [cu] { return cu->get_function("spec")({}); };
       if (cu->find_function("ranges") != nullptr) hook->ranges_fn_ = [cu] { return cu->get_function("ranges")({}); };
-      hook->params_fn_ = [cu] { return cu->get_function("params")({}); };
+      if (cu->find_function("params") != nullptr) hook->params_fn_ = [cu] { return cu->get_function("params")({}); };
       hook->hook_ = [cu](std::vector<c10::IValue> args) { return cu->get_function("hook")(std::move(args)); };
       hook->keep_alive_ = cu;
     } else {
@@ -178,26 +179,30 @@ struct ScriptHookLoader {
         TORCH_CHECK(false, "hook ", path, " is not a TorchScript archive torch.jit.load can read (",
                     first_line(e.what()), ")");
       }
-      for (const char* fn : {"spec", "params", "forward"}) {
-        TORCH_CHECK(module->find_method(fn).has_value(), "hook ", path, " is not a hook: the module has no '", fn,
-                    "' method (export spec and params with @torch.jit.export)");
-      }
+      TORCH_CHECK(module->find_method("forward").has_value(), "hook ", path,
+                  " is not a hook: the module has no 'forward' method (the hook; export spec, params and ranges "
+                  "with @torch.jit.export when it has them)");
       check_hook_schema(module->get_method("forward").function().getSchema(), path, 1);
-      hook->spec_fn_ = [module] { return module->get_method("spec")({}); };
+      if (module->find_method("spec").has_value()) hook->spec_fn_ = [module] { return module->get_method("spec")({}); };
       if (module->find_method("ranges").has_value()) {
         hook->ranges_fn_ = [module] { return module->get_method("ranges")({}); };
       }
-      hook->params_fn_ = [module] { return module->get_method("params")({}); };
+      if (module->find_method("params").has_value()) {
+        hook->params_fn_ = [module] { return module->get_method("params")({}); };
+      }
       hook->hook_ = [module](std::vector<c10::IValue> args) { return module->get_method("forward")(std::move(args)); };
       hook->keep_alive_ = module;
     }
 
     // The state declaration and the parameters.
-    const c10::IValue spec = call_declaration(hook->spec_fn_, path, "spec");
+    const c10::IValue spec = hook->spec_fn_ ? call_declaration(hook->spec_fn_, path, "spec")
+                                            : c10::IValue(c10::impl::GenericDict(c10::StringType::get(),
+                                                                                 c10::ListType::ofStrings()));
     TORCH_CHECK(spec.isGenericDict(), "hook ", path,
                 ": spec() must return Dict[str, List[str]] with keys 'replicated' and 'local'");
     auto spec_dict = spec.toGenericDict();
     for (const char* key : {"replicated", "local"}) {
+      if (!hook->spec_fn_) break;
       TORCH_CHECK(spec_dict.contains(key), "hook ", path, ": missing state declaration: spec() has no '", key,
                   "' entry; declare it, even as an empty list");
       auto names = spec_dict.at(key);
@@ -213,10 +218,12 @@ struct ScriptHookLoader {
       TORCH_CHECK(key == "replicated" || key == "local", "hook ", path, ": spec() has an unknown entry '", key,
                   "'; only 'replicated' and 'local'");
     }
-    const c10::IValue params = call_declaration(hook->params_fn_, path, "params");
-    TORCH_CHECK(params.isGenericDict(), "hook ", path, ": params() must return Dict[str, float]");
-    for (const auto& entry : params.toGenericDict()) {
-      hook->params_.insert(entry.key().toStringRef(), entry.value().toDouble());
+    if (hook->params_fn_) {
+      const c10::IValue params = call_declaration(hook->params_fn_, path, "params");
+      TORCH_CHECK(params.isGenericDict(), "hook ", path, ": params() must return Dict[str, float]");
+      for (const auto& entry : params.toGenericDict()) {
+        hook->params_.insert(entry.key().toStringRef(), entry.value().toDouble());
+      }
     }
     // Optional: ranges() -> Dict[str, List[float]], [lo, hi] per parameter.
     if (hook->ranges_fn_) {

@@ -12,6 +12,7 @@
 
 #include "fsutil.h"
 #include "ftcomm/checkpointer.h"
+#include "ftcomm/job.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/recovery.h"
 #include "support/multiprocess.h"
@@ -471,6 +472,44 @@ TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLa
       pg->barrier()->wait();
     }
     attempt({{"lr", "0.1"}}, "same");
+  });
+}
+
+TEST(JobOverThreads, OwnsTheStoreDirectoryTheDeadlinesAndJustInTime) {
+  // The core both front-ends run on: it finds the rank's store under the root
+  // (collective), derives the deadlines from the group's timeout, and starts
+  // just in time once recovery is done, only where there is a store.
+  Scratch scratch;
+  const int world = 2;
+  testing::run_threads(world, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, world, store, std::chrono::seconds(20)));
+    const auto deadlines = deadlines_for(group_timeout(pg));
+    EXPECT_EQ(deadlines.group.count(), 20000);
+    EXPECT_EQ(deadlines.hook.count(), 10000);
+    EXPECT_EQ(deadlines.stall.count(), 18000);
+    for (const bool with_store : {true, false}) {
+      JobOptions o;
+      o.ckpt_root = with_store ? scratch.path() : "";
+      o.checkpoint.job_id = "job-test";
+      o.jit.handle_sigterm = false;
+      Job job(pg, o);
+      EXPECT_EQ(job.store_dir(), with_store ? scratch.rank_dir(rank) : "");
+      EXPECT_EQ(job.deadlines().stall.count(), 18000);
+      TrainingState state = make_state(0.0f, false, rank);
+      job.prepare_recovery(state);
+      std::vector<std::vector<size_t>> buckets;
+      const RecoveryReport report = job.finish_recovery(state, {{0, 1}}, &buckets);
+      job.accept_recovery();
+      EXPECT_EQ(report.resumed_from_step, -1);
+      EXPECT_EQ(buckets, (std::vector<std::vector<size_t>>{{0, 1}}));
+      EXPECT_EQ(job.buddy_stride(), 1);
+      EXPECT_EQ(job.just_in_time_active(), with_store);
+      EXPECT_EQ(job.store() != nullptr, with_store);
+      job.stop_just_in_time();
+      EXPECT_FALSE(job.just_in_time_active());
+      EXPECT_FALSE(job.save_just_in_time("nothing to save"));
+      pg->barrier()->wait();
+    }
   });
 }
 

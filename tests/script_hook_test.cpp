@@ -432,7 +432,7 @@ TEST_F(HookFiles, EachKindOfBadHookGetsAClearError) {
   expect_check_error(write("dtype.py", hook_body("    return bucket.buffer().to(torch.float64)\n")), {"returned Double"});
   expect_check_error(write("nan.py", hook_body("    return bucket.buffer() * float('nan')\n")), {"non-finite"});
   expect_check_error(write("throws.py", hook_body("    raise Exception('boom')\n")), {"threw", "boom"});
-  expect_check_error(write("nothook.py", "def hello() -> int:\n    return 1\n", false), {"is not a hook", "spec"});
+  expect_check_error(write("nothook.py", "def hello() -> int:\n    return 1\n", false), {"is not a hook", "no 'hook' function"});
   expect_check_error(write("junk.pt", "not an archive"), {"not a TorchScript archive"});
   expect_check_error("no_such_hook_name", {"unknown hook 'no_such_hook_name'", "powersgd"});
 }

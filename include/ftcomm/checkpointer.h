@@ -1,7 +1,6 @@
 // Commits and recovery for one rank of a data-parallel job: a trainer's
 // TrainingState and the c10d::Reducer that reduces its gradients, against the
-// rank's CheckpointStore. DistributedDataParallel (ftcomm's C++ trainer) and the
-// Python package's FaultTolerant (around PyTorch's own DDP) both run on it.
+// rank's CheckpointStore. Job (job.h) runs it for both front-ends.
 //
 //   Checkpointer ckpt(pg, options);
 //   ckpt.prepare_recovery(state);                       // collective
@@ -34,6 +33,11 @@ namespace ftcomm {
 
 struct CheckpointerOptions {
   std::string ckpt_dir;  // this rank's store; empty: none (recovery still agrees, commits do nothing)
+  // ckpt_dir came from rank_store_dir (as Job does it): a store there written by
+  // another rank of this job was given to this rank (the ranks were numbered
+  // anew), and its commits keep naming their writer. Otherwise such a store is
+  // refused.
+  bool adopt_other_rank = false;
   std::string job_id;    // a store of another job is refused
   int commit_every = 10;  // a snapshot every K steps; 0: none
   int keep_snapshots = 2;

@@ -1,12 +1,11 @@
-// Fault-tolerant data parallelism driven from C++: c10d::Reducer with a scripted
-// comm hook, snapshots to the rank's checkpoint store every K steps, and recovery
-// at start-up (agree on the newest resumable step, resync ranks that lack it with
-// broadcast_coalesced, check hook digests and bucket layouts).
+// Fault-tolerant data parallelism driven from C++ (the front-end `ftcomm train`
+// uses): c10d::Reducer with a scripted comm hook, over a Job (job.h), which keeps
+// the rank's store, its commits, recovery at start-up and just in time.
 #pragma once
 
-#include <map>
+#include <chrono>
 #include <memory>
-#include <set>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,8 +14,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "ftcomm/checkpoint_store.h"
-#include "ftcomm/checkpointer.h"
-#include "ftcomm/just_in_time.h"
+#include "ftcomm/job.h"
 #include "ftcomm/recovery.h"
 #include "ftcomm/script_comm_hook.h"
 
@@ -31,22 +29,13 @@ struct DdpOptions {
   std::string hook = "allreduce";                               // name or file
   std::vector<std::pair<std::string, std::string>> hook_args;  // k=v
   std::vector<std::string> pinned_digests;                      // when set, the hook's must be one
-  std::string ckpt_dir;                                         // this rank's store; empty: none
-  std::string job_id;
-  int commit_every = 10;
-  int keep_snapshots = 2;
-  // The trainer's settings that change the result (learning rate, batch, model,
-  // ...), recorded with every commit together with the hook's parameters
-  // ("hook.<name>"). A resume refuses a change, naming the setting and both
-  // values, unless its name (or "all") is in allow_changed_settings.
-  std::map<std::string, std::string> settings;
-  std::set<std::string> allow_changed_settings;
   ScriptCommHookOptions hook_options;
-  // Just-in-time commits at a failure (see just_in_time.h); needs ckpt_dir.
-  bool just_in_time = true;
-  JustInTimeOptions jit_options;
-  // Which step a resume picks when a rank's own state is missing at the newest.
-  LocalStatePolicy local_state_policy = LocalStatePolicy::kExact;
+  // A hook call's deadline; unset: the job's (JobDeadlines::hook, half the
+  // group's timeout), which hook_options.hook_timeout is then set to.
+  std::optional<std::chrono::milliseconds> hook_timeout;
+  // The store, commits, resume checks and just in time (job.h). The hook's
+  // parameters are recorded with the settings as "hook.<name>".
+  JobOptions job;
 };
 
 class DistributedDataParallel {
@@ -94,24 +83,17 @@ class DistributedDataParallel {
   double comm_seconds() const;
   // Seconds spent keeping the just-in-time replica so far (before_update and
   // after_step's part; periodic commits not included).
-  double jit_seconds() const { return jit_seconds_; }
-  CheckpointStore* store() { return checkpointer_->store(); }
+  double jit_seconds() const { return job_.jit_seconds(); }
+  CheckpointStore* store() { return job_.store(); }
+  const Job& job() const { return job_; }
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   TrainingState state_;  // parameters, optimizer state (the trainer's extra_state), hook
   DdpOptions options_;
+  Job job_;
   std::unique_ptr<c10d::Reducer> reducer_;
   const ScriptCommHook* comm_ = nullptr;  // owned by reducer_
-  std::unique_ptr<Checkpointer> checkpointer_;
-  std::unique_ptr<JustInTime> jit_;  // from finish_recovery() on, when enabled and there is a store
-  double jit_seconds_ = 0;
 };
-
-// The shortest text that reads back as `v` (how settings are recorded).
-std::string format_setting(double v);
-
-// SHA-256 of the tensors' bytes, in order (the run's parameter digest).
-std::string tensors_digest(const std::vector<at::Tensor>& tensors);
 
 }  // namespace ftcomm

@@ -97,7 +97,10 @@ class HookGroup : public torch::CustomClassHolder {
   void set_fail_fast(c10::intrusive_ptr<c10d::Store> store, std::string key,
                      std::chrono::milliseconds slice = std::chrono::milliseconds(50));
   // Records this rank's failure unless one is recorded already (the first
-  // wins: the root cause). Returns the record in force.
+  // wins: the root cause). Returns the record in force. When it is this rank's,
+  // waits (at most kAcknowledgeWait) until every peer has found it, so that each
+  // reports the recorded reason before this rank's exit gets torchrun to stop
+  // them; a peer that found a record acknowledges it.
   struct Record {
     int64_t verdict = 0;  // 0: none
     std::string reason;
@@ -113,6 +116,9 @@ class HookGroup : public torch::CustomClassHolder {
   bool collective_broke() const { return collective_broke_; }
 
  private:
+  static constexpr std::chrono::milliseconds kAcknowledgeWait{2000};
+  void acknowledge();
+  void wait_for_acknowledgements();
   // Takes op_mutex_ for one collective (with its control exchange).
   std::unique_lock<std::mutex> begin_collective();
   void control_before_collective();
@@ -137,6 +143,7 @@ class HookGroup : public torch::CustomClassHolder {
   std::chrono::milliseconds slice_{50};
   Record peer_record_;
   bool collective_broke_ = false;
+  std::atomic<bool> acknowledged_{false};
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.

@@ -94,6 +94,17 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(
     const ProcessGroupOptions& options,
     ProcessGroupChoice* choice = nullptr);
 
+// This rank's side of choosing NCCL for CUDA tensors (the C++ group and the
+// Python package's init_process_group both decide with it): the GPU it would use
+// (its local rank, else its rank, modulo the GPUs it sees), or why it cannot:
+// "no CUDA device", or `no_nccl` when that is not empty (NCCL is not there to use:
+// "built without NCCL", "this torch has no NCCL").
+struct NcclCandidate {
+  int device = -1;
+  std::string local_failure;  // empty: NCCL can be tried on `device`
+};
+NcclCandidate nccl_candidate(int rank, int local_rank, const std::string& no_nccl);
+
 // Collective over `store` (every rank of a group calls it, before NCCL's own
 // initialisation is tried): whether NCCL can serve CUDA tensors on every rank.
 // `local_failure` is this rank's reason it cannot (empty: it can); `device` its

@@ -97,6 +97,9 @@ enum class LocalStatePolicy {
   kReset,
 };
 const char* policy_name(LocalStatePolicy policy);
+// "exact" or "reset" (policy_name's words); anything else throws c10::Error
+// naming `what` (the option or argument it came from) and both words.
+LocalStatePolicy parse_local_state_policy(const std::string& text, const std::string& what);
 
 // What a resume needs besides replicated state, the same on every rank.
 struct RecoveryNeeds {

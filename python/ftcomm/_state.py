@@ -50,7 +50,11 @@ class _SafeUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _RefusedClass(f"{module}.{name}")
+
+
+class _RefusedClass(pickle.UnpicklingError):
+    """A class the restricted unpickler does not build (as opposed to damaged bytes)."""
 
 
 class UnsafeStateError(ValueError):
@@ -60,7 +64,7 @@ class UnsafeStateError(ValueError):
 def _safe_loads(data: bytes) -> Any:
     try:
         return _SafeUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
+    except _RefusedClass as e:
         raise UnsafeStateError(str(e)) from None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _C, _state, process_group
+from . import _C, _state
 from .hooks import Hook
 
 
@@ -105,8 +106,8 @@ class FaultTolerant:
         jit: just-in-time commits at a failure (above).
         jit_policy: ``"exact"`` or ``"reset"`` (above).
         stall_timeout: seconds a step may run before it counts as stalled (save,
-            then exit 1); default 0.9 x the timeout of :func:`ftcomm.init_process_group`
-            (none when the group was made otherwise); 0: never.
+            then exit 1); default 0.9 x the process group's timeout (never when the
+            group does not report one); 0: never.
         update_grace: seconds a SIGTERM waits for an optimizer step in progress.
     """
 
@@ -132,9 +133,8 @@ class FaultTolerant:
             raise ValueError(f"keep_snapshots must be a whole number, 1 or more; got {keep_snapshots!r}")
         if jit_policy not in ("exact", "reset"):
             raise ValueError(f"jit_policy must be 'exact' or 'reset', got {jit_policy!r}")
-        if stall_timeout is None:
-            stall_timeout = 0.9 * process_group.group_timeout_s if process_group.group_timeout_s else 0.0
-        stall_timeout = _seconds("stall_timeout", stall_timeout, "0 (never) or positive seconds")
+        if stall_timeout is not None:  # None: the job's deadline, 0.9 x the group's timeout
+            stall_timeout = _seconds("stall_timeout", stall_timeout, "0 (never) or positive seconds")
         update_grace = _seconds("update_grace", update_grace, "0 or more seconds")
         if not ckpt_dir:
             raise ValueError("ckpt_dir is empty; give the directory the ranks' stores live in")
@@ -160,18 +160,19 @@ class FaultTolerant:
         self._pg = pg
         self.rank = pg.rank()
         self.world_size = pg.size()
-        # Collective: after a rendezvous numbered the ranks anew, a rank takes over
-        # a leftover store on its disk (its replicated state is the job's).
-        self.ckpt_dir = _C.rank_store_dir(pg, os.fspath(ckpt_dir))
         self._params = model._build_params_for_reducer()[0]
         self._device = next((p.device for p in self._params if p.device.type == "cuda"), None)
         self._resumed = False
         self._last_step: Optional[int] = None
         self._user_checked = False
-        self._ckpt = _C.Checkpointer(pg, self.ckpt_dir, job_id, commit_every, keep_snapshots,
-                                     {str(k): _setting(v) for k, v in (settings or {}).items()},
-                                     set(map(str, allow_changed_settings)), bool(jit), jit_policy,
-                                     float(stall_timeout), float(update_grace))
+        # The rank's Job (C++, shared with ftcomm train): collective, it finds this
+        # rank's store under ckpt_dir, or takes over a leftover store on this disk
+        # after a rendezvous numbered the ranks anew.
+        self._ckpt = _C.Job(pg, os.fspath(ckpt_dir), job_id, commit_every, keep_snapshots,
+                            {str(k): _setting(v) for k, v in (settings or {}).items()},
+                            set(map(str, allow_changed_settings)), bool(jit), jit_policy, stall_timeout,
+                            float(update_grace))
+        self.ckpt_dir = self._ckpt.store_dir
         self._update_handles: list = []
         self._previous_excepthook = None
 
@@ -251,8 +252,8 @@ class FaultTolerant:
             raise RuntimeError("FaultTolerant.resume() runs once, before the first step")
         self._resumed = True
         with torch.no_grad():
-            report, objects, rank_local = self._ckpt.resume(self._c_state(), self.model.reducer)
-        self.report = dict(report)
+            report, line, objects, rank_local = self._ckpt.resume(self._c_state(), self.model.reducer)
+        self.report = json.loads(report)
         step = self.report["resumed_from_step"]
         if step >= 0:
             self._restore_objects(_state.unpack(list(objects)))
@@ -271,26 +272,14 @@ class FaultTolerant:
         if self._ckpt.jit_active:
             self._arm_just_in_time()
         if self.rank == 0:
-            r = self.report
             if step < 0:
-                print(f"ftcomm: fresh start ({self.world_size} ranks, stores under {os.path.dirname(self.ckpt_dir)})",
-                      file=sys.stderr, flush=True)
-            else:
-                resynced = f", resynced ranks {r['resynced_ranks']} ({r['resync_bytes']} bytes)" \
-                    if r["resynced_ranks"] else ""
-                jit = " (a just-in-time commit)" if r["resumed_just_in_time"] else ""
-                if r["resumed_world_size"] != self.world_size:
-                    jit += (f", written at world size {r['resumed_world_size']}: resized to {self.world_size}, "
-                            "rank-local state started afresh")
-                    if self._buffers():
-                        jit += ("; buffers (BatchNorm statistics) carried over from the rank that served the step"
-                                + ("" if self.model.broadcast_buffers else
-                                   ", the same on every rank (broadcast_buffers=False: per-rank statistics do not "
-                                   "map onto another world size)"))
-                print(f"ftcomm: resumed from step {step}{jit}{resynced}; {r['steps_lost']} step(s) behind the newest "
-                      f"saved (policy {r['policy']}); rank-local state: {r['local_state']}; "
-                      f"agreement {r['agreement_ms']:.1f} ms, load {r['load_ms']:.1f} ms, "
-                      f"resync {r['resync_ms']:.1f} ms", file=sys.stderr, flush=True)
+                line = f"fresh start ({self.world_size} ranks, stores under {os.path.dirname(self.ckpt_dir)})"
+            elif self.report["resumed_world_size"] != self.world_size and self._buffers():
+                line += ("; buffers (BatchNorm statistics) carried over from the rank that served the step"
+                         + ("" if self.model.broadcast_buffers else
+                            ", the same on every rank (broadcast_buffers=False: per-rank statistics do not "
+                            "map onto another world size)"))
+            print(f"ftcomm: {line}", file=sys.stderr, flush=True)
         return max(step, 0)
 
     def step_done(self, step: int) -> bool:
@@ -311,16 +300,10 @@ class FaultTolerant:
         if not self._user_checked:
             self._check_user_state_agrees()
         self._last_step = step
-        jit = self._ckpt.jit_active
-        if not jit and not self._ckpt.due(step):
+        if not self._ckpt.jit_active and not self._ckpt.due(step):
             return False
         with torch.no_grad():
-            state = self._c_state()
-            if jit:
-                self._ckpt.step_finished(step, state, self.model.reducer, step)
-            if not self._ckpt.due(step):
-                return False
-            return self._ckpt.commit(step, state, self.model.reducer, step)
+            return self._ckpt.step_done(step, self._c_state(), self.model.reducer, step)
 
     def _check_user_state_agrees(self) -> None:
         # Collective, once: user_state is replicated (a resync copies rank 0's
@@ -369,8 +352,9 @@ class FaultTolerant:
             self._previous_excepthook = None
 
     def commits(self) -> list:
-        """This rank's commits, oldest first (step, world size, layout, snapshot bytes, settings)."""
-        return [dict(c) for c in self._ckpt.commits()]
+        """This rank's commits, oldest first, as ``ftcomm inspect --json`` names their fields
+        (step, world_size, rank, layout_signature, snapshot, kind, snapshot_bytes, settings, ...)."""
+        return [json.loads(c) for c in self._ckpt.commits()]
 
     def flush(self) -> None:
         """Waits for the snapshot in flight; raises its error."""

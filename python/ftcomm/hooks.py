@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ def _check_cpu_backend(pg: dist.ProcessGroup) -> None:
 
 
 def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[str] = (), on_error: str = "fail",
-                  hook_timeout: float = 30.0, agreement: str = "auto", **params) -> Hook:
+                  hook_timeout: Optional[float] = None, agreement: str = "auto", **params) -> Hook:
     """Runs a TorchScript comm hook inside ``model``'s Reducer. Collective.
 
     Args:
@@ -88,7 +88,8 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
         on_error: ``"fail"`` (every rank raises, naming the hook and the failing rank)
             or ``"fallback"`` (every rank reduces that bucket with a mean allreduce).
         hook_timeout: seconds one hook call may take before it fails on every rank; 0: unbounded.
-            Keep it below the process group's timeout.
+            Default: half the process group's timeout (30 s when the group does not report
+            one), so the hook's own error, naming it, comes before the collective's.
         A hook file is code, as trusted as the training script: TorchScript can read
         and write files (``torch.from_file``), and the hook runs when it is loaded
         (its declarations) and at every bucket. Load hooks only from places as
@@ -125,8 +126,8 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
                            "(register it once, before training)")
     if isinstance(pins, (str, bytes)):
         raise TypeError(f"pins must be a list of SHA-256 digests, got the string {pins!r}; write pins=[{pins!r}]")
-    if isinstance(hook_timeout, bool) or not isinstance(hook_timeout, (int, float)) or \
-            not math.isfinite(hook_timeout) or not 0 <= hook_timeout < 1e9:
+    if hook_timeout is not None and (isinstance(hook_timeout, bool) or not isinstance(hook_timeout, (int, float))
+                                     or not math.isfinite(hook_timeout) or not 0 <= hook_timeout < 1e9):
         raise ValueError(f"hook_timeout must be 0 (unbounded) or positive seconds (finite, below 1e9), got "
                          f"{hook_timeout!r}")
     pg = model.process_group
@@ -138,7 +139,7 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
         # between ranks (Gloo aborts). The hook gets a group of its own.
         pg = dist.new_group(ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg))
     impl = _C.load_hook(pg, str(hook), {str(k): _param(k, v) for k, v in params.items()}, list(pins), on_error,
-                        float(hook_timeout), str(agreement))
+                        None if hook_timeout is None else float(hook_timeout), str(agreement))
     try:
         impl.attach(model.reducer)
     except RuntimeError as e:

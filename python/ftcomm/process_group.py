@@ -10,11 +10,6 @@ import torch.distributed as dist
 from . import _C
 
 
-# The collective timeout of the group init_process_group made (FaultTolerant's
-# stall_timeout follows it); None before it ran.
-group_timeout_s: float | None = None
-
-
 def _seconds(timeout: float | timedelta) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
         raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {timeout!r}")
@@ -55,21 +50,13 @@ def init_process_group(backend: str = "auto", timeout: float | timedelta = 300.0
             "instead of torch.distributed.init_process_group()"
         )
     seconds = _seconds(timeout)
-    global group_timeout_s
-    group_timeout_s = seconds
     store, rank, world, local_rank, restart, _ = _C.torchrun_store(seconds)
 
     failure = "gloo asked for"
     device = -1
     if backend != "gloo":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        local = ""
-        if count == 0:
-            local = "no CUDA device"
-        elif not dist.is_nccl_available():
-            local = "this torch has no NCCL"
-        else:
-            device = (local_rank if local_rank >= 0 else rank) % count
+        # The same decision as ftcomm's C++ group (process_group.h: nccl_candidate).
+        device, local = _C.nccl_candidate(rank, local_rank, "" if dist.is_nccl_available() else "this torch has no NCCL")
         failure = _C.agree_nccl_usable(store, rank, world, local, device)
         if backend == "nccl" and failure:
             raise RuntimeError(f"backend 'nccl' could not be used: {failure}. Fix the NCCL environment or use "

@@ -5,20 +5,22 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
 
 #include <torch/csrc/distributed/c10d/reducer.hpp>
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "ftcomm/bucket_layout.h"
-#include "ftcomm/checkpointer.h"
-#include "ftcomm/ddp.h"
+#include "ftcomm/deadlines.h"
+#include "ftcomm/digest.h"
 #include "ftcomm/hook_check.h"
-#include "ftcomm/just_in_time.h"
+#include "ftcomm/job.h"
 #include "ftcomm/process_group.h"
-#include "ftcomm/rank_store.h"
+#include "ftcomm/records_json.h"
 #include "ftcomm/script_comm_hook.h"
 #include "ftcomm/script_hook.h"
 
@@ -71,11 +73,11 @@ class PyHook {
 std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_name,
                                   const std::map<std::string, std::string>& params,
                                   const std::vector<std::string>& pins, const std::string& on_error,
-                                  double hook_timeout_s, const std::string& agreement) {
+                                  std::optional<double> hook_timeout_s, const std::string& agreement) {
   TORCH_CHECK(on_error == "fail" || on_error == "fallback", "on_error must be 'fail' or 'fallback', got '", on_error,
               "'");
-  TORCH_CHECK(hook_timeout_s >= 0 && hook_timeout_s < 1e9, "hook_timeout must be 0 (unbounded) or positive seconds "
-              "below 1e9, got ", hook_timeout_s);
+  TORCH_CHECK(!hook_timeout_s || (*hook_timeout_s >= 0 && *hook_timeout_s < 1e9),
+              "hook_timeout must be 0 (unbounded) or positive seconds below 1e9, got ", hook_timeout_s.value_or(0));
   std::shared_ptr<ScriptHook> hook;
   {
     py::gil_scoped_release release;
@@ -85,7 +87,11 @@ std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_na
   }
   ScriptCommHookOptions options;
   options.on_error = on_error == "fail" ? OnHookError::kFail : OnHookError::kFallback;
-  options.hook_timeout = millis(hook_timeout_s);
+  // Unset: the job's deadline (half the group's timeout; deadlines.h), or 30 s
+  // for a group whose backends do not report their timeout.
+  const JobDeadlines deadlines = deadlines_for(group_timeout(pg));
+  options.hook_timeout = hook_timeout_s ? millis(*hook_timeout_s)
+                                        : (deadlines.group.count() > 0 ? deadlines.hook : std::chrono::seconds(30));
   options.agreement = parse_hook_agreement(agreement);
   return std::make_shared<PyHook>(pg, std::move(hook), options);
 }
@@ -105,153 +111,91 @@ struct PyState {
   }
 };
 
-py::dict report_dict(const RecoveryReport& r) {
-  py::dict d;
-  d["resumed_from_step"] = r.resumed_from_step;
-  d["newest_snapshot_step"] = r.newest_snapshot_step;
-  d["data_position"] = r.data_position;
-  d["discarded_steps"] = r.discarded_steps;
-  d["changed_settings"] = r.changed_settings;
-  d["agreement_ms"] = r.agreement_ms;
-  d["load_ms"] = r.load_ms;
-  d["resync_ms"] = r.resync_ms;
-  d["resync_bytes"] = r.resync_bytes;
-  d["resynced_ranks"] = r.resynced_ranks;
-  d["local_state"] = r.local_state;
-  d["newest_step"] = r.newest_step;
-  d["steps_lost"] = r.steps_lost;
-  d["resumed_just_in_time"] = r.resumed_just_in_time;
-  d["policy"] = r.policy;
-  d["local_state_reset"] = r.local_state_reset;
-  d["resumed_world_size"] = r.resumed_world_size;
-  return d;
-}
-
-// Recovery and commits for a PyTorch DDP model: Checkpointer with the model's
-// own Reducer, which a resume re-buckets to the agreed stored layout.
-class PyCheckpointer {
+// FaultTolerant's core: the rank's Job (store directory, commits, recovery, just
+// in time, deadlines) with the model's own Reducer, which a resume re-buckets to
+// the agreed stored layout. Reports and commit records cross as JSON text
+// (records_json.h), so both front-ends name their fields alike.
+class PyJob {
  public:
-  PyCheckpointer(Group pg, CheckpointerOptions options, bool jit, JustInTimeOptions jit_options)
-      : pg_(pg), jit_enabled_(jit), jit_options_(std::move(jit_options)) {
+  PyJob(Group pg, JobOptions options) : pg_size_(pg->getSize()) {
     py::gil_scoped_release release;
-    impl_ = std::make_unique<Checkpointer>(std::move(pg), std::move(options));
+    impl_ = std::make_unique<Job>(std::move(pg), std::move(options));
   }
-  ~PyCheckpointer() {
+  ~PyJob() {
     py::gil_scoped_release release;
-    jit_.reset();
     impl_.reset();
   }
 
-  // Returns (report, objects, rank_local): parameters and buffers are filled in
-  // place; objects and rank-local state come back as new tensors.
+  // Returns (report as JSON, the line rank 0 prints, objects, rank_local):
+  // parameters and buffers are filled in place; objects and rank-local state come
+  // back as new tensors.
   py::tuple resume(const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer) {
     TrainingState s = state.view();
     RecoveryReport report;
     {
       py::gil_scoped_release release;
       impl_->prepare_recovery(s);
-      buddy_stride_ = s.buddy_stride;  // every later view carries it
       std::vector<std::vector<size_t>> buckets;
       const auto current = bucket_indices(bucket_layout_of(*reducer, s.parameters));
       report = impl_->finish_recovery(s, current, &buckets);
       if (report.resumed_from_step >= 0 && buckets != current) reducer->initialize_buckets(buckets);
-      if (jit_enabled_ && impl_->store() != nullptr) jit_ = std::make_unique<JustInTime>(pg_, impl_.get(), jit_options_);
     }
-    return py::make_tuple(report_dict(report), s.objects, s.rank_local);
+    return py::make_tuple(to_json(report), resume_line(report, pg_size_), s.objects, s.rank_local);
   }
-
-  // Just in time: the optimizer step begins; step `step` finished (its state);
-  // a failure on this thread (saves the last finished step).
   void begin_update(const std::vector<at::Tensor>& rank_local) {
-    if (!jit_) return;
     py::gil_scoped_release release;
-    jit_->begin_update(rank_local);
+    impl_->begin_update(rank_local);
   }
-  void step_finished(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
-                     int64_t data_position) {
-    if (!jit_) return;
+  bool step_done(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
+                 int64_t data_position) {
     TrainingState s = state.view();
-    s.buddy_stride = buddy_stride_;
     py::gil_scoped_release release;
-    jit_->step_finished(step, s, *reducer, data_position);
-  }
-  bool save_just_in_time(const std::string& reason) {
-    if (!jit_) return false;
-    py::gil_scoped_release release;
-    return jit_->save(reason);
-  }
-  bool jit_active() const { return jit_ != nullptr; }
-  // No step counts as stalled while paused (FaultTolerant.paused()).
-  void pause_watch(bool pause) {
-    if (!jit_) return;
-    if (pause) {
-      jit_->pause();
-    } else {
-      jit_->resume();
-    }
-  }
-  // The front-end restored everything: drop what the resume left behind.
-  void accept() {
-    py::gil_scoped_release release;
-    impl_->accept_recovery();
+    return impl_->step_done(step, std::move(s), *reducer, data_position);
   }
   bool commit_last(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
                    int64_t data_position) {
     TrainingState s = state.view();
-    s.buddy_stride = buddy_stride_;
     py::gil_scoped_release release;
-    return impl_->commit_last(step, s, *reducer, data_position);
+    return impl_->commit_last(step, std::move(s), *reducer, data_position);
   }
-  // Ends just-in-time saving (the SIGTERM handler goes back to the previous one).
+  bool save_just_in_time(const std::string& reason) {
+    py::gil_scoped_release release;
+    return impl_->save_just_in_time(reason);
+  }
+  void accept() {
+    py::gil_scoped_release release;
+    impl_->accept_recovery();
+  }
   void stop_just_in_time() {
     py::gil_scoped_release release;
-    jit_.reset();
+    impl_->stop_just_in_time();
   }
-
-  bool commit(int64_t step, const PyState& state, const std::shared_ptr<c10d::Reducer>& reducer,
-              int64_t data_position) {
-    if (!impl_->due(step)) return false;
-    TrainingState s = state.view();
-    s.buddy_stride = buddy_stride_;
-    py::gil_scoped_release release;
-    return impl_->commit(step, s, *reducer, data_position);
-  }
-
-  bool due(int64_t step) const { return impl_->due(step); }
   void flush() {
     py::gil_scoped_release release;
     impl_->flush();
   }
-  std::vector<py::dict> commits() {
-    std::vector<py::dict> out;
+  std::vector<std::string> commits() {
+    std::vector<std::string> out;
     if (impl_->store() == nullptr) return out;
     std::vector<CommitRecord> records;
     check(impl_->store()->ListCommits(&records));
-    for (const auto& r : records) {
-      py::dict d;
-      d["step"] = r.step;
-      d["world_size"] = r.world_size;
-      d["data_position"] = r.data_position;
-      d["hook_digest"] = r.hook_digest;
-      d["layout"] = signature_hex(r.layout_signature);
-      d["has_snapshot"] = r.has_snapshot;
-      d["blob_bytes"] = r.blob_bytes;
-      d["settings"] = r.settings;
-      d["just_in_time"] = r.just_in_time;
-      d["jit_reason"] = r.jit_reason;
-      out.push_back(d);
-    }
+    for (const auto& r : records) out.push_back(to_json(r));
     return out;
   }
+  Job& job() { return *impl_; }
 
  private:
-  Group pg_;
-  bool jit_enabled_;
-  JustInTimeOptions jit_options_;
-  std::unique_ptr<Checkpointer> impl_;
-  std::unique_ptr<JustInTime> jit_;  // from resume() on, when enabled
-  int buddy_stride_ = 1;            // TrainingState::buddy_stride, as resume() set it
+  int pg_size_;
+  std::unique_ptr<Job> impl_;
 };
+
+py::dict deadlines_dict(const JobDeadlines& d) {
+  py::dict out;
+  out["group_s"] = d.group.count() / 1000.0;
+  out["hook_s"] = d.hook.count() / 1000.0;
+  out["stall_s"] = d.stall.count() / 1000.0;
+  return out;
+}
 
 }  // namespace
 }  // namespace ftcomm
@@ -300,14 +244,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agreement"));
   m.def("list_hooks", &list_hooks);
   m.def(
-      "rank_store_dir",
-      [](const Group& pg, const std::string& root) {
-        py::gil_scoped_release release;
-        return rank_store_dir(pg, root).dir;
+      "nccl_candidate",
+      [](int rank, int local_rank, const std::string& no_nccl) {
+        const NcclCandidate c = nccl_candidate(rank, local_rank, no_nccl);
+        return py::make_tuple(c.device, c.local_failure);
       },
-      py::arg("pg"), py::arg("root"),
-      "Collective: this rank's store under root: root/rank<R>, or a leftover store of a rank that no longer uses "
-      "this directory, renamed to it (the rendezvous numbered the ranks anew).");
+      py::arg("rank"), py::arg("local_rank"), py::arg("no_nccl"),
+      "This rank's side of choosing NCCL: (its GPU or -1, why it cannot or '').");
+  m.def(
+      "deadlines", [](const Group& pg) { return deadlines_dict(deadlines_for(group_timeout(pg))); }, py::arg("pg"),
+      "The deadlines derived from the group's timeout: group_s, hook_s (half), stall_s (0.9); 0: unknown.");
   m.def("hooks_dir", &hooks_dir);
 
   py::class_<PyState>(m, "State")
@@ -318,49 +264,50 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("rank_local", &PyState::rank_local)
       .def_readwrite("hook", &PyState::hook);
 
-  py::class_<PyCheckpointer>(m, "Checkpointer")
-      .def(py::init([](const Group& pg, const std::string& dir, const std::string& job_id, int commit_every,
+  py::class_<PyJob>(m, "Job")
+      .def(py::init([](const Group& pg, const std::string& root, const std::string& job_id, int commit_every,
                        int keep_snapshots, const std::map<std::string, std::string>& settings,
                        const std::set<std::string>& allow, bool jit, const std::string& policy,
-                       double stall_timeout_s, double update_grace_s) {
-             TORCH_CHECK(policy == "exact" || policy == "reset", "jit_policy must be 'exact' or 'reset', got '", policy,
-                         "'");
-             TORCH_CHECK(stall_timeout_s >= 0 && stall_timeout_s < 1e9, "stall_timeout must be 0 (none) or "
-                         "positive seconds below 1e9, got ", stall_timeout_s);
+                       std::optional<double> stall_timeout_s, double update_grace_s) {
+             TORCH_CHECK(!stall_timeout_s || (*stall_timeout_s >= 0 && *stall_timeout_s < 1e9),
+                         "stall_timeout must be 0 (none) or positive seconds below 1e9, got ",
+                         stall_timeout_s.value_or(0));
              TORCH_CHECK(update_grace_s >= 0 && update_grace_s < 1e9, "update_grace must be 0 or more seconds, "
                          "below 1e9, got ", update_grace_s);
-             JustInTimeOptions jo;
-             jo.stall_timeout = millis(stall_timeout_s);
-             jo.update_grace = millis(update_grace_s);
-             CheckpointerOptions o;
-             o.local_state_policy = policy == "exact" ? LocalStatePolicy::kExact : LocalStatePolicy::kReset;
-             o.ckpt_dir = dir;
-             o.job_id = job_id;
-             o.commit_every = commit_every;
-             o.keep_snapshots = keep_snapshots;
-             o.settings = settings;
-             o.allow_changed_settings = allow;
-             o.fixes.allow_change =
+             JobOptions o;
+             o.ckpt_root = root;
+             o.just_in_time = jit;
+             if (stall_timeout_s) o.stall_timeout = millis(*stall_timeout_s);
+             o.jit.update_grace = millis(update_grace_s);
+             CheckpointerOptions& c = o.checkpoint;
+             c.local_state_policy = parse_local_state_policy(policy, "jit_policy");
+             c.job_id = job_id;
+             c.commit_every = commit_every;
+             c.keep_snapshots = keep_snapshots;
+             c.settings = settings;
+             c.allow_changed_settings = allow;
+             c.fixes.allow_change =
                  "allow the change with FaultTolerant(allow_changed_settings=['NAME']) ('all' allows every change)";
-             o.fixes.new_store = "give FaultTolerant a new ckpt_dir";
-             return std::make_unique<PyCheckpointer>(pg, std::move(o), jit, std::move(jo));
+             c.fixes.new_store = "give FaultTolerant a new ckpt_dir";
+             return std::make_unique<PyJob>(pg, std::move(o));
            }),
-           py::arg("pg"), py::arg("dir"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
+           py::arg("pg"), py::arg("root"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
            py::arg("settings"), py::arg("allow_changed_settings"), py::arg("jit"), py::arg("jit_policy"),
            py::arg("stall_timeout_s"), py::arg("update_grace_s"))
-      .def("begin_update", &PyCheckpointer::begin_update)
-      .def("step_finished", &PyCheckpointer::step_finished)
-      .def("save_just_in_time", &PyCheckpointer::save_just_in_time)
-      .def_property_readonly("jit_active", &PyCheckpointer::jit_active)
-      .def("stop_just_in_time", &PyCheckpointer::stop_just_in_time)
-      .def("resume", &PyCheckpointer::resume)
-      .def("commit", &PyCheckpointer::commit)
-      .def("commit_last", &PyCheckpointer::commit_last)
-      .def("accept", &PyCheckpointer::accept)
-      .def("pause_watch", &PyCheckpointer::pause_watch)
-      .def("due", &PyCheckpointer::due)
-      .def("flush", &PyCheckpointer::flush)
-      .def("commits", &PyCheckpointer::commits);
+      .def("resume", &PyJob::resume)
+      .def("accept", &PyJob::accept)
+      .def("begin_update", &PyJob::begin_update)
+      .def("step_done", &PyJob::step_done)
+      .def("commit_last", &PyJob::commit_last)
+      .def("save_just_in_time", &PyJob::save_just_in_time)
+      .def("stop_just_in_time", &PyJob::stop_just_in_time)
+      .def("pause_watch", [](PyJob& j, bool pause) { j.job().pause_stall_watch(pause); })
+      .def("due", [](PyJob& j, int64_t step) { return j.job().due(step); })
+      .def_property_readonly("jit_active", [](PyJob& j) { return j.job().just_in_time_active(); })
+      .def_property_readonly("store_dir", [](PyJob& j) { return j.job().store_dir(); })
+      .def_property_readonly("deadlines", [](PyJob& j) { return deadlines_dict(j.job().deadlines()); })
+      .def("flush", &PyJob::flush)
+      .def("commits", &PyJob::commits);
 
   m.def(
       "hook_check",

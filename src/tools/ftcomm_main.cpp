@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "ftcomm/records_json.h"
 #include "ftcomm/broadcast.h"
 #include "ftcomm/checkpoint_store.h"
 #include "ftcomm/hook_check.h"
@@ -126,28 +127,7 @@ int inspect(const std::vector<std::string>& args) {
   for (const auto& c : commits) snapshots += c.has_snapshot;
   if (json) {
     nlohmann::json out = {{"dir", dir}, {"commits", nlohmann::json::array()}, {"layouts", nlohmann::json::array()}};
-    for (const auto& c : commits) {
-      nlohmann::json commit;
-      commit["step"] = c.step;
-      commit["epoch"] = c.epoch;
-      commit["world_size"] = c.world_size;
-      commit["rank"] = c.rank;  // whose state it holds (a store taken over keeps its writers)
-      commit["data_position"] = c.data_position;
-      commit["hook_digest"] = c.hook_digest;
-      commit["layout_signature"] = ftcomm::signature_hex(c.layout_signature);
-      commit["snapshot"] = c.has_snapshot;
-      commit["kind"] = c.just_in_time ? "just-in-time" : "periodic";
-      if (c.just_in_time) {
-        commit["jit_reason"] = c.jit_reason;
-        commit["buddy_copies"] = nlohmann::json::array();
-        if (c.buddy_parts & ftcomm::CommitRecord::kBuddyTrainer) commit["buddy_copies"].push_back("trainer");
-        if (c.buddy_parts & ftcomm::CommitRecord::kBuddyHook) commit["buddy_copies"].push_back("hook");
-      }
-      commit["snapshot_bytes"] = c.blob_bytes;
-      commit["settings"] = c.settings;
-      commit["unix_ms"] = c.unix_ms;
-      out["commits"].push_back(std::move(commit));
-    }
+    for (const auto& c : commits) out["commits"].push_back(nlohmann::json::parse(ftcomm::to_json(c)));
     for (uint64_t sig : layouts) {
       ftcomm::BucketLayout layout;
       ftcomm::check(store->GetLayout(sig, &layout));

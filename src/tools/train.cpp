@@ -30,7 +30,9 @@
 #include "events.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
-#include "ftcomm/rank_store.h"
+#include "ftcomm/records_json.h"
+#include "ftcomm/settings.h"
+#include "ftcomm/digest.h"
 #include "hook_text.h"
 #include "log.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -432,28 +434,24 @@ int train_main(const std::vector<std::string>& argv) {
   options.hook_args = args.hook_args;
   options.pinned_digests = args.hook_digests;
   options.hook_options.agreement = args.hook_agree;
-  options.commit_every = args.commit_every;
-  options.just_in_time = args.jit;
-  options.local_state_policy =
-      args.jit_policy == "reset" ? ftcomm::LocalStatePolicy::kReset : ftcomm::LocalStatePolicy::kExact;
-  // A step stalls (a hung peer, an NCCL collective that never completes) before
-  // the collective's own deadline passes, so every backend reacts alike.
-  options.jit_options.stall_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 900));
-  options.jit_options.before_commit = [&] { maybe_fail(-1, "jit"); };
-  options.jit_options.on_saved = [&](int64_t step, bool saved, const std::string& reason) {
+  // The hook's and the stall deadlines follow --timeout (the group's; see
+  // deadlines.h): half of it for a hook call, 0.9 of it for a step.
+  ftcomm::JobOptions& job = options.job;
+  job.checkpoint.commit_every = args.commit_every;
+  job.just_in_time = args.jit;
+  job.checkpoint.local_state_policy = ftcomm::parse_local_state_policy(args.jit_policy, "--jit-policy");
+  job.jit.before_commit = [&] { maybe_fail(-1, "jit"); };
+  job.jit.on_saved = [&](int64_t step, bool saved, const std::string& reason) {
     events.emit("jit_saved", {{"step", step}, {"saved", saved}, {"reason", reason}});
   };
-  options.hook_options.hook_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 500));
   // What changes the result besides the hook's parameters (the seed is part of
   // the job's identity; the hook's file is checked by its digest).
-  options.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)}, {"global_batch", std::to_string(global_batch)},
-                      {"device", args.device}};
-  if (args.model == "charlm") options.settings["data"] = args.data.empty() ? CharLm::kDefaultData : args.data;
-  options.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
-  options.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
-  if (!args.ckpt.empty() && args.torch_save_every == 0) {
-    options.ckpt_dir = ftcomm::rank_store_dir(pg, args.ckpt).dir;
-  }
+  job.checkpoint.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)},
+                             {"global_batch", std::to_string(global_batch)}, {"device", args.device}};
+  if (args.model == "charlm") job.checkpoint.settings["data"] = args.data.empty() ? CharLm::kDefaultData : args.data;
+  job.checkpoint.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
+  job.checkpoint.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
+  if (args.torch_save_every == 0) job.ckpt_root = args.ckpt;
   ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
   // Errors from here on are reported before anything is torn down (see
   // exit_with_error): the group's and the Reducer's destructors could delay the
@@ -463,22 +461,12 @@ int train_main(const std::vector<std::string>& argv) {
     ddp.prepare_recovery();
     maybe_fail(-1, "resync");  // --fail-at R:S:resync: after the agreement, before any state moves
     const auto report = ddp.finish_recovery();
+    // One form of the report everywhere (records_json.h): the event, the summary.
+    const nlohmann::json report_json = nlohmann::json::parse(ftcomm::to_json(report));
     if (rank == 0) {
-      events.emit("recovery", {{"resumed_from_step", report.resumed_from_step},
-                               {"newest_snapshot_step", report.newest_snapshot_step},
-                               {"phases_ms",
-                                {{"agreement", report.agreement_ms}, {"load", report.load_ms}, {"resync", report.resync_ms}}},
-                               {"resync_bytes", report.resync_bytes},
-                               {"resynced_ranks", report.resynced_ranks},
-                               {"local_state", report.local_state},
-                               {"changed_settings", report.changed_settings},
-                               {"newest_step", report.newest_step},
-                               {"steps_lost", report.steps_lost},
-                               {"resumed_just_in_time", report.resumed_just_in_time},
-                               {"policy", report.policy},
-                               {"local_state_reset", report.local_state_reset},
-                               {"world_size", world},
-                               {"resumed_world_size", report.resumed_world_size}});
+      nlohmann::json recovery = report_json;
+      recovery["world_size"] = world;
+      events.emit("recovery", recovery);
     }
     if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
     int64_t start = std::max<int64_t>(0, report.resumed_from_step);
@@ -501,23 +489,12 @@ int train_main(const std::vector<std::string>& argv) {
                 args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
     if (rank == 0) {
       if (report.resumed_from_step >= 0) {
-        std::printf("ftcomm train: resumed from step %lld%s (agreement %.1f ms, load %.1f ms, resync %.1f ms, %lld "
-                    "bytes to %zu ranks); rank-local hook state: %s; policy %s, %lld step(s) behind the newest saved\n",
-                    static_cast<long long>(report.resumed_from_step),
-                    report.resumed_just_in_time ? ", a just-in-time commit" : "", report.agreement_ms, report.load_ms,
-                    report.resync_ms, static_cast<long long>(report.resync_bytes), report.resynced_ranks.size(),
-                    report.local_state.c_str(), report.policy.c_str(),
-                    static_cast<long long>(report.steps_lost));
+        std::printf("ftcomm train: %s\n", ftcomm::resume_line(report, world).c_str());
         if (report.resumed_world_size != world) {
           std::printf("ftcomm train: resized from world size %d to %d at step %lld: the global batch of %lld samples "
                       "is divided anew, rank-local state started afresh\n",
                       report.resumed_world_size, world, static_cast<long long>(report.resumed_from_step),
                       static_cast<long long>(global_batch));
-        }
-        if (report.newest_snapshot_step > report.newest_step) {
-          std::printf("ftcomm train: fell back from the damaged step-%lld snapshot to step %lld\n",
-                      static_cast<long long>(report.newest_snapshot_step),
-                      static_cast<long long>(report.resumed_from_step));
         }
       } else {
         std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world, ddp.hook()->name().c_str());
@@ -592,37 +569,21 @@ int train_main(const std::vector<std::string>& argv) {
     ddp.flush();
     const std::string digest = ftcomm::tensors_digest(params);
     if (rank == 0 && !args.summary.empty()) {
-      nlohmann::json summary = {
-          {"steps", args.steps},
-          {"world_size", world},
-          {"resumed_world_size", report.resumed_world_size},
-          {"global_batch", global_batch},
-          {"rank_batch", share},
-          {"restarts", pgo.restart_count},
-          {"resumed_from_step", report.resumed_from_step},
-          {"newest_snapshot_step", report.newest_snapshot_step},
-          {"steps_trained", args.steps - start},
-          {"param_digest", digest},
-          {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
-          {"recovery_ms",
-           {{"agreement", report.agreement_ms},
-            {"load", report.load_ms},
-            {"resync", report.resync_ms},
-            {"first_step", first_step_ms},
-            {"since_start", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()}}},
-          {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
-          {"jit_ms", ddp.jit_seconds() * 1000},
-          {"resync_bytes", report.resync_bytes},
-          {"resynced_ranks", report.resynced_ranks},
-          {"local_state", report.local_state},
-          {"newest_step", report.newest_step},
-          {"steps_lost", report.steps_lost},
-          {"resumed_just_in_time", report.resumed_just_in_time},
-          {"policy", report.policy},
-          {"local_state_reset", report.local_state_reset},
-          {"discarded_steps_rank0", report.discarded_steps},
-          {"changed_settings", report.changed_settings},
-          {"hook", ddp.hook()->name()}};
+      // The run's figures, and the resume's report under its own names.
+      nlohmann::json summary = report_json;
+      summary.update({{"steps", args.steps},
+                      {"world_size", world},
+                      {"global_batch", global_batch},
+                      {"rank_batch", share},
+                      {"restarts", pgo.restart_count},
+                      {"steps_trained", args.steps - start},
+                      {"param_digest", digest},
+                      {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
+                      {"first_step_ms", first_step_ms},
+                      {"since_start_ms", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()},
+                      {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
+                      {"jit_ms", ddp.jit_seconds() * 1000},
+                      {"hook", ddp.hook()->name()}});
       std::ofstream out(args.summary);
       out << summary.dump() << "\n";
       TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");

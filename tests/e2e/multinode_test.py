@@ -294,9 +294,9 @@ def phases(events, killed_at):
         return None
     t0 = killed_at * 1000
     first_launch = min(e["unix_ms"] for e in launched if e["attempt"] == start[0]["attempt"])
-    p = rec[0]["phases_ms"]
-    return {"to_launch_ms": first_launch - t0, "group_ms": start[0]["group_ms"], "agreement_ms": p["agreement"],
-            "load_ms": p["load"], "resync_ms": p["resync"], "resync_bytes": rec[0]["resync_bytes"],
+    p = rec[0]
+    return {"to_launch_ms": first_launch - t0, "group_ms": start[0]["group_ms"], "agreement_ms": p["agreement_ms"],
+            "load_ms": p["load_ms"], "resync_ms": p["resync_ms"], "resync_bytes": rec[0]["resync_bytes"],
             "to_first_step_ms": steps[0]["unix_ms"] - t0}
 
 
@@ -426,7 +426,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("multinode: terminated"))
     parser = argparse.ArgumentParser()
     parser.add_argument("--ftcomm", required=True)
-    parser.add_argument("-k", default="")
+    parser.add_argument("-k", default="", help="run the cases whose name contains this")
+    parser.add_argument("--case", help="run only the case of exactly this name")
     parser.add_argument("--bench", type=int, default=0, help="repeat each failure N times and print the phases")
     args = parser.parse_args()
     ftcomm = os.path.abspath(args.ftcomm)
@@ -441,7 +442,7 @@ def main():
                  ("replacement node, powersgd", lambda *a: replacement(*a, hook="powersgd")),
                  ("shrink and grow", shrink_and_grow))
         for name, fn in cases:
-            if args.k not in name:
+            if args.k not in name or (args.case and args.case != name):
                 continue
             t = time.time()
             try:
