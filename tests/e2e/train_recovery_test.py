@@ -69,7 +69,11 @@ class Runner:
         # And it communicates nothing: under the fail-fast agreement nothing in its
         # step is collective, so survivors would commit steps past a dead rank's and
         # resync it from a peer; the per-collective exchange keeps its ranks in step.
-        jit = ["--jit", "off", "--hook-agree", "per-collective"] if hook == "noop" else []
+        # Its kill comes nine steps after a periodic snapshot (see cases()), which is
+        # written in the background: paced steps give that write time to finish on a
+        # loaded machine (a rank killed before it holds only the older snapshot and is
+        # resynced from a peer, which noop cannot be).
+        jit = ["--jit", "off", "--hook-agree", "per-collective", "--pace-ms", "60"] if hook == "noop" else []
         args = ["--steps", str(steps), "--hook", hook, "--ckpt", ckpt, "--commit-every", str(commit_every),
                 "--summary-json", summary, "--events", events_path] + hook_args(hook) + jit + extra
         env = dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore")
