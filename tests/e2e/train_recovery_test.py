@@ -559,7 +559,9 @@ def jit_cases(runner, workdir):
         expect_equal(runner, 4, "fp16_compress", r)
 
     def every_rank(commit_every, want):
-        r = runner.train(2, "allreduce", ["--fail-at", "0:17:hook", "--fail-at", "1:17:hook"],
+        # Paced: the step-10 snapshot, written in the background, must be on disk
+        # before both ranks die at step 17, also on a loaded machine.
+        r = runner.train(2, "allreduce", ["--fail-at", "0:17:hook", "--fail-at", "1:17:hook", "--pace-ms", "60"],
                          commit_every=commit_every)
         assert r["resumed_from_step"] == want, r
         expect_equal(runner, 2, "allreduce", r)
