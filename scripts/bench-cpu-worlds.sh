@@ -15,8 +15,15 @@
 # crashes when CUDA is visible (torch.cuda.synchronize in its decompress step), and
 # with several buckets on Gloo, so its models get one bucket (--powersgd-bucket-mb).
 #
+# Each rank is pinned to its own share of the cores (cores / world; PIN=0 turns it
+# off): unpinned ranks wander between cores and take turns with each other's threads,
+# and the rounds spread more than the differences measured. REPEATS runs the whole
+# matrix several times; the table (tests/bench/cpu_worlds_table.py) gives each
+# ratio's median over the repeats and their range (each run's ratio is itself the
+# median of its rounds' ratios).
+#
 # Environment: WORLDS (default "2 4 8"), MODELS ("mlp deep"), CORES (nproc), THREADS,
-# BUILD_DIR (build), PY_ARGS / CPP_ARGS (extra arguments), SKIP_CPP=1.
+# REPEATS (1), PIN (1), BUILD_DIR (build), PY_ARGS / CPP_ARGS (extra arguments), SKIP_CPP=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${RESULTS:-${OUT:-build/bench-cpu}}
@@ -25,9 +32,11 @@ cores=${CORES:-$(nproc)}
 worlds=${WORLDS:-2 4 8}
 models=${MODELS:-mlp deep}
 build=${BUILD_DIR:-build}
-export CUDA_VISIBLE_DEVICES=
+repeats=${REPEATS:-1}
+export CUDA_VISIBLE_DEVICES= FTCOMM_BENCH_PIN=${PIN:-1}
 failed=0
 port=29800
+for rep in $(seq 1 "$repeats"); do
 for w in $worlds; do
   threads=${THREADS:-$((cores * 3 / 4 / w))}
   [ "$threads" -ge 1 ] || threads=1
@@ -35,55 +44,23 @@ for w in $worlds; do
     # deep: 50M parameters, a long CPU step: fewer steps.
     if [ "$m" = deep ]; then set -- 32 3 2; else set -- 64 8 4; fi
     batch=$1 rounds=$2 steps=$3
-    echo "=== world $w, $m, $threads threads per rank ($(date +%T))"
+    echo "=== run $rep/$repeats: world $w, $m, $threads threads per rank, pinned: $FTCOMM_BENCH_PIN ($(date +%T))"
+    tag="$m-w$w-r$rep"
     port=$((port + 1))
     OMP_NUM_THREADS=$threads PYTHONUNBUFFERED=1 timeout 900 torchrun --nproc-per-node="$w" --master-port=$port \
       tests/bench/python_hooks_bench.py --device cpu --model "$m" --batch "$batch" --rounds "$rounds" \
-      --steps "$steps" --powersgd-bucket-mb 1000 --json "$out/py-$m-w$w.json" ${PY_ARGS:-} \
-      >"$out/py-$m-w$w.txt" 2>&1 || { echo "python bench failed:"; tail -20 "$out/py-$m-w$w.txt"; failed=$((failed + 1)); }
-    grep -E "^(ftcomm|pytorch|ddp|machinery|target)" "$out/py-$m-w$w.txt"
+      --steps "$steps" --powersgd-bucket-mb 1000 --json "$out/py-$tag.json" ${PY_ARGS:-} \
+      >"$out/py-$tag.txt" 2>&1 || { echo "python bench failed:"; tail -20 "$out/py-$tag.txt"; failed=$((failed + 1)); }
+    grep -E "^(ftcomm|pytorch|ddp|machinery|target)" "$out/py-$tag.txt"
     if [ "${SKIP_CPP:-0}" != 1 ]; then
       OMP_NUM_THREADS=$threads timeout 900 "$build/tests/ftcomm_bench_hooks" --world "$w" --device cpu --model "$m" \
-        --batch "$batch" --rounds "$rounds" --steps "$steps" --json "$out/cpp-$m-w$w.json" ${CPP_ARGS:-} \
-        >"$out/cpp-$m-w$w.txt" 2>&1 || { echo "C++ bench failed:"; tail -20 "$out/cpp-$m-w$w.txt"; failed=$((failed + 1)); }
-      grep -E "^(ts |builtin|no hook|targets|correctness)" "$out/cpp-$m-w$w.txt"
+        --batch "$batch" --rounds "$rounds" --steps "$steps" --json "$out/cpp-$tag.json" ${CPP_ARGS:-} \
+        >"$out/cpp-$tag.txt" 2>&1 || { echo "C++ bench failed:"; tail -20 "$out/cpp-$tag.txt"; failed=$((failed + 1)); }
+      grep -E "^(ts |builtin|no hook|targets|correctness)" "$out/cpp-$tag.txt"
     fi
   done
 done
-python3 - "$out" "$cores" <<'EOF'
-import glob, json, os, sys
-out, cores = sys.argv[1], sys.argv[2]
-lines = [f"CPU, Gloo, {cores} cores; ratios are step times in one run (below 1: ftcomm faster)", "",
-         "| model | world | threads | ftcomm allreduce / c10d | / PyTorch allreduce_hook | fp16 / FP16_COMPRESS "
-         "| fp16 / PyTorch | bf16 / PyTorch | powersgd / PyTorch | noop / PyTorch noop_hook | machinery ms/step "
-         "| C++: ts allreduce / builtin | C++: ts fp16 / builtin | C++: ts noop / no hook |",
-         "| --- " * 13 + "|"]
-for path in sorted(glob.glob(os.path.join(out, "py-*-w*.json")), key=lambda p: (p.split("-")[-2], int(p.split("w")[-1][:-5]))):
-    py = json.load(open(path))
-    rows = {r["method"]: r for r in py["rows"]}
-    def ratio(name, key):
-        r = rows.get(name)
-        return f"{r[key]:.3f}" if r and r.get(key) is not None else "-"
-    model = os.path.basename(path).split("-")[1]
-    noop, pt_noop = rows.get("ftcomm noop"), rows.get("pytorch noop_hook")
-    machinery = f"{noop['step_ms'] - pt_noop['step_ms']:+.2f}" if noop and pt_noop else "-"
-    cpp_path = path.replace("py-", "cpp-")
-    c = ["-", "-", "-"]
-    threads = "-"
-    if os.path.exists(cpp_path):
-        cpp = json.load(open(cpp_path))
-        med = cpp["median_step_ms"]
-        threads = str(cpp.get("threads", "-"))
-        c = [f"{med['ts allreduce'] / med['builtin ALLREDUCE']:.3f}",
-             f"{med['ts fp16_compress'] / med['builtin FP16_COMPRESS']:.3f}",
-             f"{med['ts noop'] / med['no hook']:.3f}"]
-    lines.append(f"| {model} | {py['world']} | {threads} | {ratio('ftcomm allreduce', 'vs_c10d_builtin')} "
-                 f"| {ratio('ftcomm allreduce', 'vs_pytorch_hook')} | {ratio('ftcomm fp16_compress', 'vs_c10d_builtin')} "
-                 f"| {ratio('ftcomm fp16_compress', 'vs_pytorch_hook')} | {ratio('ftcomm bf16_compress', 'vs_pytorch_hook')} "
-                 f"| {ratio('ftcomm powersgd r4', 'vs_pytorch_hook')} | {ratio('ftcomm noop', 'vs_pytorch_hook')} "
-                 f"| {machinery} | {c[0]} | {c[1]} | {c[2]} |")
-open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+done
+python3 tests/bench/cpu_worlds_table.py "$out" "$cores" "$FTCOMM_BENCH_PIN"
 echo "bench-cpu-worlds: $failed run(s) failed; results in $out"
 exit "$failed"

@@ -14,7 +14,10 @@ noop), all in PyTorch's DDP, whose Reducer runs ftcomm's hooks as the C++ traine
 Rank 0 prints a table, the targets (at most 1.03x c10d's built-in, on GPUs and CPUs;
 ftcomm noop faster than PyTorch's noop_hook, and the machinery's cost per step; every
 ftcomm hook faster per step than its PyTorch counterpart, PowerSGD at most 0.75x) and,
-with --json, writes it. Two
+with --json, writes it. Ratios are the median over rounds of each round's ratio (the
+methods of a round run moments apart, so a drift of the host moves both sides), with
+the rounds' range beside them. FTCOMM_BENCH_PIN=1 pins each rank to its own share of
+the cores (pin_cores.py). Two
 models: --model mlp (short backward, fixed costs exposed) and --model deep (12 layers
 of 2048, backward long enough to hide communication).
 """
@@ -24,6 +27,7 @@ import statistics
 import sys
 import time
 
+from pin_cores import PINNED  # before torch starts a thread
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -141,9 +145,15 @@ def main():
                 step(model, x, y)
             sync()
             times[i].append((time.perf_counter() - t0) / len(batches) * 1000)
-    # Every rank's time is its own; the step is as slow as the slowest rank.
-    med = torch.tensor([statistics.median(t) for t in times], dtype=torch.float64)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX, group=dist.new_group(backend="gloo"))
+    # Every rank's time is its own; a round is as slow as its slowest rank.
+    rounds = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=dist.new_group(backend="gloo"))
+    med = rounds.quantile(0.5, dim=1)
+
+    def paired(i, j):
+        """The median and range over rounds of method i's round time over method j's."""
+        per_round = (rounds[i] / rounds[j]).tolist()
+        return statistics.median(per_round), min(per_round), max(per_round)
 
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]).float() for m in models]
     names = [m[0] for m in methods]
@@ -168,9 +178,11 @@ def main():
         else:
             check = f"rel err {rel(grads[i], ref):.2e} vs default"
         hook = getattr(models[i], "_bench_hook", None)
+        vs_pt = paired(i, counterpart) if counterpart is not None else (None, None, None)
+        vs_c10d = paired(i, builtin) if builtin is not None else (None, None, None)
         rows.append({"method": name, "step_ms": med[i].item(), "vs_default": vs_default,
-                     "vs_pytorch_hook": (med[i] / med[counterpart]).item() if counterpart is not None else None,
-                     "vs_c10d_builtin": (med[i] / med[builtin]).item() if builtin is not None else None,
+                     "vs_pytorch_hook": vs_pt[0], "vs_pytorch_hook_range": vs_pt[1:],
+                     "vs_c10d_builtin": vs_c10d[0], "vs_c10d_builtin_range": vs_c10d[1:],
                      "agreement": hook.agreement if hook is not None else None,
                      "check": check})
     if rank == 0:
@@ -178,15 +190,18 @@ def main():
         print(f"\nPython DDP step (forward+backward), world {world}, {device.type}, model {numel} params "
               f"({numel * 4 / 1e6:.1f} MB grads), batch {a.batch}, {torch.get_num_threads()} threads per rank, "
               f"median of {a.rounds} rounds x {a.steps} steps"
+              + (f"; each rank pinned to {len(PINNED)} cores" if PINNED else "")
               + (f"; PowerSGD models with bucket_cap_mb={a.powersgd_bucket_mb:g}" if a.powersgd_bucket_mb else ""))
-        def ratio(v):
-            return f"{v:.3f}" if v is not None else "-"
+        def spread(v, r):
+            return f"{v:.3f} ({r[0]:.2f}-{r[1]:.2f})" if v is not None else "-"
 
-        print(f"{'method':40s} {'step ms':>9s} {'x default':>10s} {'x c10d':>7s} {'x pytorch hook':>15s}  check")
+        print(f"{'method':40s} {'step ms':>9s} {'x default':>10s} {'x c10d (rounds)':>18s} "
+              f"{'x pytorch hook (rounds)':>24s}  check")
         for row in rows:
             agreement = f" [{row['agreement']}]" if row["agreement"] else ""
             print(f"{row['method']:40s} {row['step_ms']:9.2f} {row['vs_default']:10.3f} "
-                  f"{ratio(row['vs_c10d_builtin']):>7s} {ratio(row['vs_pytorch_hook']):>15s}  {row['check']}{agreement}")
+                  f"{spread(row['vs_c10d_builtin'], row['vs_c10d_builtin_range']):>18s} "
+                  f"{spread(row['vs_pytorch_hook'], row['vs_pytorch_hook_range']):>24s}  {row['check']}{agreement}")
         # The hook-speed targets: at most 1.03x c10d's built-in on GPUs (1.05x on
         # the CPU), noop within 2% of DDP's default, each ftcomm hook faster than
         # its PyTorch counterpart per step, PowerSGD at most 0.75x of it.
@@ -212,7 +227,8 @@ def main():
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"world": world, "device": device.type, "params": numel, "batch": a.batch, "widths": widths,
-                           "rows": rows}, f, indent=1)
+                           "threads": torch.get_num_threads(), "pinned_cores": len(PINNED) if PINNED else None,
+                           "rounds": a.rounds, "steps": a.steps, "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 
 
