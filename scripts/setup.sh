@@ -50,6 +50,7 @@ else
 fi
 if [ "${FTCOMM_SKIP_PYTHON_PACKAGE:-0}" != 1 ]; then
   say "installing the ftcomm Python package (pip install --no-build-isolation .; the first build takes a few minutes)"
+  source "$(dirname "$0")/ccache-env.sh"
   (cd "$(dirname "$0")/.." && "$PYTHON" -m pip install -q --disable-pip-version-check --no-build-isolation .)
   say "ftcomm $("$PYTHON" -c 'import ftcomm; print(ftcomm.__version__)' 2>/dev/null) importable"
 fi

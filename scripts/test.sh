@@ -9,7 +9,7 @@
 #   scripts/test.sh -L e2e          # one ctest tier: unit, forked, cli, e2e, bench, install (pytest skipped)
 #   scripts/test.sh -R Broadcast    # ctest entries matching the regex, and pytests whose name contains it
 #
-# Environment: BUILD_DIR (default build), FTCOMM_SANITIZE (address|undefined|thread),
+# Environment: BUILD_DIR (default build), BUILD_TYPE (Release), FTCOMM_SANITIZE (address|undefined|thread),
 # CTEST_PARALLEL (default 2), PYTEST_WORKERS (pytest processes, default 1),
 # FTCOMM_E2E_SEED (the e2e kill points: fixed unless set; "random" draws one).
 set -euo pipefail
@@ -31,9 +31,13 @@ t0=$SECONDS
 phase() { printf 'test: [%s] %s\n' "$(date -u -d "@$((SECONDS - t0))" +%M:%S)" "$*"; }
 
 phase "setup"
+source scripts/ccache-env.sh
 scripts/setup.sh
 phase "configuring $build"
-cmake -S . -B "$build" -G Ninja -DFTCOMM_BUILD_TESTS=ON ${FTCOMM_SANITIZE:+-DFTCOMM_SANITIZE=$FTCOMM_SANITIZE} >/dev/null
+# Release, as the Python package's build: the library's files then compile alike in
+# both and the second build takes them from ccache (scripts/setup.sh sets its base dir).
+cmake -S . -B "$build" -G Ninja -DFTCOMM_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" \
+  ${FTCOMM_SANITIZE:+-DFTCOMM_SANITIZE=$FTCOMM_SANITIZE} >/dev/null
 phase "building (first build takes a few minutes: libtorch headers are heavy)"
 cmake --build "$build"
 

@@ -8,6 +8,7 @@
 
 #include "control.h"
 #include "ftcomm/bucket_layout.h"
+#include "ftcomm/errors.h"
 #include "ftcomm/settings.h"
 #include "ftcomm/process_group.h"
 #include "log.h"
@@ -122,9 +123,11 @@ const RecoveryPlan& Checkpointer::prepare_recovery(TrainingState& state) {
       refusal = e.what_without_backtrace();
     }
   }
-  control::throw_if_any(pg_, refusal.empty() ? refusal : "refusing to resume from step " +
-                                                             std::to_string(plan.step) + ": " + refusal +
-                                                             " (nothing was discarded)");
+  if (auto why = control::first_error(pg_, refusal.empty() ? refusal : "refusing to resume from step " +
+                                                                        std::to_string(plan.step) + ": " + refusal +
+                                                                        " (nothing was discarded)")) {
+    throw ResumeRefused(*why, plan.step);
+  }
   report.load_ms = ms_since(start);
   return plan;
 }

@@ -114,15 +114,20 @@ std::vector<std::string> allgather_bytes(const Group& pg, const std::string& byt
   return all;
 }
 
-void throw_if_any(const Group& pg, const std::string& error, const Options& o) {
+std::optional<std::string> first_error(const Group& pg, const std::string& error, const Options& o) {
   const auto failed = allgather(pg, int64_t(error.empty() ? 0 : 1), o);
-  if (std::none_of(failed.begin(), failed.end(), [](int64_t f) { return f != 0; })) return;
+  if (std::none_of(failed.begin(), failed.end(), [](int64_t f) { return f != 0; })) return std::nullopt;
   // Some rank refused: the texts travel so that every rank reports the cause.
   const auto texts = allgather_bytes(pg, error, o);
-  if (!error.empty()) TORCH_CHECK(false, error);
+  if (!error.empty()) return error;
   for (size_t r = 0; r < texts.size(); ++r) {
-    if (!texts[r].empty()) TORCH_CHECK(false, texts[r], " (decided on rank ", r, ")");
+    if (!texts[r].empty()) return texts[r] + " (decided on rank " + std::to_string(r) + ")";
   }
+  return std::nullopt;  // not reached: some rank had a text
+}
+
+void throw_if_any(const Group& pg, const std::string& error, const Options& o) {
+  if (auto why = first_error(pg, error, o)) TORCH_CHECK(false, *why);
 }
 
 }  // namespace ftcomm::control

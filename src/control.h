@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,9 +48,11 @@ std::string broadcast_bytes(const Group& pg, const std::string& bytes, int root,
 // Every rank's bytes (any length each), rank by rank.
 std::vector<std::string> allgather_bytes(const Group& pg, const std::string& bytes, const Options& o = {});
 // A refusal decided together: every rank passes its own error (empty: none);
-// when any rank has one, every rank throws it (the lowest such rank's text; a
-// rank that has its own throws its own), so none goes on into a collective the
-// others have left. One 8-byte allgather when no rank fails.
+// when any rank has one, every rank gets it (the lowest such rank's text, with
+// "(decided on rank R)"; a rank that has its own gets its own), so none goes on
+// into a collective the others have left. One 8-byte allgather when no rank fails.
+std::optional<std::string> first_error(const Group& pg, const std::string& error, const Options& o = {});
+// first_error(), thrown as a c10::Error.
 void throw_if_any(const Group& pg, const std::string& error, const Options& o = {});
 
 }  // namespace ftcomm::control

@@ -13,6 +13,7 @@
 #include "control.h"
 #include "ftcomm/broadcast.h"
 #include "ftcomm/bucket_layout.h"
+#include "ftcomm/errors.h"
 #include "log.h"
 #include "tensor_bytes.h"
 
@@ -421,6 +422,7 @@ std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& pla
                                         const std::set<std::string>& allowed, const ResumeFixes& fixes) {
   std::vector<std::string> changes;
   std::string refusal;
+  std::vector<std::string> refused_names;
   // Records written before settings were recorded have none: nothing to compare.
   if (plan.has_step(pg->getRank()) && !local.record.settings.empty()) {
     const auto& stored = local.record.settings;
@@ -438,16 +440,27 @@ std::vector<std::string> check_settings(const Group& pg, const RecoveryPlan& pla
       } else {
         refusal += (refusal.empty() ? "" : "; ") + std::string("'") + name + "' was " + a +
                    " in the checkpoint and is " + b + " now";
+        refused_names.push_back(name);
       }
     }
   }
   const auto refused = control::allgather(pg, int64_t(refusal.empty() ? 0 : 1));
   for (int r = 0; r < pg->getSize(); ++r) {
     if (refused[r] == 0) continue;
-    TORCH_CHECK(false, "refusing to resume from step ", plan.step, " with other settings: ",
-                refusal.empty() ? rank_text(r) + " found changed settings (see its error)" : refusal,
-                ". Resume with the stored values, ", fixes.allow_change, ", or ", fixes.new_store,
-                ". Nothing was discarded");
+    // Every rank names the settings, whichever ranks found them.
+    std::string mine;
+    for (const auto& name : refused_names) mine += name + "\n";
+    std::set<std::string> names;
+    for (const auto& text : control::allgather_bytes(pg, mine)) {
+      for (size_t at = 0, end; (end = text.find('\n', at)) != std::string::npos; at = end + 1) {
+        names.insert(text.substr(at, end - at));
+      }
+    }
+    throw ResumeRefused("refusing to resume from step " + std::to_string(plan.step) + " with other settings: " +
+                            (refusal.empty() ? rank_text(r) + " found changed settings (see its error)" : refusal) +
+                            ". Resume with the stored values, " + fixes.allow_change + ", or " + fixes.new_store +
+                            ". Nothing was discarded",
+                        plan.step, std::vector<std::string>(names.begin(), names.end()));
   }
   if (pg->getRank() == 0 && !changes.empty()) {
     std::string list;

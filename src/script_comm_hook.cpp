@@ -105,14 +105,20 @@ struct ScriptCommHook::Worker {
   void abort_device(const at::Device& device, const std::string& why);
   // Fails the task's future unless something already completed it (the
   // watchdog and the worker may both reach a task the watchdog gave up on).
-  void fail(Task& task, const std::string& message) {
-    task.future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
+  void fail(Task& task, const HookFailure& failure) {
+    task.future->setErrorIfNeeded(error_of(failure));
+  }
+  // A failure that is not one rank's (rank and bucket unknown).
+  void fail(Task& task, const std::string& message) { fail(task, general(message)); }
+  HookFailure general(const std::string& message) const { return HookFailure{message, hook->name()}; }
+  std::exception_ptr error_of(const HookFailure& failure) const {
+    return options.make_error ? options.make_error(failure) : std::make_exception_ptr(HookError(failure));
   }
   // Under `mutex`: whether the watchdog gave up on this hook object; if so, fails
   // `task` with the reason every other bucket got.
   bool fail_if_abandoned(Task& task) {
     if (!abandoned) return false;
-    fail(task, abandon_message);
+    fail(task, abandon_failure);
     return true;
   }
   std::string seconds(std::chrono::milliseconds d) const {
@@ -120,17 +126,18 @@ struct ScriptCommHook::Worker {
     std::snprintf(text, sizeof(text), "%g", std::chrono::duration<double>(d).count());
     return text;
   }
-  std::string stuck_message(int64_t stuck_rank, int64_t bucket) const {
-    return "hook " + hook->name() + " did not return within " + seconds(options.hook_timeout) + " s on rank " +
-           std::to_string(stuck_rank) + " in bucket " + std::to_string(bucket) +
-           " (stuck: an endless loop, or far too slow for the job's --timeout); every rank stops here. Fix the "
-           "hook, or raise --timeout";
+  HookFailure stuck_failure(int64_t stuck_rank, int64_t bucket) const {
+    return HookFailure{"hook " + hook->name() + " did not return within " + seconds(options.hook_timeout) +
+                           " s on rank " + std::to_string(stuck_rank) + " in bucket " + std::to_string(bucket) +
+                           " (stuck: an endless loop, or far too slow for the job's --timeout); every rank stops "
+                           "here. Fix the hook, or raise --timeout",
+                       hook->name(), stuck_rank, bucket, /*stuck=*/true};
   }
   // The error every rank reports for a decided failure: the hook, the failing
   // rank and the bucket; a rank that failed itself names itself, with its reason
   // (`own_error`, in bucket `own_bucket`).
-  std::string failed_message(int64_t decision, const std::string& own_error, int64_t own_bucket,
-                             const std::string& peer_reason = "") const {
+  HookFailure decided_failure(int64_t decision, const std::string& own_error, int64_t own_bucket,
+                              const std::string& peer_reason = "") const {
     const bool mine = !own_error.empty();
     const int64_t who = mine ? group->rank() : group->rank_of(decision);
     const int64_t bucket = mine ? own_bucket : group->bucket_of(decision);
@@ -138,13 +145,18 @@ struct ScriptCommHook::Worker {
     const std::string how = mode == HookAgreement::kFailFast
                                 ? " (the ranks agreed: recorded by rank " + std::to_string(who) + ")"
                                 : " (the ranks agreed)";
-    if (!mine && group->failure_of(decision) == HookGroup::Failure::kStuck) return stuck_message(who, bucket) + how;
+    if (!mine && group->failure_of(decision) == HookGroup::Failure::kStuck) {
+      HookFailure stuck = stuck_failure(who, bucket);
+      stuck.message += how;
+      return stuck;
+    }
     const std::string reason = mine ? own_error : peer_reason;
-    return "hook " + hook->name() + " failed on rank " + std::to_string(who) +
-           (reason.empty() ? "" : " (" + reason + ")") + " in bucket " + std::to_string(bucket) +
-           "; every rank stops here" + how + ". Fix the hook" +
-           (options.on_error == OnHookError::kFail && mode == HookAgreement::kPerCollective
-                ? ", or run with the fallback policy" : "");
+    return HookFailure{"hook " + hook->name() + " failed on rank " + std::to_string(who) +
+                           (reason.empty() ? "" : " (" + reason + ")") + " in bucket " + std::to_string(bucket) +
+                           "; every rank stops here" + how + ". Fix the hook" +
+                           (options.on_error == OnHookError::kFail && mode == HookAgreement::kPerCollective
+                                ? ", or run with the fallback policy" : ""),
+                       hook->name(), who, bucket};
   }
 
   const std::shared_ptr<ScriptHook> hook;
@@ -157,7 +169,7 @@ struct ScriptCommHook::Worker {
   std::deque<Task> queue;
   bool stop = false;
   bool abandoned = false;  // the watchdog gave up on a stuck call; the worker thread is lost
-  std::string abandon_message;  // why, for every bucket after it
+  HookFailure abandon_failure;  // why, for every bucket after it
   std::string broken;      // per step: why the device communicator was aborted
   HookAgreement mode = HookAgreement::kAuto;  // resolved at the first bucket
   bool in_call = false;    // the hook is running
@@ -172,7 +184,7 @@ struct ScriptCommHook::Worker {
   int64_t step_verdict = 0;
   std::string step_error;
   // Fail fast (worker thread only): the failure every later bucket reports.
-  std::string failed;
+  std::optional<HookFailure> failed;
   // Where kFailFast records failures (set before the threads start).
   c10::intrusive_ptr<c10d::Store> failure_store;
   std::string failure_key;
@@ -331,7 +343,7 @@ void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
     }
     task.future->markCompleted(c10::IValue(plain[0]));
   } else {
-    fail(task, failed_message(bad, own, task.bucket->index()));
+    fail(task, decided_failure(bad, own, task.bucket->index()));
   }
 }
 
@@ -375,16 +387,16 @@ void ScriptCommHook::Worker::process_per_step(Task& task) {
     task.future->markCompleted(c10::IValue(result));
     return;
   }
-  const std::string message = failed_message(decision, own, own_bucket);
-  abort_device(buffer.device(), message);
-  fail(task, message);
+  const HookFailure failure = decided_failure(decision, own, own_bucket);
+  abort_device(buffer.device(), failure.message);
+  fail(task, failure);
 }
 
 void ScriptCommHook::Worker::process_fail_fast(Task& task) {
   // After a failure this rank runs no further hooks: its peers stopped (or will
   // stop) at the collective it left, and the group may hold it still.
-  if (!failed.empty()) {
-    fail(task, failed);
+  if (failed) {
+    fail(task, *failed);
     return;
   }
   at::Tensor result;
@@ -397,13 +409,13 @@ void ScriptCommHook::Worker::process_fail_fast(Task& task) {
   const int64_t bucket = task.bucket->index();
   if (group->stopped_by_peer()) {
     const auto& r = group->peer_record();
-    failed = failed_message(r.verdict, "", 0, r.reason);
+    failed = decided_failure(r.verdict, "", 0, r.reason);
   } else if (group->collective_broke()) {
     // Not the hook's failure: a peer's process died (or the group timed out).
-    failed = "hook " + hook->name() + " in bucket " + std::to_string(bucket) + " on rank " +
-             std::to_string(group->rank()) + ": a collective failed (" + error +
-             ") with no hook failure on record: a peer's process died, or the group's timeout passed; this "
-             "process must restart";
+    failed = general("hook " + hook->name() + " in bucket " + std::to_string(bucket) + " on rank " +
+                     std::to_string(group->rank()) + ": a collective failed (" + error +
+                     ") with no hook failure on record: a peer's process died, or the group's timeout passed; "
+                     "this process must restart");
   } else {
     // This rank's own failure, unless a peer's is on record first (the root
     // cause: this one may be a collective that peer's exit broke).
@@ -415,10 +427,10 @@ void ScriptCommHook::Worker::process_fail_fast(Task& task) {
       detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": could not record the hook's failure (" +
                        first_line(e.what()) + "); peers find out from their collectives");
     }
-    failed = group->rank_of(r.verdict) == group->rank() ? failed_message(r.verdict, error, bucket)
-                                                        : failed_message(r.verdict, "", 0, r.reason);
+    failed = group->rank_of(r.verdict) == group->rank() ? decided_failure(r.verdict, error, bucket)
+                                                        : decided_failure(r.verdict, "", 0, r.reason);
   }
-  fail(task, failed);
+  fail(task, *failed);
 }
 
 void ScriptCommHook::Worker::abort_device(const at::Device& device, const std::string& why) {
@@ -475,30 +487,30 @@ void ScriptCommHook::Worker::watch() {
       call_changed.wait_for(lock, 50ms);
       continue;
     }
-    std::string message = stuck_message(group->rank(), bucket);
+    HookFailure failure = stuck_failure(group->rank(), bucket);
     if (!agreement_error.empty()) {
-      message += " (telling the other ranks failed: " + agreement_error + ")";
+      failure.message += " (telling the other ranks failed: " + agreement_error + ")";
     } else if (decision != 0 && group->failure_of(decision) == HookGroup::Failure::kError) {
-      message = failed_message(decision, "", 0,
-                               mode == HookAgreement::kFailFast ? group->recorded_failure().reason : "") +
-                " (this rank's own call did not return within " + seconds(options.hook_timeout) + " s)";
+      failure = decided_failure(decision, "", 0,
+                                mode == HookAgreement::kFailFast ? group->recorded_failure().reason : "");
+      failure.message += " (this rank's own call did not return within " + seconds(options.hook_timeout) + " s)";
     } else if (decision != 0 && group->rank_of(decision) != group->rank()) {
-      message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
+      failure.message += "; rank " + std::to_string(group->rank_of(decision)) + " was stuck too";
     }
     lock.lock();
     // The group takes no further collectives now. If the call came back in the
     // meantime, the worker fails whatever bucket it holds with this message.
     abandoned = true;
-    abandon_message = message;
+    abandon_failure = failure;
     const bool still_in_call = in_call && call_future == future;
     std::deque<Task> pending;
     pending.swap(queue);
     lock.unlock();
     call_changed.notify_all();  // a call that came back meanwhile waits for this (see call())
-    detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + message);
-    if (per_step) abort_device(device, message);
-    if (still_in_call && future) future->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(message)));
-    for (auto& t : pending) fail(t, message);
+    detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + failure.message);
+    if (per_step) abort_device(device, failure.message);
+    if (still_in_call && future) future->setErrorIfNeeded(error_of(failure));
+    for (auto& t : pending) fail(t, failure);
     ready.notify_all();
     return;
   }
@@ -599,7 +611,7 @@ c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket
     }
     if (worker_->abandoned) {
       worker_->fail(task, "hook " + hook_->name() + " was abandoned after a call that did not return (" +
-                              worker_->abandon_message + "); this process must exit");
+                              worker_->abandon_failure.message + "); this process must exit");
       return future;
     }
     worker_->queue.push_back(std::move(task));

@@ -16,6 +16,7 @@
 
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/checkpoint_store.h"
+#include "ftcomm/errors.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/rank_store.h"
 #include "fsutil.h"
@@ -186,6 +187,17 @@ TEST(CheckpointStore, StepsMustIncrease) {
   auto s = store->Commit(record_for(5, 0));
   EXPECT_EQ(s.code(), StoreStatus::Code::kInvalidArgument);
   EXPECT_NE(s.message().find("not after the latest committed step 5"), std::string::npos) << s.message();
+}
+
+TEST(CheckpointStore, CheckThrowsAStoreErrorWithTheCode) {
+  check(StoreStatus::OK());
+  try {
+    check(StoreStatus::Busy("checkpoint store /x is held by another process"));
+    ADD_FAILURE() << "check() of a Busy status returned";
+  } catch (const StoreError& e) {
+    EXPECT_EQ(e.code(), "Busy");
+    EXPECT_EQ(std::string(e.what_without_backtrace()), "Busy: checkpoint store /x is held by another process");
+  }
 }
 
 TEST(CheckpointStore, RetentionKeepsTheNewestSnapshotsAndCollectsBlobs) {

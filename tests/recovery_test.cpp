@@ -12,6 +12,7 @@
 
 #include "fsutil.h"
 #include "ftcomm/checkpointer.h"
+#include "ftcomm/errors.h"
 #include "ftcomm/job.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/recovery.h"
@@ -459,9 +460,14 @@ TEST(CheckpointerResume, ARefusedResumeDiscardsNothingAndAnAcceptedOneDiscardsLa
         TrainingState state = state_with(hook);
         ckpt.prepare_recovery(state);
         ADD_FAILURE() << "rank " << rank << ": resumed with " << hook;
-      } catch (const c10::Error& e) {
-        // Every rank refuses, the one without the step too, and nothing changed.
+      } catch (const ResumeRefused& e) {
+        // Every rank refuses, the one without the step too, and nothing changed;
+        // typed: every rank names the settings that differ.
         const std::string what = e.what_without_backtrace();
+        if (hook == "same") EXPECT_EQ(e.settings(), std::vector<std::string>{"lr"}) << what;
+        if (hook == "other") EXPECT_FALSE(e.settings().empty()) << what;
+        if (hook == "none") EXPECT_TRUE(e.settings().empty()) << what;
+        EXPECT_GE(e.step(), 20) << what;
         if (hook == "same") EXPECT_NE(what.find("allow_changed_settings"), std::string::npos) << what;
         if (rank == 0 || hook == "same") EXPECT_NE(what.find(expect), std::string::npos) << what;
         EXPECT_NE(what.find("othing was discarded"), std::string::npos) << what;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <thread>
 #include <tuple>
 
@@ -36,13 +37,25 @@ at::Tensor run(c10d::CommHookInterface& hook, c10d::GradBucket& bucket) {
 
 // One step's buckets through `hook`: every runHook first, as the Reducer calls
 // them, then every future waited for. Returns the first error ("" if none).
-std::string run_step(c10d::CommHookInterface& hook, std::initializer_list<c10d::GradBucket*> buckets) {
+// Runs one step's buckets; returns the first error's message (empty: none) and,
+// with `failure`, that error's HookFailure (a HookError is what a failed bucket holds).
+std::string run_step(c10d::CommHookInterface& hook, std::initializer_list<c10d::GradBucket*> buckets,
+                     std::optional<HookFailure>* failure = nullptr) {
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
   for (auto* bucket : buckets) futures.push_back(hook.runHook(*bucket));
   std::string error;
   for (auto& f : futures) {
     f->wait();
-    if (f->hasError() && error.empty()) error = f->tryRetrieveErrorMessage();
+    if (!f->hasError() || !error.empty()) continue;
+    error = f->tryRetrieveErrorMessage();
+    if (failure == nullptr) continue;
+    try {
+      std::rethrow_exception(f->exception_ptr());
+    } catch (const HookError& e) {
+      *failure = e.failure();
+    } catch (...) {
+      ADD_FAILURE() << "a failed bucket holds something other than a HookError: " << error;
+    }
   }
   return error;
 }
@@ -627,13 +640,24 @@ TEST_F(HookFiles, FailFastAFailureAtEveryPointIsReportedByEveryRank) {
         // reaches its peers at their next collective (their step was whole).
         std::string error;
         double seconds = 0;
+        std::optional<HookFailure> failure;
         for (int step = 0; step < 2 && error.empty(); ++step) {
           TestBucket b0(rank_values(rank, 100), {{100}}, 0, 2), b1(rank_values(rank, 50), {{50}}, 1, 2);
           const auto start = std::chrono::steady_clock::now();
-          error = run_step(comm, {b0.bucket.get(), b1.bucket.get()});
+          error = run_step(comm, {b0.bucket.get(), b1.bucket.get()}, &failure);
           seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         }
         results[static_cast<size_t>(rank)] = {error, seconds};
+        // Typed: every rank's HookError names the same hook, rank and bucket.
+        const bool stuck = c.name.find("stuck") != std::string::npos;
+        EXPECT_TRUE(failure.has_value()) << c.name << " rank " << rank;
+        if (failure) {
+          EXPECT_EQ(failure->hook, c.name);
+          EXPECT_EQ(failure->rank, 1) << c.name << " rank " << rank << ": " << failure->message;
+          EXPECT_EQ(failure->bucket, c.bucket) << c.name << " rank " << rank << ": " << failure->message;
+          EXPECT_EQ(failure->stuck, stuck) << c.name << " rank " << rank << ": " << failure->message;
+          EXPECT_EQ(failure->message, error);
+        }
         EXPECT_EQ(comm.agreement(), HookAgreement::kFailFast);
         if (!error.empty()) {
           // Nothing more runs on this rank: later buckets fail at once.

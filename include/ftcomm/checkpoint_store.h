@@ -56,6 +56,8 @@ class StoreStatus {
   bool IsIncompatible() const { return code_ == Code::kIncompatible; }
   Code code() const { return code_; }
   const std::string& message() const { return message_; }
+  // "OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible".
+  const char* CodeName() const;
   std::string ToString() const;
 
  private:
@@ -64,7 +66,8 @@ class StoreStatus {
   std::string message_;
 };
 
-// Throws c10::Error with the status's message unless it is ok.
+// Throws StoreError (ftcomm/errors.h, a c10::Error) with the status's message
+// and code unless it is ok.
 void check(const StoreStatus& status);
 
 enum class Durability { kSync, kProcessCrash };

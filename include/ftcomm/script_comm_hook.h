@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,6 +17,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 
+#include "ftcomm/errors.h"
 #include "ftcomm/script_hook.h"
 
 namespace ftcomm {
@@ -88,6 +91,9 @@ struct ScriptCommHookOptions {
   // the group's timeout, so that peers waiting at the agreement hear of it before
   // their own wait ends (ftcomm train uses half of --timeout). Zero: unbounded.
   std::chrono::milliseconds hook_timeout{std::chrono::seconds(30)};
+  // What a failed bucket's future holds; empty: a HookError. The Python extension
+  // makes it one that Python raises as ftcomm.HookError.
+  std::function<std::exception_ptr(const HookFailure&)> make_error;
 };
 
 // A ScriptHook registered with c10d::Reducer::register_comm_hook. runHook copies

@@ -25,6 +25,7 @@ if _os.path.isdir(_os.path.join(_here, "hooks_ts")):
     # The library hooks shipped with this package (FTCOMM_HOOKS_DIR overrides).
     _os.environ.setdefault("FTCOMM_HOOKS_DIR", _os.path.join(_here, "hooks_ts"))
 
+from .errors import FtcommError, HookError, ResumeRefused, StoreError  # noqa: E402  (before _C, which raises them)
 from . import _C  # noqa: E402
 from .fault_tolerant import FaultTolerant  # noqa: E402
 from .hooks import Hook, hook_check, list_hooks, register_hook  # noqa: E402
@@ -41,6 +42,10 @@ def digest(tensors) -> str:
 
 __all__ = [
     "FaultTolerant",
+    "FtcommError",
+    "HookError",
+    "ResumeRefused",
+    "StoreError",
     "digest",
     "Hook",
     "hook_check",

@@ -13,7 +13,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _C, _state
+from .errors import ResumeRefused
 from .hooks import Hook
+
+
+class _Refused(ResumeRefused, ValueError):
+    """A refused resume decided in Python (the optimizers do not fit): a ResumeRefused
+    that is also the ValueError these raised before."""
+
+    def __init__(self, step, message):
+        super().__init__(message, step=step)
 
 
 class FaultTolerant:
@@ -221,23 +230,23 @@ class FaultTolerant:
         state.hook = self.hook._impl if self.hook is not None else None
         return state
 
-    def _restore_objects(self, parts: dict) -> None:
+    def _restore_objects(self, parts: dict, step: int) -> None:
         classes = parts.get("optimizer_classes")
         mine = [type(o).__qualname__ for o in self.optimizers]
         saved = [parts["optimizer"]] + list(parts.get("more_optimizers", []))
         if classes is not None and list(classes) != mine:
-            raise ValueError(f"the checkpoint's optimizer(s) {', '.join(classes)} differ from this run's "
+            raise _Refused(step, f"the checkpoint's optimizer(s) {', '.join(classes)} differ from this run's "
                              f"{', '.join(mine)}; resume with the same optimizer(s), or give FaultTolerant a new "
                              "ckpt_dir (nothing was discarded)")
         if len(saved) != len(self.optimizers):
-            raise ValueError(f"the checkpoint holds the state of {len(saved)} optimizer(s), this run has "
+            raise _Refused(step, f"the checkpoint holds the state of {len(saved)} optimizer(s), this run has "
                              f"{len(self.optimizers)}; pass the same optimizers in the same order, or give "
                              "FaultTolerant a new ckpt_dir (nothing was discarded)")
         for i, (o, sd) in enumerate(zip(self.optimizers, saved)):
             try:
                 o.load_state_dict(sd)
             except (KeyError, ValueError, TypeError, IndexError) as e:
-                raise ValueError(f"the checkpoint's state of optimizer {i} does not fit this run's "
+                raise _Refused(step, f"the checkpoint's state of optimizer {i} does not fit this run's "
                                  f"{type(o).__qualname__} ({type(e).__name__}: {e}); resume with the optimizer "
                                  "that wrote it, or give FaultTolerant a new ckpt_dir (nothing was discarded)") from None
         self.user_state.clear()
@@ -256,7 +265,7 @@ class FaultTolerant:
         self.report = json.loads(report)
         step = self.report["resumed_from_step"]
         if step >= 0:
-            self._restore_objects(_state.unpack(list(objects)))
+            self._restore_objects(_state.unpack(list(objects)), step)
             torch.set_rng_state(rank_local[0].cpu())
             if self._device is not None:
                 torch.cuda.set_rng_state(rank_local[1].cpu(), self._device)

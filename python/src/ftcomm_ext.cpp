@@ -12,11 +12,13 @@
 
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <pybind11/stl.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "ftcomm/bucket_layout.h"
 #include "ftcomm/deadlines.h"
 #include "ftcomm/digest.h"
+#include "ftcomm/errors.h"
 #include "ftcomm/hook_check.h"
 #include "ftcomm/job.h"
 #include "ftcomm/process_group.h"
@@ -29,6 +31,41 @@ using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
 
 namespace ftcomm {
 namespace {
+
+// ftcomm.errors' classes, looked up when the module is imported (and kept).
+PyObject* g_hook_error = nullptr;
+PyObject* g_resume_refused = nullptr;
+PyObject* g_store_error = nullptr;
+
+// A hook failure as a failed bucket's future holds it. The Reducer's error
+// reaches Python through torch's own bindings (backward, DDP's forward), which
+// raise a torch::PyTorchError as its python_type() with its message, on the
+// Python thread: so no Python object is made on the hook's worker thread.
+// ftcomm.HookError reads the hook, rank and bucket back from the message.
+struct PyHookFailure : torch::PyTorchError {
+  using PyTorchError::PyTorchError;
+  PyObject* python_type() override { return g_hook_error; }
+};
+
+// ftcomm's C++ errors thrown into this module's functions, as ftcomm.errors'
+// classes with their attributes set.
+void translate_errors(std::exception_ptr error) {
+  auto raise = [](PyObject* type, py::object value) { PyErr_SetObject(type, value.ptr()); };
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const HookError& e) {
+    const HookFailure& f = e.failure();
+    auto opt = [](int64_t v) { return v < 0 ? py::object(py::none()) : py::object(py::int_(v)); };
+    raise(g_hook_error, py::handle(g_hook_error)(e.what_without_backtrace(), py::arg("hook") = f.hook,
+                                                 py::arg("rank") = opt(f.rank), py::arg("bucket") = opt(f.bucket),
+                                                 py::arg("stuck") = f.stuck));
+  } catch (const ResumeRefused& e) {
+    raise(g_resume_refused, py::handle(g_resume_refused)(e.what_without_backtrace(), py::arg("step") = e.step(),
+                                                         py::arg("settings") = e.settings()));
+  } catch (const StoreError& e) {
+    raise(g_store_error, py::handle(g_store_error)(e.what_without_backtrace(), py::arg("code") = e.code()));
+  }
+}
 
 std::chrono::milliseconds millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
@@ -93,6 +130,9 @@ std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_na
   options.hook_timeout = hook_timeout_s ? millis(*hook_timeout_s)
                                         : (deadlines.group.count() > 0 ? deadlines.hook : std::chrono::seconds(30));
   options.agreement = parse_hook_agreement(agreement);
+  options.make_error = [](const HookFailure& failure) {
+    return std::make_exception_ptr(PyHookFailure(failure.message));
+  };
   return std::make_shared<PyHook>(pg, std::move(hook), options);
 }
 
@@ -204,6 +244,13 @@ PYBIND11_MODULE(_C, m) {
   using namespace ftcomm;
   m.doc() = "ftcomm's C++ library for PyTorch DDP (use the ftcomm package, not this module)";
   m.attr("__version__") = FTCOMM_VERSION;
+  {
+    py::module_ errors = py::module_::import("ftcomm.errors");
+    g_hook_error = py::object(errors.attr("HookError")).release().ptr();
+    g_resume_refused = py::object(errors.attr("ResumeRefused")).release().ptr();
+    g_store_error = py::object(errors.attr("StoreError")).release().ptr();
+  }
+  py::register_local_exception_translator(&translate_errors);
 
   m.def(
       "torchrun_store",

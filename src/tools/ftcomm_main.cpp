@@ -19,6 +19,7 @@
 #include "ftcomm/script_hook.h"
 #include "ftcomm/process_group.h"
 #include "cli.h"
+#include "train.h"
 #include "log.h"
 
 namespace {
@@ -228,8 +229,6 @@ int hook_command(const std::vector<std::string>& args) {
 
 }  // namespace
 
-int train_main(const std::vector<std::string>& args);
-
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -240,7 +239,7 @@ int main(int argc, char** argv) {
   args.erase(args.begin());
   try {
     if (command == "doctor") return doctor(args);
-    if (command == "train") return train_main(args);
+    if (command == "train") return ftcomm::tools::train_main(args);
     if (command == "inspect") return inspect(args);
     if (command == "hook") return hook_command(args);
     return usage_error("unknown command '" + command + "'");

@@ -27,6 +27,8 @@
 #include <torch/serialize.h>
 
 #include "cli.h"
+#include "models.h"
+#include "train.h"
 #include "events.h"
 #include "ftcomm/ddp.h"
 #include "ftcomm/process_group.h"
@@ -37,6 +39,7 @@
 #include "log.h"
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
+namespace ftcomm::tools {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -45,7 +48,6 @@ struct TrainArgs {
   std::string model = "mlp";
   std::string data;
   std::string device = "cpu";
-  int torch_save_every = 0;  // benchmark baseline: torch::save every K steps, no ftcomm store
   int64_t steps = 100, batch = 32, seed = 0;
   int64_t global_batch = 0;  // 0: batch x world size
   double lr = 0.05, momentum = 0.9;
@@ -124,7 +126,7 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   app.add_option("--model", a.model, "mlp: an MLP on a synthetic regression task; charlm: a small character-level "
                                      "transformer trained on --data")
       ->check(CLI::IsMember({"mlp", "charlm"}))->capture_default_str();
-  app.add_option("--data", a.data, std::string("text file for --model charlm (default ") + "/usr/share/common-licenses/GPL-3)")
+  app.add_option("--data", a.data, std::string("text file for --model charlm (default ") + kDefaultCharLmData + ")")
       ->check(CLI::ExistingFile);
   app.add_option("--steps", a.steps, "total step target; a restarted job resumes from its newest commit")
       ->check(ftcomm::cli::integer_in(1, 1000000000000LL))->capture_default_str();
@@ -183,11 +185,6 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   app.add_option("--backend", a.backend, "what serves CUDA tensors")->check(CLI::IsMember({"auto", "gloo", "nccl"}))->capture_default_str();
   app.add_option("--device", a.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   app.add_option("--bucket-mb", a.bucket_mb, "gradient bucket size in MiB")->check(ftcomm::cli::number_in(0, 4096, true))->capture_default_str();
-  app.add_option("--baseline-torch-save-every", a.torch_save_every,
-                 "benchmark baseline: torch::save params, optimizer state and the step every K steps into --ckpt "
-                 "(synchronously, to a temporary file renamed into place), instead of ftcomm's store; a restart "
-                 "torch::loads it")
-      ->check(ftcomm::cli::integer_in(0, 1000000000));
   std::vector<std::string> failures;
   app.add_option("--fail-at", failures,
                  "SIGKILL that rank at that step of torchrun attempt ATTEMPT (default 0, the first); PHASE is forward, "
@@ -228,378 +225,303 @@ void check_summary_path(const std::string& path) {
               "' is not writable; choose another path");
 }
 
-// A model: its parameters and the loss of one rank's share of a step's batch.
-// The global batch depends only on (seed, step), so a resumed run sees the same
-// data at any world size.
-class Model {
+// One rank's run of `ftcomm train`: the group, the model and its share of the
+// batch, DDP over the Job, recovery, the steps, the summary. run() is the order.
+class Trainer {
  public:
-  explicit Model(at::Device device) : device_(device) {}
-  virtual ~Model() = default;
-  std::vector<at::Tensor>& params() { return params_; }
-  // The loss of samples [first, first + count) of step `step`'s global batch of
-  // `global` samples, as this rank's share of the global mean: the sum of its
-  // samples' losses x world / global, so the ranks' average is the mean over the
-  // global batch however it is divided.
-  virtual at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) = 0;
+  Trainer(const TrainArgs& args, const TrainBaseline* baseline) : args_(args), baseline_(baseline) {}
 
- protected:
-  at::Tensor param(at::Tensor init) {
-    params_.push_back(init.to(device_).requires_grad_());
-    return params_.back();
-  }
-  at::Device device_;
-  std::vector<at::Tensor> params_;
-};
-
-// An MLP fitting a fixed random teacher network on synthetic inputs.
-class Mlp : public Model {
- public:
-  Mlp(int64_t seed, at::Device device) : Model(device) {
-    auto init = at::make_generator<at::CPUGeneratorImpl>(1000 + seed);
-    for (size_t i = 0; i + 1 < widths_.size(); ++i) {
-      param(at::randn({widths_[i], widths_[i + 1]}, init) / std::sqrt(double(widths_[i])));
-      param(at::zeros({widths_[i + 1]}));
+  int run() {
+    start_group();
+    make_model();
+    divide_batch();
+    ddp_ = std::make_unique<ftcomm::DistributedDataParallel>(pg_, model_->params(), momentum_, ddp_options());
+    // Errors from here on are reported before anything is torn down (see
+    // exit_with_error): the group's and the Reducer's destructors could delay the
+    // message past torchrun's SIGTERM.
+    try {
+      const auto restart_t0 = Clock::now();
+      const int64_t start = recover();
+      const auto train_t0 = Clock::now();
+      train_steps(start);
+      ddp_->commit_last(args_.steps, args_.steps * global_batch_);
+      ddp_->flush();
+      finish(start, restart_t0, train_t0);
+    } catch (const std::exception& e) {
+      // The last finished step goes to this rank's store just in time (after the
+      // snapshot in flight, which is local disk work); nothing else is torn down.
+      try {
+        ddp_->save_just_in_time(std::string("error: ") + ftcomm::detail::first_line(e.what()));
+        ddp_->flush();
+      } catch (const std::exception& save_error) {
+        ftcomm::detail::log_line(std::string("ftcomm train: the just-in-time save failed: ") + save_error.what());
+      }
+      ftcomm::cli::exit_with_error("train", e);
     }
-    teacher_ = at::randn({widths_.front(), widths_.back()}, init).to(device);
-  }
-  at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) override {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131);
-    const at::Tensor x = at::randn({global, widths_.front()}, gen).narrow(0, first, count).to(device_);
-    const at::Tensor y = at::tanh(at::mm(x, teacher_) / 8.0);
-    at::Tensor h = x;
-    for (size_t i = 0; i < params_.size(); i += 2) {
-      h = at::addmm(params_[i + 1], h, params_[i]);
-      if (i + 2 < params_.size()) h = at::relu(h);
-    }
-    return (h - y).pow(2).mean(1).sum() * (double(world) / double(global));
+    return 0;
   }
 
  private:
-  std::vector<int64_t> widths_{64, 256, 256, 16};
-  at::Tensor teacher_;
-};
-
-// A small character-level transformer (bytes as tokens; 2 pre-LN blocks, d=64,
-// 4 heads, context 32) trained to predict the next byte of a text file.
-class CharLm : public Model {
- public:
-  CharLm(int64_t seed, const std::string& path, at::Device device) : Model(device) {
-    std::ifstream in(path, std::ios::binary);
-    TORCH_CHECK(in, "--data '", path, "' cannot be read; give a text file (the default is ", kDefaultData, ")");
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    TORCH_CHECK(static_cast<int64_t>(text.size()) > kContext + 1, "--data '", path, "' is too short to train on");
-    data_ = at::empty({static_cast<int64_t>(text.size())}, at::kLong);
-    for (size_t i = 0; i < text.size(); ++i) data_[i] = static_cast<int64_t>(static_cast<unsigned char>(text[i]));
-    auto init = at::make_generator<at::CPUGeneratorImpl>(2000 + seed);
-    auto w = [&](std::vector<int64_t> shape, double fan_in) { return param(at::randn(shape, init) / std::sqrt(fan_in)); };
-    embed_ = w({kVocab, kDim}, 1.0 / 0.02 / 0.02);
-    pos_ = w({kContext, kDim}, 1.0 / 0.02 / 0.02);
-    for (int l = 0; l < kLayers; ++l) {
-      Block b;
-      b.ln1_w = param(at::ones({kDim}));
-      b.ln1_b = param(at::zeros({kDim}));
-      b.qkv = w({kDim, 3 * kDim}, kDim);
-      b.proj = w({kDim, kDim}, kDim);
-      b.ln2_w = param(at::ones({kDim}));
-      b.ln2_b = param(at::zeros({kDim}));
-      b.fc1 = w({kDim, 4 * kDim}, kDim);
-      b.fc1_b = param(at::zeros({4 * kDim}));
-      b.fc2 = w({4 * kDim, kDim}, 4 * kDim);
-      b.fc2_b = param(at::zeros({kDim}));
-      blocks_.push_back(b);
+  // The group (torchrun's environment, else world size 1 on an in-memory store),
+  // the event log, and the --fail-at checks that need the world size.
+  void start_group() {
+    pgo_ = ftcomm::process_group_options_from_env();
+    pgo_.backend = ftcomm::parse_backend(args_.backend);
+    pgo_.timeout = std::chrono::milliseconds(static_cast<int64_t>(args_.timeout_s * 1000));
+    if (!ftcomm::launched_by_torchrun()) {
+      pgo_.store = ftcomm::StoreKind::kCustom;  // world size 1: an in-memory store
+      pgo_.custom_store = c10::make_intrusive<c10d::HashStore>();
     }
-    lnf_w_ = param(at::ones({kDim}));
-    lnf_b_ = param(at::zeros({kDim}));
-    head_ = w({kDim, kVocab}, kDim);
-    mask_ = at::full({kContext, kContext}, -std::numeric_limits<float>::infinity()).triu(1).to(device);
-  }
-  at::Tensor loss(int64_t step, int64_t first, int64_t count, int64_t global, int world, int64_t seed) override {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003 + step * 131);
-    const int64_t batch = count;
-    const at::Tensor starts =
-        at::randint(0, data_.numel() - kContext - 1, {global, 1}, gen, at::kLong).narrow(0, first, count);
-    const at::Tensor index = starts + at::arange(kContext + 1, at::kLong);
-    const at::Tensor window = data_.index_select(0, index.reshape({-1})).view({batch, kContext + 1}).to(device_);
-    const at::Tensor tokens = window.narrow(1, 0, kContext), targets = window.narrow(1, 1, kContext);
-    // The embedding as a one-hot matmul: its backward has no atomic adds, so CUDA
-    // runs are bit-reproducible (index_select's backward is not).
-    at::Tensor x = at::matmul(at::one_hot(tokens, kVocab).to(embed_.scalar_type()), embed_) + pos_;
-    const int64_t dh = kDim / kHeads;
-    for (const auto& b : blocks_) {
-      at::Tensor h = at::layer_norm(x, {kDim}, b.ln1_w, b.ln1_b);
-      auto qkv = at::matmul(h, b.qkv).view({batch, kContext, 3, kHeads, dh}).permute({2, 0, 3, 1, 4});
-      at::Tensor att = at::matmul(qkv[0], qkv[1].transpose(-2, -1)) / std::sqrt(double(dh)) + mask_;
-      at::Tensor y = at::matmul(at::softmax(att, -1), qkv[2]).transpose(1, 2).reshape({batch, kContext, kDim});
-      x = x + at::matmul(y, b.proj);
-      h = at::layer_norm(x, {kDim}, b.ln2_w, b.ln2_b);
-      x = x + at::matmul(at::gelu(at::matmul(h, b.fc1) + b.fc1_b), b.fc2) + b.fc2_b;
+    at::set_num_threads(1);
+    // A resumed run must repeat the uninterrupted one bit for bit; cuBLAS needs a
+    // fixed workspace for that, set before CUDA starts (the group may start it).
+    if (args_.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
+    events_ = std::make_unique<EventLog>(args_.events, pgo_.rank, pgo_.restart_count);
+    const char* node = std::getenv("GROUP_RANK");
+    events_->emit("launched", {{"world_size", pgo_.world_size}, {"node_rank", node ? node : ""}, {"pid", ::getpid()}});
+    const auto group_t0 = Clock::now();
+    pg_ = ftcomm::make_process_group(pgo_);
+    rank_ = pg_->getRank();
+    world_ = pg_->getSize();
+    events_->emit("start", {{"world_size", world_}, {"steps", args_.steps}, {"model", args_.model}, {"hook", args_.hook},
+                            {"group_ms", std::chrono::duration<double, std::milli>(Clock::now() - group_t0).count()}});
+    for (const auto& f : args_.failures) {
+      TORCH_CHECK(f.rank < world_, "--fail-at ", f.rank, ":", f.step, " names rank ", f.rank,
+                  ", but this job has ranks 0 to ", world_ - 1);
     }
-    const at::Tensor logits = at::matmul(at::layer_norm(x, {kDim}, lnf_w_, lnf_b_), head_);
-    return at::nll_loss(at::log_softmax(logits.view({-1, kVocab}), -1), targets.reshape({-1}), {},
-                        at::Reduction::Sum) *
-           (double(world) / double(global * kContext));
   }
-  static constexpr const char* kDefaultData = "/usr/share/common-licenses/GPL-3";
 
- private:
-  static constexpr int64_t kVocab = 256, kDim = 64, kHeads = 4, kContext = 32, kLayers = 2;
-  struct Block {
-    at::Tensor ln1_w, ln1_b, qkv, proj, ln2_w, ln2_b, fc1, fc1_b, fc2, fc2_b;
-  };
-  at::Tensor data_, embed_, pos_, lnf_w_, lnf_b_, head_, mask_;
-  std::vector<Block> blocks_;
-};
-
-}  // namespace
-
-int train_main(const std::vector<std::string>& argv) {
-  TrainArgs parsed;
-  if (auto rc = parse_train(argv, &parsed)) return *rc;
-  const TrainArgs& args = parsed;
-  check_summary_path(args.summary);
-  ftcomm::ProcessGroupOptions pgo = ftcomm::process_group_options_from_env();
-  pgo.backend = ftcomm::parse_backend(args.backend);
-  pgo.timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 1000));
-  if (!ftcomm::launched_by_torchrun()) {
-    pgo.store = ftcomm::StoreKind::kCustom;  // world size 1: an in-memory store
-    pgo.custom_store = c10::make_intrusive<c10d::HashStore>();
-  }
-  at::set_num_threads(1);
-  // A resumed run must repeat the uninterrupted one bit for bit; cuBLAS needs a
-  // fixed workspace for that, set before CUDA starts (the group may start it).
-  if (args.device == "cuda") ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
-  const ftcomm::tools::EventLog events(args.events, pgo.rank, pgo.restart_count);
-  const char* node = std::getenv("GROUP_RANK");
-  events.emit("launched", {{"world_size", pgo.world_size}, {"node_rank", node ? node : ""}, {"pid", ::getpid()}});
-  const auto group_t0 = Clock::now();
-  auto pg = ftcomm::make_process_group(pgo);
-  const int rank = pg->getRank(), world = pg->getSize();
-  events.emit("start", {{"world_size", world}, {"steps", args.steps}, {"model", args.model}, {"hook", args.hook},
-                        {"group_ms", std::chrono::duration<double, std::milli>(Clock::now() - group_t0).count()}});
-  for (const auto& f : args.failures) {
-    TORCH_CHECK(f.rank < world, "--fail-at ", f.rank, ":", f.step, " names rank ", f.rank, ", but this job has ranks 0 to ",
-                world - 1);
-  }
-  auto maybe_fail = [&](int64_t step, const std::string& phase) {
-    for (const auto& f : args.failures) {
-      if (f.attempt == pgo.restart_count && f.rank == rank && f.phase == phase &&
+  // --fail-at: kills (or stops) this rank where the command line says.
+  void inject(int64_t step, const std::string& phase) const {
+    for (const auto& f : args_.failures) {
+      if (f.attempt == pgo_.restart_count && f.rank == rank_ && f.phase == phase &&
           (phase == "resync" || phase == "jit" || f.step == step)) {
-        ftcomm::detail::log_line("ftcomm train: rank " + std::to_string(rank) + ": injected failure at step " +
+        ftcomm::detail::log_line("ftcomm train: rank " + std::to_string(rank_) + ": injected failure at step " +
                                  std::to_string(step) + " (" + phase + ", attempt " +
-                                 std::to_string(pgo.restart_count) + ")");
-        events.emit("failure_injected", {{"step", step}, {"phase", phase}});
+                                 std::to_string(pgo_.restart_count) + ")");
+        events_->emit("failure_injected", {{"step", step}, {"phase", phase}});
         ::kill(::getpid(), phase == "hang" ? SIGSTOP : SIGKILL);
       }
     }
-  };
-
-  TORCH_CHECK(args.device == "cpu" || args.device == "cuda", "--device must be cpu or cuda, not '", args.device, "'");
-  TORCH_CHECK(args.device == "cpu" || at::hasCUDA(), "--device cuda asked for, but rank ", rank,
-              " sees no GPU; use --device cpu");
-  // Ranks share the GPUs round-robin when there are fewer GPUs than local ranks.
-  const at::Device device =
-      args.device == "cuda"
-          ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
-                                      std::max(0, pgo.local_rank) %
-                                      std::max<int>(1, c10::impl::getDeviceGuardImpl(at::kCUDA)->deviceCount())))
-          : at::Device(at::kCPU);
-  if (device.is_cuda()) at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
-  std::unique_ptr<Model> model;
-  if (args.model == "mlp") {
-    model = std::make_unique<Mlp>(args.seed, device);
-  } else {
-    model = std::make_unique<CharLm>(args.seed, args.data.empty() ? CharLm::kDefaultData : args.data, device);
   }
-  std::vector<at::Tensor>& params = model->params();
+
+  void make_model() {
+    TORCH_CHECK(args_.device == "cpu" || args_.device == "cuda", "--device must be cpu or cuda, not '", args_.device,
+                "'");
+    TORCH_CHECK(args_.device == "cpu" || at::hasCUDA(), "--device cuda asked for, but rank ", rank_,
+                " sees no GPU; use --device cpu");
+    // Ranks share the GPUs round-robin when there are fewer GPUs than local ranks.
+    const at::Device device =
+        args_.device == "cuda"
+            ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
+                                        std::max(0, pgo_.local_rank) %
+                                        std::max<int>(1, c10::impl::getDeviceGuardImpl(at::kCUDA)->deviceCount())))
+            : at::Device(at::kCPU);
+    if (device.is_cuda()) at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
+    model_ = tools::make_model(args_.model, args_.seed, args_.data, device);
+    for (const auto& p : model_->params()) momentum_.push_back(at::zeros_like(p));
+  }
+
   // The step's global batch, divided among this world's ranks: the first G mod W
   // take one sample more.
-  const int64_t global_batch = args.global_batch > 0 ? args.global_batch : args.batch * world;
-  TORCH_CHECK(global_batch >= world, "the global batch of ", global_batch, " samples leaves ranks without data at world size ",
-              world, "; give --global-batch ", world, " or more");
-  const int64_t share = global_batch / world + (rank < global_batch % world ? 1 : 0);
-  const int64_t share_first = rank * (global_batch / world) + std::min<int64_t>(rank, global_batch % world);
-  if (rank == 0 && global_batch % world != 0) {
-    std::printf("ftcomm train: the global batch of %lld samples does not divide by %d ranks: ranks 0-%lld take %lld, "
-                "the others %lld (each rank's loss is weighted by its share)\n",
-                static_cast<long long>(global_batch), world, static_cast<long long>(global_batch % world - 1),
-                static_cast<long long>(global_batch / world + 1), static_cast<long long>(global_batch / world));
-    std::fflush(stdout);
-  }
-  std::vector<at::Tensor> momentum;
-  for (const auto& p : params) momentum.push_back(at::zeros_like(p));
-
-  ftcomm::DdpOptions options;
-  options.bucket_bytes = static_cast<int64_t>(args.bucket_mb * (1 << 20));
-  options.hook = args.hook;
-  options.hook_args = args.hook_args;
-  options.pinned_digests = args.hook_digests;
-  options.hook_options.agreement = args.hook_agree;
-  // The hook's and the stall deadlines follow --timeout (the group's; see
-  // deadlines.h): half of it for a hook call, 0.9 of it for a step.
-  ftcomm::JobOptions& job = options.job;
-  job.checkpoint.commit_every = args.commit_every;
-  job.just_in_time = args.jit;
-  job.checkpoint.local_state_policy = ftcomm::parse_local_state_policy(args.jit_policy, "--jit-policy");
-  job.jit.before_commit = [&] { maybe_fail(-1, "jit"); };
-  job.jit.on_saved = [&](int64_t step, bool saved, const std::string& reason) {
-    events.emit("jit_saved", {{"step", step}, {"saved", saved}, {"reason", reason}});
-  };
-  // What changes the result besides the hook's parameters (the seed is part of
-  // the job's identity; the hook's file is checked by its digest).
-  job.checkpoint.settings = {{"model", args.model}, {"lr", ftcomm::format_setting(args.lr)},
-                             {"global_batch", std::to_string(global_batch)}, {"device", args.device}};
-  if (args.model == "charlm") job.checkpoint.settings["data"] = args.data.empty() ? CharLm::kDefaultData : args.data;
-  job.checkpoint.allow_changed_settings.insert(args.allow_changes.begin(), args.allow_changes.end());
-  job.checkpoint.job_id = "train-" + args.model + "-seed" + std::to_string(args.seed);
-  if (args.torch_save_every == 0) job.ckpt_root = args.ckpt;
-  ftcomm::DistributedDataParallel ddp(pg, params, momentum, options);
-  // Errors from here on are reported before anything is torn down (see
-  // exit_with_error): the group's and the Reducer's destructors could delay the
-  // message past torchrun's SIGTERM.
-  try {
-    const auto restart_t0 = Clock::now();
-    ddp.prepare_recovery();
-    maybe_fail(-1, "resync");  // --fail-at R:S:resync: after the agreement, before any state moves
-    const auto report = ddp.finish_recovery();
-    // One form of the report everywhere (records_json.h): the event, the summary.
-    const nlohmann::json report_json = nlohmann::json::parse(ftcomm::to_json(report));
-    if (rank == 0) {
-      nlohmann::json recovery = report_json;
-      recovery["world_size"] = world;
-      events.emit("recovery", recovery);
+  void divide_batch() {
+    global_batch_ = args_.global_batch > 0 ? args_.global_batch : args_.batch * world_;
+    TORCH_CHECK(global_batch_ >= world_, "the global batch of ", global_batch_,
+                " samples leaves ranks without data at world size ", world_, "; give --global-batch ", world_,
+                " or more");
+    share_ = global_batch_ / world_ + (rank_ < global_batch_ % world_ ? 1 : 0);
+    share_first_ = rank_ * (global_batch_ / world_) + std::min<int64_t>(rank_, global_batch_ % world_);
+    if (rank_ == 0 && global_batch_ % world_ != 0) {
+      std::printf("ftcomm train: the global batch of %lld samples does not divide by %d ranks: ranks 0-%lld take "
+                  "%lld, the others %lld (each rank's loss is weighted by its share)\n",
+                  static_cast<long long>(global_batch_), world_, static_cast<long long>(global_batch_ % world_ - 1),
+                  static_cast<long long>(global_batch_ / world_ + 1), static_cast<long long>(global_batch_ / world_));
+      std::fflush(stdout);
     }
-    if (!report.discarded_steps.empty()) events.emit("discarded", {{"steps", report.discarded_steps}});
+  }
+
+  ftcomm::DdpOptions ddp_options() const {
+    ftcomm::DdpOptions options;
+    options.bucket_bytes = static_cast<int64_t>(args_.bucket_mb * (1 << 20));
+    options.hook = args_.hook;
+    options.hook_args = args_.hook_args;
+    options.pinned_digests = args_.hook_digests;
+    options.hook_options.agreement = args_.hook_agree;
+    // The hook's and the stall deadlines follow --timeout (the group's; see
+    // deadlines.h): half of it for a hook call, 0.9 of it for a step.
+    ftcomm::JobOptions& job = options.job;
+    job.checkpoint.commit_every = args_.commit_every;
+    job.just_in_time = args_.jit;
+    job.checkpoint.local_state_policy = ftcomm::parse_local_state_policy(args_.jit_policy, "--jit-policy");
+    job.jit.before_commit = [this] { inject(-1, "jit"); };
+    job.jit.on_saved = [this](int64_t step, bool saved, const std::string& reason) {
+      events_->emit("jit_saved", {{"step", step}, {"saved", saved}, {"reason", reason}});
+    };
+    // What changes the result besides the hook's parameters (the seed is part of
+    // the job's identity; the hook's file is checked by its digest).
+    job.checkpoint.settings = {{"model", args_.model}, {"lr", ftcomm::format_setting(args_.lr)},
+                               {"global_batch", std::to_string(global_batch_)}, {"device", args_.device}};
+    if (args_.model == "charlm") job.checkpoint.settings["data"] = args_.data.empty() ? kDefaultCharLmData : args_.data;
+    job.checkpoint.allow_changed_settings.insert(args_.allow_changes.begin(), args_.allow_changes.end());
+    job.checkpoint.job_id = "train-" + args_.model + "-seed" + std::to_string(args_.seed);
+    if (baseline_ == nullptr) job.ckpt_root = args_.ckpt;  // a baseline keeps its own files there
+    return options;
+  }
+
+  // The job's recovery (collective): the agreed step restored, its events, and
+  // the line rank 0 prints. Returns the step to train from.
+  int64_t recover() {
+    ddp_->prepare_recovery();
+    inject(-1, "resync");  // --fail-at R:S:resync: after the agreement, before any state moves
+    const auto report = ddp_->finish_recovery();
+    // One form of the report everywhere (records_json.h): the event, the summary.
+    report_json_ = nlohmann::json::parse(ftcomm::to_json(report));
+    if (rank_ == 0) {
+      nlohmann::json recovery = report_json_;
+      recovery["world_size"] = world_;
+      events_->emit("recovery", recovery);
+    }
+    if (!report.discarded_steps.empty()) events_->emit("discarded", {{"steps", report.discarded_steps}});
     int64_t start = std::max<int64_t>(0, report.resumed_from_step);
-    const std::string torch_save_path = args.ckpt + "/torchsave-rank" + std::to_string(rank) + ".pt";
-    if (args.torch_save_every > 0 && !args.ckpt.empty() && ::access(torch_save_path.c_str(), R_OK) == 0) {
-      // The baseline's restart: every rank loads its own file (no agreement).
-      std::vector<at::Tensor> saved;
-      torch::load(saved, torch_save_path);
-      TORCH_CHECK(saved.size() == 2 * params.size() + 1, torch_save_path, " does not fit this model");
+    if (baseline_ != nullptr && baseline_->restore) {
       at::NoGradGuard no_grad;
-      for (size_t i = 0; i < params.size(); ++i) {
-        params[i].copy_(saved[i]);
-        momentum[i].copy_(saved[params.size() + i]);
-      }
-      start = saved.back().item<int64_t>();
-      if (rank == 0) std::printf("ftcomm train: loaded the torch::save baseline of step %lld\n", static_cast<long long>(start));
+      const int64_t restored = baseline_->restore(model_->params(), momentum_);
+      if (restored >= 0) start = restored;
     }
     // Every rank has the same report, so every rank stops here together.
-    TORCH_CHECK(start <= args.steps, "the checkpoint in --ckpt ", args.ckpt, " is at step ", start, ", beyond --steps ",
-                args.steps, "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
-    if (rank == 0) {
+    TORCH_CHECK(start <= args_.steps, "the checkpoint in --ckpt ", args_.ckpt, " is at step ", start,
+                ", beyond --steps ", args_.steps,
+                "; nothing to train. Raise --steps to continue the run, or point --ckpt at a new directory");
+    if (rank_ == 0) {
       if (report.resumed_from_step >= 0) {
-        std::printf("ftcomm train: %s\n", ftcomm::resume_line(report, world).c_str());
-        if (report.resumed_world_size != world) {
-          std::printf("ftcomm train: resized from world size %d to %d at step %lld: the global batch of %lld samples "
-                      "is divided anew, rank-local state started afresh\n",
-                      report.resumed_world_size, world, static_cast<long long>(report.resumed_from_step),
-                      static_cast<long long>(global_batch));
+        std::printf("ftcomm train: %s\n", ftcomm::resume_line(report, world_).c_str());
+        if (report.resumed_world_size != world_) {
+          std::printf("ftcomm train: resized from world size %d to %d at step %lld: the global batch of %lld "
+                      "samples is divided anew, rank-local state started afresh\n",
+                      report.resumed_world_size, world_, static_cast<long long>(report.resumed_from_step),
+                      static_cast<long long>(global_batch_));
         }
       } else {
-        std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world, ddp.hook()->name().c_str());
+        std::printf("ftcomm train: starting at step 0, world %d, hook %s\n", world_, ddp_->hook()->name().c_str());
       }
       std::fflush(stdout);
     }
-    std::optional<double> loss_last;
-    double first_step_ms = 0;
-    const auto train_t0 = Clock::now();
-    auto t_log = Clock::now();
-    double comm_at_log = 0;
-    int64_t steps_since_log = 0;
-    for (int64_t step = start; step < args.steps; ++step) {
+    return start;
+  }
+
+  // Steps start+1 .. --steps: forward, backward (the hook runs inside), SGD with
+  // momentum, the Job's commit when due; --fail-at points in between.
+  void train_steps(int64_t start) {
+    std::vector<at::Tensor>& params = model_->params();
+    t_log_ = Clock::now();
+    for (int64_t step = start; step < args_.steps; ++step) {
       const auto t_step = Clock::now();
       for (auto& p : params) {
         if (p.grad().defined()) p.mutable_grad().zero_();
       }
-      maybe_fail(step + 1, "forward");
-      ddp.before_forward();
-      const at::Tensor loss = model->loss(step, share_first, share, global_batch, world, args.seed);
-      maybe_fail(step + 1, "backward");
-      ddp.before_backward(loss);
-      maybe_fail(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
-      maybe_fail(step + 1, "hang");
+      inject(step + 1, "forward");
+      ddp_->before_forward();
+      const at::Tensor loss = model_->loss(step, share_first_, share_, global_batch_, world_, args_.seed);
+      inject(step + 1, "backward");
+      ddp_->before_backward(loss);
+      inject(step + 1, "hook");  // the hook runs during backward; dying here kills it mid-collective for peers
+      inject(step + 1, "hang");
       loss.backward();
-      ddp.before_update();
-      maybe_fail(step + 1, "update");
+      ddp_->before_update();
+      inject(step + 1, "update");
       {
         at::NoGradGuard no_grad;
         for (size_t i = 0; i < params.size(); ++i) {
-          momentum[i].mul_(args.momentum).add_(params[i].grad());
-          params[i].sub_(momentum[i] * args.lr);
+          momentum_[i].mul_(args_.momentum).add_(params[i].grad());
+          params[i].sub_(momentum_[i] * args_.lr);
         }
       }
-      loss_last = loss.item<double>();
-      ddp.after_step(step + 1, (step + 1) * global_batch);
-      if (args.torch_save_every > 0 && (step + 1) % args.torch_save_every == 0 && !args.ckpt.empty()) {
-        std::vector<at::Tensor> state;
-        for (const auto& p : params) state.push_back(p.detach());
-        state.insert(state.end(), momentum.begin(), momentum.end());
-        state.push_back(at::tensor({step + 1}, at::kLong));
-        ::mkdir(args.ckpt.c_str(), 0755);
-        torch::save(state, torch_save_path + ".tmp");
-        TORCH_CHECK(::rename((torch_save_path + ".tmp").c_str(), torch_save_path.c_str()) == 0, "rename to ",
-                    torch_save_path, " failed");
-      }
-      maybe_fail(step + 1, "commit");
-      if (args.pace_ms > 0) {
-        const auto until = t_step + std::chrono::microseconds(static_cast<int64_t>(args.pace_ms * 1000));
-        std::this_thread::sleep_until(until);
+      loss_last_ = loss.item<double>();
+      ddp_->after_step(step + 1, (step + 1) * global_batch_);
+      if (baseline_ != nullptr && baseline_->after_step) baseline_->after_step(step + 1, params, momentum_);
+      inject(step + 1, "commit");
+      if (args_.pace_ms > 0) {
+        std::this_thread::sleep_until(t_step + std::chrono::microseconds(static_cast<int64_t>(args_.pace_ms * 1000)));
       }
       const double step_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_step).count();
-      if (step == start) first_step_ms = step_ms;
-      if (rank == 0 && events.enabled()) {
-        events.emit("step", {{"step", step + 1}, {"loss", *loss_last}, {"step_ms", step_ms},
-                             {"comm_ms_total", ddp.comm_seconds() * 1000}});
+      if (step == start) first_step_ms_ = step_ms;
+      if (rank_ == 0 && events_->enabled()) {
+        events_->emit("step", {{"step", step + 1}, {"loss", *loss_last_}, {"step_ms", step_ms},
+                               {"comm_ms_total", ddp_->comm_seconds() * 1000}});
       }
-      ++steps_since_log;
-      if (rank == 0 && args.log_every > 0 && ((step + 1) % args.log_every == 0 || step + 1 == args.steps)) {
-        const double s = std::chrono::duration<double>(Clock::now() - t_log).count();
-        const double comm = ddp.comm_seconds();
-        std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(step + 1),
-                    static_cast<long long>(args.steps), *loss_last,
-                    steps_since_log * global_batch / std::max(s, 1e-9), (comm - comm_at_log) * 1000 / steps_since_log);
-        std::fflush(stdout);
-        t_log = Clock::now();
-        comm_at_log = comm;
-        steps_since_log = 0;
-      }
+      log_progress(step + 1);
     }
-    ddp.commit_last(args.steps, args.steps * global_batch);
-    ddp.flush();
-    const std::string digest = ftcomm::tensors_digest(params);
-    if (rank == 0 && !args.summary.empty()) {
+  }
+
+  // Rank 0's progress line every --log-every steps and at the last.
+  void log_progress(int64_t done) {
+    ++steps_since_log_;
+    if (rank_ != 0 || args_.log_every <= 0 || (done % args_.log_every != 0 && done != args_.steps)) return;
+    const double s = std::chrono::duration<double>(Clock::now() - t_log_).count();
+    const double comm = ddp_->comm_seconds();
+    std::printf("step %lld/%lld loss %.6f samples/s %.0f comm ms/step %.2f\n", static_cast<long long>(done),
+                static_cast<long long>(args_.steps), *loss_last_,
+                steps_since_log_ * global_batch_ / std::max(s, 1e-9), (comm - comm_at_log_) * 1000 / steps_since_log_);
+    std::fflush(stdout);
+    t_log_ = Clock::now();
+    comm_at_log_ = comm;
+    steps_since_log_ = 0;
+  }
+
+  // The digest line, the summary file and the last event (rank 0).
+  void finish(int64_t start, Clock::time_point restart_t0, Clock::time_point train_t0) const {
+    const std::string digest = ftcomm::tensors_digest(model_->params());
+    if (rank_ != 0) return;
+    if (!args_.summary.empty()) {
       // The run's figures, and the resume's report under its own names.
-      nlohmann::json summary = report_json;
-      summary.update({{"steps", args.steps},
-                      {"world_size", world},
-                      {"global_batch", global_batch},
-                      {"rank_batch", share},
-                      {"restarts", pgo.restart_count},
-                      {"steps_trained", args.steps - start},
+      nlohmann::json summary = report_json_;
+      summary.update({{"steps", args_.steps},
+                      {"world_size", world_},
+                      {"global_batch", global_batch_},
+                      {"rank_batch", share_},
+                      {"restarts", pgo_.restart_count},
+                      {"steps_trained", args_.steps - start},
                       {"param_digest", digest},
-                      {"loss_last", loss_last ? nlohmann::json(*loss_last) : nlohmann::json(nullptr)},
-                      {"first_step_ms", first_step_ms},
+                      {"loss_last", loss_last_ ? nlohmann::json(*loss_last_) : nlohmann::json(nullptr)},
+                      {"first_step_ms", first_step_ms_},
                       {"since_start_ms", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()},
                       {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
-                      {"jit_ms", ddp.jit_seconds() * 1000},
-                      {"hook", ddp.hook()->name()}});
-      std::ofstream out(args.summary);
+                      {"jit_ms", ddp_->jit_seconds() * 1000},
+                      {"hook", ddp_->hook()->name()}});
+      std::ofstream out(args_.summary);
       out << summary.dump() << "\n";
-      TORCH_CHECK(out.good(), "--summary-json '", args.summary, "' could not be written");
+      TORCH_CHECK(out.good(), "--summary-json '", args_.summary, "' could not be written");
     }
-    if (rank == 0) std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args.steps), digest.c_str());
-    if (rank == 0) events.emit("done", {{"steps", args.steps}, {"param_digest", digest}});
-  } catch (const std::exception& e) {
-    // The last finished step goes to this rank's store just in time (after the
-    // snapshot in flight, which is local disk work); nothing else is torn down.
-    try {
-      ddp.save_just_in_time(std::string("error: ") + ftcomm::detail::first_line(e.what()));
-      ddp.flush();
-    } catch (const std::exception& save_error) {
-      ftcomm::detail::log_line(std::string("ftcomm train: the just-in-time save failed: ") + save_error.what());
-    }
-    ftcomm::cli::exit_with_error("train", e);
+    std::printf("ftcomm train: done, %lld steps, param digest %s\n", static_cast<long long>(args_.steps),
+                digest.c_str());
+    events_->emit("done", {{"steps", args_.steps}, {"param_digest", digest}});
   }
-  return 0;
+
+  const TrainArgs& args_;
+  const TrainBaseline* baseline_;
+  ftcomm::ProcessGroupOptions pgo_;
+  std::unique_ptr<EventLog> events_;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  int rank_ = 0, world_ = 1;
+  std::unique_ptr<Model> model_;
+  std::vector<at::Tensor> momentum_;
+  int64_t global_batch_ = 0, share_ = 0, share_first_ = 0;
+  std::unique_ptr<ftcomm::DistributedDataParallel> ddp_;
+  nlohmann::json report_json_;
+  std::optional<double> loss_last_;
+  double first_step_ms_ = 0;
+  Clock::time_point t_log_;
+  double comm_at_log_ = 0;
+  int64_t steps_since_log_ = 0;
+};
+
+}  // namespace
+
+int train_main(const std::vector<std::string>& argv, const TrainBaseline* baseline) {
+  TrainArgs args;
+  if (auto rc = parse_train(argv, &args)) return *rc;
+  check_summary_path(args.summary);
+  return Trainer(args, baseline).run();
 }
+
+}  // namespace ftcomm::tools

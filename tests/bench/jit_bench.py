@@ -11,8 +11,11 @@
   restart, and whether the final parameters equal an uninterrupted run's
   (checked on the runs that were timed).
 
-    python3 tests/bench/jit_bench.py --ftcomm build/ftcomm [--world 2] [--model charlm] [--device cpu]
-        [--steps 200] [--rounds 3] [--skip-steady] [--skip-failures]
+    python3 tests/bench/jit_bench.py --ftcomm build/ftcomm [--torch-save-train build/tests/ftcomm_bench_torch_save]
+        [--world 2] [--model charlm] [--device cpu] [--steps 200] [--rounds 3] [--skip-steady] [--skip-failures]
+
+The torch::save baseline runs ftcomm train's loop with torch::save in place of the
+store (tests/bench/torch_save_train.cpp).
 """
 import argparse
 import json
@@ -32,11 +35,13 @@ def free_port():
 
 
 def run(a, workdir, name, extra, restarts=0):
-    """One torchrun of `ftcomm train`; returns (summary, events)."""
+    """One torchrun of `ftcomm train` (or, when `extra` starts with --every, of the
+    torch::save baseline); returns (summary, events)."""
     summary = os.path.join(workdir, name + ".json")
     events = os.path.join(workdir, name + ".events")
+    trainer = [a.torch_save_train] if extra[:1] == ["--every"] else [a.ftcomm, "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", f"--nproc-per-node={a.world}",
-           f"--max-restarts={restarts}", "--monitor-interval=0.1", f"--master-port={free_port()}", a.ftcomm, "train",
+           f"--max-restarts={restarts}", "--monitor-interval=0.1", f"--master-port={free_port()}"] + trainer + [
            "--model", a.model, "--device", a.device, "--steps", str(a.steps), "--log-every", "0", "--summary-json", summary,
            "--events", events] + extra
     env = dict(os.environ, TORCH_FR_BUFFER_SIZE="0", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
@@ -53,6 +58,8 @@ def run(a, workdir, name, extra, restarts=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ftcomm", required=True)
+    p.add_argument("--torch-save-train", default="",
+                   help="the torch::save baseline (default: tests/ftcomm_bench_torch_save beside --ftcomm)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--model", default="charlm")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (ranks share the GPUs round-robin)")
@@ -63,6 +70,8 @@ def main():
     p.add_argument("--skip-steady", action="store_true")
     p.add_argument("--skip-failures", action="store_true")
     a = p.parse_args()
+    a.torch_save_train = a.torch_save_train or os.path.join(os.path.dirname(os.path.abspath(a.ftcomm)), "tests",
+                                                            "ftcomm_bench_torch_save")
     workdir = tempfile.mkdtemp(prefix="ftcomm-jit-bench-")
     print(f"ftcomm train --model {a.model} --device {a.device}, world {a.world} ({os.cpu_count()} cores)", flush=True)
     try:
@@ -101,8 +110,8 @@ def main():
         failures = {"ftcomm just in time, no periodic (K=0)": ["--commit-every", "0"],
                     "ftcomm periodic K=1 (just in time off)": ["--commit-every", "1", "--jit", "off"],
                     "ftcomm periodic K=10 (just in time off)": ["--commit-every", "10", "--jit", "off"],
-                    "torch::save K=10, torch::load on restart": ["--baseline-torch-save-every", "10"],
-                    "torch::save K=1, torch::load on restart": ["--baseline-torch-save-every", "1"]}
+                    "torch::save K=10, torch::load on restart": ["--every", "10"],
+                    "torch::save K=1, torch::load on restart": ["--every", "1"]}
         print(f"\nrank 1 SIGKILLed in step {a.kill_at} (in its hook), torchrun --max-restarts=1, {a.fail_steps} steps; "
               f"{a.rounds} tries each, medians:")
         print("| method | steps lost | kill -> first step after restart (s) | tries (s) | final parameters |\n"
@@ -111,7 +120,7 @@ def main():
             lost, secs, same = [], [], []
             for t in range(a.rounds):
                 ckpt = os.path.join(workdir, f"fail-{t}-{hash(m) & 0xffff}")
-                res, evs = run(a, workdir, f"fail{t}-{list(failures).index(m)}", ["--ckpt", ckpt] + kill + extra,
+                res, evs = run(a, workdir, f"fail{t}-{list(failures).index(m)}", extra + ["--ckpt", ckpt] + kill,
                                restarts=1)
                 killed = next(e for e in evs if e["event"] == "failure_injected")
                 first = min((e for e in evs if e["event"] == "step" and e["attempt"] == 1), key=lambda e: e["step"])

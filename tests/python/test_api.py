@@ -63,11 +63,15 @@ def test_another_world_size_resumes_and_another_job_or_damaged_store_is_refused(
     run = torchrun(trainer, args + ["--lr", "0.01"], nproc=2)
     assert run.returncode != 0
     assert "'lr' was 0.001 in the checkpoint and is 0.01 now" in run.output, run.output[-3000:]
+    # Typed: every rank raises ftcomm.ResumeRefused naming the setting.
+    for rank in (0, 1):
+        assert f"trainer: rank {rank} ResumeRefused step=4 settings=['lr']" in run.output, run.output[-3000:]
 
     os.remove(ckpt / "rank1" / "CURRENT")
     run = torchrun(trainer, args, nproc=2)
     assert run.returncode != 0
     assert "CURRENT" in run.output, run.output[-3000:]
+    assert "trainer: rank 1 StoreError code=Corruption" in run.output, run.output[-3000:]
 
 
 def test_failing_hook_fails_every_rank_naming_hook_and_rank(tmp_path):
@@ -78,12 +82,13 @@ def test_failing_hook_fails_every_rank_naming_hook_and_rank(tmp_path):
         run = train(tmp_path, f"f{mode}", hook=FAIL_HOOK, hook_arg=["fail_rank=1", f"mode={mode}"], steps=3,
                     timeout=30)
         assert run.returncode != 0
-        errors = {}
         for rank in (0, 1):
-            lines = [l for l in run.output.splitlines() if l.startswith(f"[rank{rank}]: RuntimeError")]
+            # ftcomm.HookError (a RuntimeError) with the hook, rank and bucket as attributes.
+            lines = [l for l in run.output.splitlines() if l.startswith(f"[rank{rank}]: ftcomm.errors.HookError")]
             assert lines, run.output[-4000:]
-            errors[rank] = lines[-1]
             assert "hook fail_on_rank failed on rank 1" in lines[-1] and "in bucket 0" in lines[-1], lines[-1]
+            assert f"trainer: rank {rank} HookError hook=fail_on_rank rank=1 bucket=0 stuck=False" in run.output, \
+                run.output[-4000:]
         assert detail in run.output, run.output[-4000:]
         assert run.seconds < 30, run.seconds
 

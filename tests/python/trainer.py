@@ -79,11 +79,18 @@ def main():
     hook = ftcomm.register_hook(model, a.hook, on_error=a.on_error, **params) if a.hook != "none" else None
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     user = {"epoch": 0, "seen": 0}
-    ft = ftcomm.FaultTolerant(model, opt, a.ckpt, commit_every=a.commit_every, hook=hook, job_id=a.job_id,
-                              settings={"lr": a.lr}, user_state=user, jit=bool(a.jit), jit_policy=a.jit_policy)
-    if attempt == 1 and rank == a.kill_before_resume:
-        os.kill(os.getpid(), signal.SIGKILL)
-    step = ft.resume()
+    try:
+        ft = ftcomm.FaultTolerant(model, opt, a.ckpt, commit_every=a.commit_every, hook=hook, job_id=a.job_id,
+                                  settings={"lr": a.lr}, user_state=user, jit=bool(a.jit), jit_policy=a.jit_policy)
+        if attempt == 1 and rank == a.kill_before_resume:
+            os.kill(os.getpid(), signal.SIGKILL)
+        step = ft.resume()
+    except ftcomm.ResumeRefused as e:  # the tests read what the typed error carries
+        print(f"trainer: rank {rank} ResumeRefused step={e.step} settings={e.settings}", flush=True)
+        raise
+    except ftcomm.StoreError as e:
+        print(f"trainer: rank {rank} StoreError code={e.code}", flush=True)
+        raise
     if rank == 0:
         print(f"trainer: attempt {attempt} resumed at {step}: {json.dumps(ft.report)}", flush=True)
     kill_rank, kill_step, phase = (a.kill.split(":", 2) + ["", "", ""])[:3] if a.kill else ("-1", "-1", "")
@@ -106,7 +113,12 @@ def main():
         loss = F.cross_entropy(model(x), y)
         maybe_die(step + 1, "backward")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss.backward()
+        except ftcomm.HookError as e:
+            print(f"trainer: rank {rank} HookError hook={e.hook} rank={e.rank} bucket={e.bucket} stuck={e.stuck}",
+                  flush=True)
+            raise
         maybe_die(step + 1, "step")
         opt.step()
         step += 1
