@@ -11,11 +11,7 @@
 # Environment for the cpu stage: as scripts/bench-cpu-worlds.sh (WORLDS, MODELS, REPEATS, PIN).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -f .gpu-deps/env.sh ] && source .gpu-deps/env.sh
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-build=${BUILD_DIR:-build-gpu}
-results=${RESULTS:-${OUT:-$build/results}}
-mkdir -p "$results"
+source scripts/gpu-common.sh
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 failed=0
 for stage in "$@"; do

@@ -14,11 +14,7 @@
 # (scripts/prepare-gpu-deps.sh) and this script sources it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -f .gpu-deps/env.sh ] && source .gpu-deps/env.sh
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-build=${BUILD_DIR:-build-gpu}
-results=${RESULTS:-${OUT:-$build/results}}
-mkdir -p "$results"
+source scripts/gpu-common.sh
 failed=()
 step() { echo; echo "=== gpu-test: $*"; }
 
