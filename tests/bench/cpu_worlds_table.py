@@ -46,6 +46,8 @@ columns = [
     ("fp16 / PyTorch", lambda p, c: py_ratio(p, "ftcomm fp16_compress", "vs_pytorch_hook")),
     ("bf16 / PyTorch", lambda p, c: py_ratio(p, "ftcomm bf16_compress", "vs_pytorch_hook")),
     ("powersgd / PyTorch", lambda p, c: py_ratio(p, "ftcomm powersgd r4", "vs_pytorch_hook")),
+    ("powersgd, DDP buckets / PyTorch (one bucket)",
+     lambda p, c: py_ratio(p, "ftcomm powersgd r4 [DDP buckets]", "vs_pytorch_hook")),
     ("noop / PyTorch noop_hook", lambda p, c: py_ratio(p, "ftcomm noop", "vs_pytorch_hook")),
     ("C++: ts allreduce / builtin", lambda p, c: cpp_ratio(c, "ts allreduce")),
     ("C++: ts fp16 / builtin", lambda p, c: cpp_ratio(c, "ts fp16_compress")),

@@ -93,6 +93,11 @@ def main():
         ("pytorch noop_hook", ("py", debugging_hooks.noop_hook, lambda: None), None, None),
         ("ftcomm noop", ("ts", "noop", {}), "pytorch noop_hook", default),
     ]
+    if a.powersgd_bucket_mb:
+        # PyTorch's hook needs one bucket on Gloo; ftcomm's runs with DDP's own buckets
+        # too, where its work overlaps backward (what a user of each would run).
+        methods.append((f"ftcomm powersgd r{r} [DDP buckets]", ("ts", "powersgd", {"rank": r, "start_iter": 2}),
+                        f"pytorch powerSGD_hook r{r}", None))
     if a.also_agreement:
         methods += [(f"ftcomm allreduce [{a.also_agreement}]", ("ts", "allreduce", {}, a.also_agreement),
                      "pytorch allreduce_hook", default),
@@ -105,7 +110,7 @@ def main():
     models = []
     for name, how, _, _ in methods:
         torch.manual_seed(0)
-        powersgd = "powersgd" in name.lower()
+        powersgd = "powersgd" in name.lower() and "[DDP buckets]" not in name
         cap = {"bucket_cap_mb": a.powersgd_bucket_mb} if powersgd and a.powersgd_bucket_mb else \
             ({"bucket_cap_mb": a.bucket_cap_mb} if a.bucket_cap_mb and not powersgd else {})
         model = DistributedDataParallel(mlp(widths).to(device), device_ids=[device.index] if device.index is not None
