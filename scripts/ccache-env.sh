@@ -1,6 +1,9 @@
-# Sourced by scripts/setup.sh and scripts/test.sh: ccache (when CMake finds it, it
-# compiles through it) sees paths relative to the repository, so the Python
-# package's build (build-py/) and the test build (build/) share cached objects.
+# Sourced by scripts/setup.sh and scripts/test.sh: the Python package's build
+# (pip, build-py/) and the test build (build/) compile the library's files alike,
+# so that the second takes them from ccache (CMake compiles through ccache when it
+# finds it). ccache must see the same compiler name (pip's build asks for g++;
+# CMake alone would pick c++) and paths relative to the repository.
+CXX=${CXX:-g++}
 CCACHE_BASEDIR=${CCACHE_BASEDIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
-export CCACHE_BASEDIR CCACHE_NOHASHDIR
+export CXX CCACHE_BASEDIR CCACHE_NOHASHDIR
