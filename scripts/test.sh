@@ -4,7 +4,7 @@
 # Python package, side by side (pytest's output follows ctest's). CI (.ci/run)
 # calls this.
 #
-#   scripts/test.sh                 # everything (about 20 minutes on 2 cores)
+#   scripts/test.sh                 # everything (15-22 minutes on 2 cores)
 #   scripts/test.sh --fast          # the unit and cli tiers and the fast pytests (a few minutes)
 #   scripts/test.sh -L e2e          # one ctest tier: unit, forked, cli, e2e, bench, install (pytest skipped)
 #   scripts/test.sh -R Broadcast    # ctest entries matching the regex, and pytests whose name contains it
@@ -33,13 +33,6 @@ phase() { printf 'test: [%s] %s\n' "$(date -u -d "@$((SECONDS - t0))" +%M:%S)" "
 phase "setup"
 source scripts/ccache-env.sh
 scripts/setup.sh
-phase "configuring $build"
-# Release, as the Python package's build: the library's files then compile alike in
-# both and the second build takes them from ccache (scripts/setup.sh sets its base dir).
-cmake -S . -B "$build" -G Ninja -DFTCOMM_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" \
-  ${FTCOMM_SANITIZE:+-DFTCOMM_SANITIZE=$FTCOMM_SANITIZE} >/dev/null
-phase "building (first build takes a few minutes: libtorch headers are heavy)"
-cmake --build "$build"
 
 pytest_args=(-q tests/python -p no:cacheprovider)
 if ((fast)); then
@@ -57,8 +50,11 @@ cleanup() { [ -n "$pytest_pid" ] && kill -- "-$pytest_pid" 2>/dev/null || true; 
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+mkdir -p "$build"
 pytest_log="$build/pytest.log"
 if ((run_pytest)); then
+  # pytest needs only the installed package (scripts/setup.sh), not this build: it
+  # starts now and runs beside the build and ctest.
   phase "starting pytest tests/python in the background (the Python package under torchrun; log: $pytest_log)"
   set -m  # its own process group, so an interrupt stops every torchrun it started
   ( status=0; "${PYTHON:-python3}" -m pytest "${pytest_args[@]}" >"$pytest_log" 2>&1 || status=$?
@@ -66,6 +62,16 @@ if ((run_pytest)); then
   pytest_pid=$!
   set +m
 fi
+phase "configuring $build"
+# Release, as the Python package's build: the library's files then compile alike in
+# both and the second build takes them from ccache (scripts/setup.sh sets its base dir).
+cmake -S . -B "$build" -G Ninja -DFTCOMM_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" \
+  ${FTCOMM_SANITIZE:+-DFTCOMM_SANITIZE=$FTCOMM_SANITIZE} >/dev/null
+phase "building (first build takes a few minutes: libtorch headers are heavy)"
+# Niced while pytest runs beside it: its torchrun jobs keep their pace, and the
+# build takes what they leave of the cores.
+${pytest_pid:+nice -n 10} cmake --build "$build"
+
 phase "running ctest ${ctest_args[*]}"
 status=0
 ctest --test-dir "$build" --output-on-failure --timeout 900 -j "${CTEST_PARALLEL:-2}" "${ctest_args[@]}" || status=$?
