@@ -101,6 +101,36 @@ HookGroup::Record HookGroup::recorded_failure() {
   return {std::strtoll(got.c_str(), nullptr, 10), got.substr(bar + 1)};
 }
 
+void HookGroup::stop_for(const Record& r) {
+  // The collective may stay pending: nothing more goes on this group
+  // (begin_collective refuses once stopped_by_peer_ is set, when failing fast).
+  stopped_by_peer_ = true;
+  peer_record_ = r;
+  acknowledge();
+  TORCH_CHECK(false, "the hook failed on rank ", rank_of(r.verdict), "; stopping on every rank");
+}
+
+void HookGroup::check_peers() {
+  if (!store_) return;
+  const Record r = recorded_failure();
+  if (r.verdict != 0) stop_for(r);
+}
+
+void HookGroup::finish(const c10::intrusive_ptr<c10d::Work>& work) {
+  if (store_ && work->getFuture()->hasError()) {
+    // A peer's connection closed (it failed and exited) or the collective timed
+    // out: a recorded failure explains it. The failing rank records before it
+    // fails its bucket, so before its connections close: a short look suffices
+    // (a long one would let torchrun's SIGTERM overtake this rank's error path).
+    for (int i = 0; i < 2; ++i) {
+      check_peers();
+      if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    collective_broke_ = true;
+  }
+  work->wait();  // rethrows the collective's own error
+}
+
 void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
   if (!store_) {
     work->wait();
@@ -112,42 +142,20 @@ void HookGroup::wait(const c10::intrusive_ptr<c10d::Work>& work) {
     bool done = false;
   };
   auto done = std::make_shared<Done>();
-  auto future = work->getFuture();
-  future->addCallback([done](c10::ivalue::Future&) {
+  work->getFuture()->addCallback([done](c10::ivalue::Future&) {
     std::lock_guard<std::mutex> lock(done->mutex);
     done->done = true;
     done->cv.notify_all();
   });
-  auto stopped = [&](const Record& r) {
-    // The collective may stay pending: nothing more goes on this group
-    // (begin_collective refuses once stopped_by_peer_ is set, when failing fast).
-    stopped_by_peer_ = true;
-    peer_record_ = r;
-    acknowledge();
-    TORCH_CHECK(false, "the hook failed on rank ", rank_of(r.verdict), "; stopping on every rank");
-  };
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(done->mutex);
       if (done->cv.wait_for(lock, slice_, [&] { return done->done; })) break;
     }
     // Slow: a peer may have failed and will never join. One store request per slice.
-    const Record r = recorded_failure();
-    if (r.verdict != 0) stopped(r);
+    check_peers();
   }
-  if (future->hasError()) {
-    // A peer's connection closed (it failed and exited) or the collective timed
-    // out: a recorded failure explains it. The failing rank records before it
-    // fails its bucket, so before its connections close: a short look suffices
-    // (a long one would let torchrun's SIGTERM overtake this rank's error path).
-    for (int i = 0; i < 2; ++i) {
-      const Record r = recorded_failure();
-      if (r.verdict != 0) stopped(r);
-      if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    collective_broke_ = true;
-    work->wait();  // rethrows the collective's own error
-  }
+  finish(work);
 }
 
 bool HookGroup::try_abandon(int64_t verdict, int64_t* decision, bool per_step) {
@@ -211,6 +219,52 @@ at::Tensor HookGroup::allreduce(at::Tensor tensor) {
   return tensor;
 }
 
+c10::intrusive_ptr<HookWork> HookGroup::start_allreduce(at::Tensor tensor) {
+  auto lock = begin_collective();
+  control_before_collective();
+  std::vector<at::Tensor> list{tensor};
+  auto work = pg_->allreduce(list);
+  auto self = c10::intrusive_ptr<HookGroup>::reclaim_copy(this);
+  if (store_) return c10::make_intrusive<HookWork>(std::move(self), std::move(work), std::move(tensor));
+  wait(work);
+  return c10::make_intrusive<HookWork>(std::move(self), nullptr, std::move(tensor));
+}
+
+void HookGroup::wait_started(const c10::intrusive_ptr<c10d::Work>& work) {
+  // Under the collective lock, as a collective the hook waits in: the watchdog
+  // does not take this rank for the stuck one while a peer keeps it waiting.
+  auto lock = begin_collective();
+  wait(work);
+}
+
+at::Tensor HookWork::wait() {
+  if (work_) {
+    group_->wait_started(work_);
+    work_.reset();
+    if (out_.defined()) out_.copy_(tensor_);
+  }
+  return result();
+}
+
+at::Tensor HookWork::settle() {
+  if (work_) {
+    auto work = std::move(work_);
+    group_->finish(work);
+    if (out_.defined()) out_.copy_(tensor_);
+  }
+  return result();
+}
+
+c10::intrusive_ptr<HookWork> HookWork::into(at::Tensor out) {
+  TORCH_CHECK(!out_.defined(), "Work.into: already given a tensor to write the result into");
+  TORCH_CHECK(out.sizes() == tensor_.sizes() && out.device() == tensor_.device(), "Work.into: the result is ",
+              tensor_.sizes(), " on ", tensor_.device(), ", the tensor to write it into ", out.sizes(), " on ",
+              out.device());
+  out_ = std::move(out);
+  if (!work_) out_.copy_(tensor_);  // done already
+  return c10::intrusive_ptr<HookWork>::reclaim_copy(this);
+}
+
 std::vector<at::Tensor> HookGroup::allgather(at::Tensor tensor) {
   auto lock = begin_collective();
   control_before_collective();
@@ -249,12 +303,17 @@ c10::intrusive_ptr<HookBucket> HookBucket::from(c10d::GradBucket& bucket) {
 }
 
 TORCH_LIBRARY(ftcomm, m) {
+  // Work first: Group's methods return it.
+  m.class_<HookWork>("Work")
+      .def("wait", &HookWork::wait)
+      .def("into", &HookWork::into);
   m.class_<HookGroup>("Group")
       .def("rank", &HookGroup::rank)
       .def("world_size", &HookGroup::world_size)
       .def("allreduce", &HookGroup::allreduce)
       .def("allgather", &HookGroup::allgather)
-      .def("broadcast", &HookGroup::broadcast);
+      .def("broadcast", &HookGroup::broadcast)
+      .def("start_allreduce", &HookGroup::start_allreduce);
   m.class_<HookBucket>("Bucket")
       .def("buffer", &HookBucket::buffer)
       .def("index", &HookBucket::index)

@@ -67,7 +67,7 @@ int64_t next_hook_number(const c10::intrusive_ptr<c10d::Store>& store, int rank)
 
 }  // namespace
 
-struct ScriptCommHook::Worker {
+struct ScriptCommHook::Worker : std::enable_shared_from_this<ScriptCommHook::Worker> {
   struct Task {
     c10::intrusive_ptr<HookBucket> bucket;
     at::Tensor original;  // a copy for kFallback
@@ -93,10 +93,26 @@ struct ScriptCommHook::Worker {
   void process_per_collective(Task& task, bool agree);
   void process_per_step(Task& task);
   void process_fail_fast(Task& task);
+  // Fail fast, once the bucket's result is there (or `error` says why not):
+  // completes the task's future, or fails it with the failure every rank reports.
+  void conclude_fail_fast(Task& task, const at::Tensor& result, const std::string& error);
+  // Fail fast: a bucket whose hook returned a collective still in flight; the
+  // worker takes the next bucket meanwhile and settles these in order.
+  struct InFlight {
+    Task task;
+    c10::intrusive_ptr<HookWork> work;
+  };
+  // Under `mutex`: whether the oldest bucket in flight is done.
+  bool front_done() const {
+    return !in_flight.empty() && in_flight.front().work->pending()->getFuture()->completed();
+  }
+  void settle(InFlight& item);
   // Runs the hook on the task's bucket under the watchdog: `error` is empty when
   // it returned a tensor of the bucket's shape, dtype and device. False when the
-  // watchdog gave up on the call meanwhile (it has failed the future).
-  bool call(Task& task, at::Tensor& result, std::string& error);
+  // watchdog gave up on the call meanwhile (it has failed the future). `started`
+  // (when given): a collective the hook returned still in flight, whose result
+  // `result` will hold; without it, the call waits for it.
+  bool call(Task& task, at::Tensor& result, std::string& error, c10::intrusive_ptr<HookWork>* started = nullptr);
   // The agreement for buckets on `device` (kAuto resolved); throws if it cannot serve them.
   HookAgreement resolve(const at::Device& device) const;
   // Per step, once the ranks decided a failure: aborts the communicator serving
@@ -167,6 +183,7 @@ struct ScriptCommHook::Worker {
   std::mutex mutex;  // the queue, stop, abandoned, broken, mode, and the call in progress
   std::condition_variable ready, call_changed;
   std::deque<Task> queue;
+  std::deque<InFlight> in_flight;  // fail fast: buckets whose collective is still running
   bool stop = false;
   bool abandoned = false;  // the watchdog gave up on a stuck call; the worker thread is lost
   HookFailure abandon_failure;  // why, for every bucket after it
@@ -193,20 +210,60 @@ struct ScriptCommHook::Worker {
 
 void ScriptCommHook::Worker::run() {
   while (true) {
-    Task task;
+    std::optional<Task> task;
+    std::optional<InFlight> done;
+    bool look = false;  // a collective still in flight after a slice: look for a peer's failure
     {
       std::unique_lock<std::mutex> lock(mutex);
-      ready.wait(lock, [&] { return stop || abandoned || !queue.empty(); });
-      if (abandoned || queue.empty()) return;
-      task = std::move(queue.front());
-      queue.pop_front();
+      auto woken = [&] { return stop || abandoned || !queue.empty() || front_done(); };
+      if (in_flight.empty()) {
+        ready.wait(lock, woken);
+      } else {
+        look = !ready.wait_for(lock, group->slice(), woken);
+      }
+      if (abandoned) return;
+      if (!queue.empty()) {
+        // A new bucket first: its hook runs while earlier collectives finish.
+        task = std::move(queue.front());
+        queue.pop_front();
+      } else if (front_done() || (look && !in_flight.empty())) {
+        done = std::move(in_flight.front());
+        in_flight.pop_front();
+      } else if (stop) {
+        for (auto& item : in_flight) fail(item.task, "hook " + hook->name() + ": the hook was destroyed");
+        return;
+      }
     }
-    const auto started = std::chrono::steady_clock::now();
-    process(task);
-    busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count();
+    if (task) {
+      const auto started = std::chrono::steady_clock::now();
+      process(*task);
+      busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count();
+    } else if (done && done->work->pending()->getFuture()->completed()) {
+      settle(*done);
+    } else if (done) {
+      // Slow: a peer may have failed and will never join. One store request per slice.
+      try {
+        group->check_peers();
+        std::lock_guard<std::mutex> lock(mutex);
+        in_flight.push_front(std::move(*done));
+      } catch (const std::exception& e) {
+        conclude_fail_fast(done->task, {}, first_line(e.what()));
+      }
+    }
     std::lock_guard<std::mutex> lock(mutex);
     if (abandoned) return;  // a call the watchdog gave up on came back after all
   }
+}
+
+void ScriptCommHook::Worker::settle(InFlight& item) {
+  at::Tensor result;
+  std::string error;
+  try {
+    result = item.work->settle();
+  } catch (const std::exception& e) {
+    error = first_line(e.what());
+  }
+  conclude_fail_fast(item.task, result, error);
 }
 
 HookAgreement ScriptCommHook::Worker::resolve(const at::Device& device) const {
@@ -263,7 +320,8 @@ void ScriptCommHook::Worker::process(Task& task) {
   }
 }
 
-bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& error) {
+bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& error,
+                                  c10::intrusive_ptr<HookWork>* started) {
   const at::Tensor buffer = task.bucket->buffer();
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -276,7 +334,14 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   }
   // The watchdog polls (see watch()): no wake-up per call.
   try {
-    result = hook->run(group, task.bucket);
+    HookOutput out = hook->start(group, task.bucket);
+    // Checking for non-finite values needs the data: wait for it here.
+    if (out.work && (!started || options.check_finite)) {
+      result = out.work->wait();
+    } else {
+      result = out.tensor;
+      if (started) *started = std::move(out.work);
+    }
     if (result.sizes() != buffer.sizes() || result.scalar_type() != buffer.scalar_type() ||
         result.device() != buffer.device()) {
       std::ostringstream why;
@@ -401,7 +466,33 @@ void ScriptCommHook::Worker::process_fail_fast(Task& task) {
   }
   at::Tensor result;
   std::string error;
-  if (!call(task, result, error)) return;  // the watchdog decided (and recorded) it
+  c10::intrusive_ptr<HookWork> started;
+  if (!call(task, result, error, &started)) return;  // the watchdog decided (and recorded) it
+  if (started && error.empty()) {
+    auto pending = started->pending();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      in_flight.push_back({std::move(task), std::move(started)});
+    }
+    // Wakes this worker when it is done (at once if it is already).
+    std::weak_ptr<Worker> self = weak_from_this();
+    pending->getFuture()->addCallback([self](c10::ivalue::Future&) {
+      if (auto w = self.lock()) {
+        { std::lock_guard<std::mutex> lock(w->mutex); }
+        w->ready.notify_all();
+      }
+    });
+    return;
+  }
+  conclude_fail_fast(task, result, error);
+}
+
+void ScriptCommHook::Worker::conclude_fail_fast(Task& task, const at::Tensor& result, const std::string& error) {
+  if (failed) {
+    // An earlier bucket failed; this one's collective is moot.
+    fail(task, *failed);
+    return;
+  }
   if (error.empty()) {
     task.future->markCompleted(c10::IValue(result));
     return;
@@ -431,6 +522,13 @@ void ScriptCommHook::Worker::process_fail_fast(Task& task) {
                                                         : decided_failure(r.verdict, "", 0, r.reason);
   }
   fail(task, *failed);
+  // Later buckets still in flight may never finish (a peer left): they fail now.
+  std::deque<InFlight> rest;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    rest.swap(in_flight);
+  }
+  for (auto& item : rest) fail(item.task, *failed);
 }
 
 void ScriptCommHook::Worker::abort_device(const at::Device& device, const std::string& why) {
@@ -505,6 +603,8 @@ void ScriptCommHook::Worker::watch() {
     const bool still_in_call = in_call && call_future == future;
     std::deque<Task> pending;
     pending.swap(queue);
+    for (auto& item : in_flight) pending.push_back(std::move(item.task));
+    in_flight.clear();
     lock.unlock();
     call_changed.notify_all();  // a call that came back meanwhile waits for this (see call())
     detail::log_line("ftcomm: rank " + std::to_string(group->rank()) + ": " + failure.message);

@@ -49,7 +49,7 @@ struct TorchNamespace : torch::jit::BuiltinModule {
 };
 
 // TorchScript compiled from C++ knows only torch's builtins; this adds the names
-// Group and Bucket (and their qualified spellings), torch's dtypes and the
+// Group, Bucket and Work (and their qualified spellings), torch's dtypes and the
 // exceptions a hook may raise.
 struct HookResolver : torch::jit::Resolver {
   std::shared_ptr<torch::jit::SugaredValue> resolveValue(const std::string& name, torch::jit::GraphFunction& m,
@@ -63,6 +63,7 @@ struct HookResolver : torch::jit::Resolver {
   c10::TypePtr resolveType(const std::string& name, const torch::jit::SourceRange&) override {
     if (name == "Group" || name == "ftcomm.Group") return c10::getCustomClassType<c10::intrusive_ptr<HookGroup>>();
     if (name == "Bucket" || name == "ftcomm.Bucket") return c10::getCustomClassType<c10::intrusive_ptr<HookBucket>>();
+    if (name == "Work" || name == "ftcomm.Work") return c10::getCustomClassType<c10::intrusive_ptr<HookWork>>();
     return nullptr;
   }
 };
@@ -102,11 +103,12 @@ c10::IValue call_declaration(const std::function<c10::IValue()>& fn, const std::
   }
 }
 
-// Checks `schema` against hook(state, params, group, bucket) -> Tensor.
+// Checks `schema` against hook(state, params, group, bucket) -> Tensor (or Work).
 void check_hook_schema(const c10::FunctionSchema& schema, const std::string& where, size_t skip_self) {
   const auto& args = schema.arguments();
   const std::string want =
-      "hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor";
+      "hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) -> Tensor "
+      "(or -> Work)";
   auto fail = [&](const std::string& why) {
     TORCH_CHECK(false, "hook ", where, ": wrong signature (", why, "): found ", schema, "; a hook must be ", want);
   };
@@ -122,8 +124,9 @@ void check_hook_schema(const c10::FunctionSchema& schema, const std::string& whe
   if (*args[skip_self + 3].type() != *c10::getCustomClassType<c10::intrusive_ptr<HookBucket>>()) {
     fail("argument 4 must be Bucket");
   }
-  if (schema.returns().size() != 1 || *schema.returns()[0].type() != *c10::TensorType::get()) {
-    fail("it must return Tensor");
+  if (schema.returns().size() != 1 || (*schema.returns()[0].type() != *c10::TensorType::get() &&
+                                        *schema.returns()[0].type() != *c10::getCustomClassType<c10::intrusive_ptr<HookWork>>())) {
+    fail("it must return Tensor, or the Work of its last collective");
   }
 }
 
@@ -288,10 +291,17 @@ void ScriptHook::check_param(const std::string& key, double value, const std::st
               std::floor(value));
 }
 
-at::Tensor ScriptHook::run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket) {
+HookOutput ScriptHook::start(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket) {
   c10::IValue out = hook_({c10::IValue(state_), c10::IValue(params_), c10::IValue(group), c10::IValue(bucket)});
-  TORCH_CHECK(out.isTensor(), "hook ", name_, " returned ", out.tagKind(), ", not a Tensor");
-  return out.toTensor();
+  if (out.isTensor()) return {out.toTensor(), {}};
+  TORCH_CHECK(out.isCustomClass(), "hook ", name_, " returned ", out.tagKind(), ", not a Tensor or a Work");
+  auto work = out.toCustomClass<HookWork>();
+  return {work->result(), work->pending() ? work : c10::intrusive_ptr<HookWork>()};
+}
+
+at::Tensor ScriptHook::run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket) {
+  HookOutput out = start(group, bucket);
+  return out.work ? out.work->wait() : out.tensor;
 }
 
 std::string hooks_dir() {

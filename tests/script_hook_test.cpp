@@ -407,10 +407,11 @@ class HookFiles : public ::testing::Test {
     std::ofstream(path) << (with_header ? header : "") << body;
     return path;
   }
-  static std::string hook_body(const std::string& lines) {
+  static std::string hook_body(const std::string& lines, const std::string& returns = "Tensor") {
     return "def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: Group, bucket: Bucket) "
-           "-> Tensor:\n" + lines;
+           "-> " + returns + ":\n" + lines;
   }
+  static std::string work_hook_body(const std::string& lines) { return hook_body(lines, "Work"); }
   void expect_check_error(const std::string& path, std::initializer_list<const char*> parts) {
     try {
       check_hook(path, HookCheckOptions{});
@@ -624,6 +625,19 @@ TEST_F(HookFiles, FailFastAFailureAtEveryPointIsReportedByEveryRank) {
       // so the abandoned thread does not spin on for the rest of the test.
       {"ff_stuck_first", hook_body(on_rank1_bucket + "0:\n        spins = 0\n        while spins < 80000000:\n"
                                    "            spins += 1\n" + mean + "    return group.allreduce(b)\n"),
+       "did not return within 1.5 s", 0},
+      // Hooks that return their allreduce still in flight (Group.start_allreduce):
+      // the peers' collective never completes, and they learn of the failure
+      // while waiting for it, between buckets.
+      {"ff_started_first", work_hook_body(on_rank1_bucket + "0:\n        raise Exception('unhappy started')\n" +
+                                          mean + "    return group.start_allreduce(b)\n"), "unhappy started", 0},
+      {"ff_started_last", work_hook_body(on_rank1_bucket + "1:\n        raise Exception('unhappy last')\n" + mean +
+                                         "    return group.start_allreduce(b)\n"), "unhappy last", 1},
+      {"ff_started_waited", work_hook_body(mean + "    b = group.start_allreduce(b).wait()\n" + on_rank1_bucket +
+                                           "0:\n        raise Exception('unhappy waited')\n"
+                                           "    return group.start_allreduce(b)\n"), "unhappy waited", 0},
+      {"ff_started_stuck", work_hook_body(on_rank1_bucket + "0:\n        spins = 0\n        while spins < 80000000:\n"
+                                          "            spins += 1\n" + mean + "    return group.start_allreduce(b)\n"),
        "did not return within 1.5 s", 0},
   };
   const auto hook_timeout = 1500ms;

@@ -41,6 +41,8 @@ namespace ftcomm {
 // - fail fast: no exchange. A failing rank records its verdict and reason in the
 //   store (record_failure); a collective that is slow, or fails, looks there and
 //   ends with the recorded failure (stopped_by_peer).
+class HookWork;
+
 class HookGroup : public torch::CustomClassHolder {
  public:
   // `control` carries the agreement's exchanges (its CPU backend); null: `pg`.
@@ -53,6 +55,12 @@ class HookGroup : public torch::CustomClassHolder {
   at::Tensor allreduce(at::Tensor tensor);                   // sum, in place; returns it
   std::vector<at::Tensor> allgather(at::Tensor tensor);      // one tensor per rank
   at::Tensor broadcast(at::Tensor tensor, int64_t root);     // in place; returns it
+  // allreduce, started and not waited for: the hook goes on (or returns the
+  // Work, and its bucket is done when the sum is), as c10d's built-in hooks
+  // return their collective's future. Gloo then carries several buckets at
+  // once. Failing fast only; under the other agreements it waits here (their
+  // exchanges need the bucket settled), and the Work is done when returned.
+  c10::intrusive_ptr<HookWork> start_allreduce(at::Tensor tensor);
 
   // Per collective, for ScriptCommHook: start a bucket in guarded mode; exchange
   // this rank's verdict (0 = ok, else encode_verdict()) unless the bucket is
@@ -88,6 +96,18 @@ class HookGroup : public torch::CustomClassHolder {
   // Whether this bucket was stopped at a control exchange because another rank
   // had failed (this rank's hook then saw an error it did not cause).
   bool stopped_by_peer() const { return stopped_by_peer_; }
+  // For a collective started by start_allreduce (HookWork and the hook's worker).
+  // Failing fast: one look for a recorded failure; throws as a collective
+  // stopped by a peer does when there is one.
+  void check_peers();
+  // Once it is done: throws the collective's error, explained by a recorded
+  // failure if there is one.
+  void finish(const c10::intrusive_ptr<c10d::Work>& work);
+  // Waits for a started collective as the hook's own collectives wait.
+  void wait_started(const c10::intrusive_ptr<c10d::Work>& work);
+  std::chrono::milliseconds slice() const { return slice_; }
+  bool fail_fast() const { return static_cast<bool>(store_); }
+
   // Whether the watchdog has begun to abandon the hook call (try_abandon acted):
   // its collectives now throw, and whatever the call returns is moot.
   bool abandoned() const { return abandoned_; }
@@ -126,6 +146,7 @@ class HookGroup : public torch::CustomClassHolder {
   // Waits for a collective: at once, or (fail fast) in slices, looking for a
   // recorded failure between them and after a failure of the collective.
   void wait(const c10::intrusive_ptr<c10d::Work>& work);
+  void stop_for(const Record& record);  // throws
   c10::intrusive_ptr<c10d::ProcessGroup> pg_, control_;
   std::mutex op_mutex_;     // held by the worker during each collective
   std::atomic<bool> abandoned_{false};  // the watchdog gave up on this hook call
@@ -144,6 +165,33 @@ class HookGroup : public torch::CustomClassHolder {
   Record peer_record_;
   bool collective_broke_ = false;
   std::atomic<bool> acknowledged_{false};
+};
+
+// A collective a hook started (Group.start_allreduce), as TorchScript class
+// ftcomm.Work. A hook may wait() for it, or return it: the bucket's result is then
+// its tensor once the collective is done, and the hook's worker takes the next
+// bucket meanwhile. into(out) copies the result into `out` (in out's dtype) when
+// done, and makes `out` the result: a compressed bucket written back.
+class HookWork : public torch::CustomClassHolder {
+ public:
+  HookWork(c10::intrusive_ptr<HookGroup> group, c10::intrusive_ptr<c10d::Work> work, at::Tensor tensor)
+      : group_(std::move(group)), work_(std::move(work)), tensor_(std::move(tensor)) {}
+  // The result, once the collective is done (failing fast, a peer's recorded
+  // failure ends the wait). Idempotent.
+  at::Tensor wait();
+  c10::intrusive_ptr<HookWork> into(at::Tensor out);
+  // The tensor wait() returns (the data is there once it has).
+  const at::Tensor& result() const { return out_.defined() ? out_ : tensor_; }
+  // Null once done (or when it never was in flight).
+  const c10::intrusive_ptr<c10d::Work>& pending() const { return work_; }
+  // For the hook's worker: the work is done (poll() said so); settles the result
+  // as wait() would, throwing the collective's error.
+  at::Tensor settle();
+
+ private:
+  c10::intrusive_ptr<HookGroup> group_;
+  c10::intrusive_ptr<c10d::Work> work_;  // null once settled
+  at::Tensor tensor_, out_;
 };
 
 // What a hook sees of a gradient bucket, as TorchScript class ftcomm.Bucket.

@@ -10,6 +10,9 @@
 //   def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float],
 //            group: Group, bucket: Bucket) -> Tensor
 //
+// (or -> Work: the hook returns its last collective, group.start_allreduce(...),
+// and the bucket is done when it is; see HookWork)
+//
 // either as module-level functions in a .py file of TorchScript source (compiled
 // here, at load time), or as methods (spec, params, forward) of a module saved with
 // torch.jit.save (.pt) after torch.ops.load_library("libftcomm.so"), or by name
@@ -34,6 +37,13 @@ namespace ftcomm {
 
 using HookState = c10::Dict<std::string, c10::Dict<int64_t, at::Tensor>>;
 
+// What one hook call gave: the bucket's result, and the collective still
+// producing it when the hook returned a Work in flight (null otherwise).
+struct HookOutput {
+  at::Tensor tensor;
+  c10::intrusive_ptr<HookWork> work;
+};
+
 // A loaded hook: its code, digest, declared state and parameters.
 class ScriptHook {
  public:
@@ -57,8 +67,11 @@ class ScriptHook {
   // declared range when the value is outside it.
   void set_param(const std::string& key, const std::string& value);
 
-  // Runs the hook once, synchronously, on this thread. Not thread-safe: one
-  // caller at a time (ScriptCommHook serialises calls on its worker).
+  // Runs the hook once on this thread; a Work it returns may still be in flight.
+  // Not thread-safe: one caller at a time (ScriptCommHook serialises calls on
+  // its worker).
+  HookOutput start(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket);
+  // start(), then waits for the Work, if any: the bucket's result.
   at::Tensor run(const c10::intrusive_ptr<HookGroup>& group, const c10::intrusive_ptr<HookBucket>& bucket);
 
   // The hook's state: declared name -> bucket index -> tensor. Shared, not copied.
