@@ -22,6 +22,7 @@ models: --model mlp (short backward, fixed costs exposed) and --model deep (12 l
 of 2048, backward long enough to hide communication).
 """
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -58,6 +59,9 @@ def main():
     p.add_argument("--agreement", default="auto", help="ftcomm hooks' agreement (register_hook(agreement=))")
     p.add_argument("--also-agreement", default="",
                    help="adds ftcomm allreduce and noop rows with this agreement too (e.g. off), to see its cost")
+    p.add_argument("--variant-dir", default="",
+                   help="a folder of hook files named as ftcomm's (allreduce.py, ...): each of ftcomm's rows gets a "
+                        "row for that folder's version beside it, timed in the same rounds")
     p.add_argument("--only", default="", help="comma-separated method names")
     p.add_argument("--json", default="")
     a = p.parse_args()
@@ -103,6 +107,12 @@ def main():
                      "pytorch allreduce_hook", default),
                     (f"ftcomm noop [{a.also_agreement}]", ("ts", "noop", {}, a.also_agreement), "pytorch noop_hook",
                      default)]
+    if a.variant_dir:
+        label = os.path.basename(os.path.normpath(a.variant_dir))
+        for name, how, hook_ref, builtin_ref in list(methods):
+            if how is not None and how[0] == "ts" and os.path.exists(os.path.join(a.variant_dir, how[1] + ".py")):
+                variant = ("ts", os.path.join(a.variant_dir, how[1] + ".py")) + tuple(how[2:])
+                methods.append((f"{name} [{label}]", variant, hook_ref, builtin_ref))
     if a.only:
         keep = set(a.only.split(","))
         methods = [m for m in methods if m[0] in keep or m[0] == methods[0][0]]
