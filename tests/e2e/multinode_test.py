@@ -343,7 +343,9 @@ def replacement(ftcomm, workdir, single, measure=None, hook="allreduce"):
         events = read_events(c.events)
         rec = recoveries(events)
         assert r["world_size"] == 4 and r["resumed_world_size"] == 4, r
-        assert r["resync_bytes"] > 0 and len(r["resynced_ranks"]) == 2, r
+        # The new node's two ranks, and a survivor whose last allreduce the kill cut
+        # short while its peer's had completed (it resumes from that peer's step).
+        assert r["resync_bytes"] > 0 and len(r["resynced_ranks"]) >= 2, r
         if hook == "powersgd":
             assert r["resumed_from_step"] == 20 and r["local_state_reset"] == [], r
             assert "buddy copy" in r["local_state"], r["local_state"]
