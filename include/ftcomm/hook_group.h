@@ -106,7 +106,6 @@ class HookGroup : public torch::CustomClassHolder {
   // Waits for a started collective as the hook's own collectives wait.
   void wait_started(const c10::intrusive_ptr<c10d::Work>& work);
   std::chrono::milliseconds slice() const { return slice_; }
-  bool fail_fast() const { return static_cast<bool>(store_); }
 
   // Whether the watchdog has begun to abandon the hook call (try_abandon acted):
   // its collectives now throw, and whatever the call returns is moot.
@@ -184,8 +183,8 @@ class HookWork : public torch::CustomClassHolder {
   const at::Tensor& result() const { return out_.defined() ? out_ : tensor_; }
   // Null once done (or when it never was in flight).
   const c10::intrusive_ptr<c10d::Work>& pending() const { return work_; }
-  // For the hook's worker: the work is done (poll() said so); settles the result
-  // as wait() would, throwing the collective's error.
+  // For the hook's worker, once the collective's future has completed: settles
+  // the result as wait() would, throwing the collective's error.
   at::Tensor settle();
 
  private:
