@@ -240,19 +240,22 @@ void HookGroup::wait_started(const c10::intrusive_ptr<c10d::Work>& work) {
 at::Tensor HookWork::wait() {
   if (work_) {
     group_->wait_started(work_);
-    work_.reset();
-    if (out_.defined()) out_.copy_(tensor_);
+    settled();
   }
   return result();
 }
 
 at::Tensor HookWork::settle() {
   if (work_) {
-    auto work = std::move(work_);
-    group_->finish(work);
-    if (out_.defined()) out_.copy_(tensor_);
+    group_->finish(work_);
+    settled();
   }
   return result();
+}
+
+void HookWork::settled() {
+  work_.reset();
+  if (out_.defined()) out_.copy_(tensor_);
 }
 
 c10::intrusive_ptr<HookWork> HookWork::into(at::Tensor out) {

@@ -212,21 +212,22 @@ void ScriptCommHook::Worker::run() {
   while (true) {
     std::optional<Task> task;
     std::optional<InFlight> done;
-    bool look = false;  // a collective still in flight after a slice: look for a peer's failure
+    bool look = false;  // the oldest collective in flight is slow: look for a peer's failure
     {
       std::unique_lock<std::mutex> lock(mutex);
       auto woken = [&] { return stop || abandoned || !queue.empty() || front_done(); };
       if (in_flight.empty()) {
         ready.wait(lock, woken);
-      } else {
-        look = !ready.wait_for(lock, group->slice(), woken);
+      } else if (!ready.wait_for(lock, group->slice(), woken)) {
+        look = true;
       }
       if (abandoned) return;
       if (!queue.empty()) {
         // A new bucket first: its hook runs while earlier collectives finish.
         task = std::move(queue.front());
         queue.pop_front();
-      } else if (front_done() || (look && !in_flight.empty())) {
+        look = false;
+      } else if (front_done()) {
         done = std::move(in_flight.front());
         in_flight.pop_front();
       } else if (stop) {
@@ -238,16 +239,21 @@ void ScriptCommHook::Worker::run() {
       const auto started = std::chrono::steady_clock::now();
       process(*task);
       busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count();
-    } else if (done && done->work->pending()->getFuture()->completed()) {
-      settle(*done);
     } else if (done) {
-      // Slow: a peer may have failed and will never join. One store request per slice.
+      settle(*done);
+    } else if (look) {
+      // Slow: a peer may have failed and will never join. One store request per
+      // slice; a record fails the oldest bucket, and with it those behind it.
       try {
         group->check_peers();
-        std::lock_guard<std::mutex> lock(mutex);
-        in_flight.push_front(std::move(*done));
       } catch (const std::exception& e) {
-        conclude_fail_fast(done->task, {}, first_line(e.what()));
+        InFlight oldest;
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          oldest = std::move(in_flight.front());
+          in_flight.pop_front();
+        }
+        conclude_fail_fast(oldest.task, {}, first_line(e.what()));
       }
     }
     std::lock_guard<std::mutex> lock(mutex);

@@ -188,6 +188,7 @@ class HookWork : public torch::CustomClassHolder {
   at::Tensor settle();
 
  private:
+  void settled();  // the collective is done: drops it, writes the result into out_
   c10::intrusive_ptr<HookGroup> group_;
   c10::intrusive_ptr<c10d::Work> work_;  // null once settled
   at::Tensor tensor_, out_;
