@@ -33,7 +33,7 @@
 namespace ftcomm {
 
 const char* StoreStatus::CodeName() const {
-  static const char* names[] = {"OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible"};
+  static const char* names[] = {"OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible", "Skipped"};
   return names[static_cast<int>(code_)];
 }
 
@@ -43,6 +43,17 @@ std::string StoreStatus::ToString() const {
 
 void check(const StoreStatus& status) {
   if (!status.ok()) throw StoreError(status.ToString(), status.CodeName());
+}
+
+SnapshotWhenBehind parse_snapshot_when_behind(const std::string& text, const std::string& what) {
+  if (text == "wait") return SnapshotWhenBehind::kWait;
+  if (text == "skip") return SnapshotWhenBehind::kSkip;
+  TORCH_CHECK(false, what, " must be 'wait' (a commit waits for the disk) or 'skip' (a commit the disk cannot "
+              "take yet is skipped), got '", text, "'");
+}
+
+const char* snapshot_when_behind_name(SnapshotWhenBehind policy) {
+  return policy == SnapshotWhenBehind::kWait ? "wait" : "skip";
 }
 
 std::string signature_hex(uint64_t signature) {
@@ -145,6 +156,12 @@ StoreStatus open_db(const CheckpointStoreOptions& options, bool read_only, bool 
 
 StoreStatus CheckpointStore::Open(const CheckpointStoreOptions& options, std::unique_ptr<CheckpointStore>* store) {
   if (options.dir.empty()) return StoreStatus::InvalidArgument("checkpoint store: no directory given (--ckpt DIR)");
+  if (options.staging_slots < 1 || options.staging_slots > 8) {
+    return StoreStatus::InvalidArgument("checkpoint store " + options.dir + ": staging_slots must be 1 to 8, got " +
+                                        std::to_string(options.staging_slots) +
+                                        " (each slot holds one snapshot's host copy; 2 overlaps a commit with the "
+                                        "previous one's write)");
+  }
   if (!detail::path_exists(options.dir)) {
     if (!options.create_if_missing || options.read_only) {
       return StoreStatus::NotFound("no checkpoint store at " + options.dir +

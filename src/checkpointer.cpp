@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
@@ -41,12 +42,37 @@ Checkpointer::Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpoint
   so.job_id = options_.job_id;
   so.rank = pg_->getRank();
   so.keep_snapshots = options_.keep_snapshots;
+  so.staging_slots = options_.staging_slots;
+  so.when_behind = options_.when_behind;
+  so.write_bytes_per_sec = options_.write_bytes_per_sec;
   so.adopt_other_rank = options_.adopt_other_rank;
   check(CheckpointStore::Open(so, &store_));
 }
 
 Checkpointer::~Checkpointer() {
-  if (store_) store_->WaitForSnapshot();
+  if (!store_) return;
+  const std::string me = "ftcomm: rank " + std::to_string(pg_->getRank()) + ": ";
+  const StoreStatus last = store_->WaitForSnapshot();
+  if (!last.ok()) detail::log_line(me + "a snapshot failed: " + last.ToString());
+  const SnapshotStats st = store_->snapshot_stats();
+  if (st.waited > 0 || st.skipped > 0) {
+    detail::log_line(me + snapshot_summary());
+  }
+}
+
+SnapshotStats Checkpointer::snapshot_stats() const {
+  return store_ ? store_->snapshot_stats() : SnapshotStats{};
+}
+
+std::string Checkpointer::snapshot_summary() const {
+  const SnapshotStats st = snapshot_stats();
+  auto mb = [](int64_t bytes) { return std::to_string((bytes + 500000) / 1000000) + " MB"; };
+  std::string out = "snapshots: " + std::to_string(st.taken) + " taken, " + std::to_string(st.waited) +
+                    " waited for the disk (" + std::to_string(static_cast<int64_t>(st.waited_ms)) + " ms), " +
+                    std::to_string(st.skipped) + " skipped (when_behind=" +
+                    snapshot_when_behind_name(options_.when_behind) + "); staging " + mb(st.staging_bytes);
+  if (st.pinned_bytes > 0) out += " (" + mb(st.pinned_bytes) + " pinned)";
+  return out + " in " + std::to_string(options_.staging_slots) + " slot(s)";
 }
 
 std::map<std::string, std::string> Checkpointer::effective_settings(const TrainingState& state) const {
@@ -165,7 +191,12 @@ void Checkpointer::accept_recovery() {
 
 CommitRecord Checkpointer::record_of(int64_t step, int64_t data_position, const BucketLayout& layout,
                                      const TrainingState& state) {
-  check(store_->PutLayout(layout));
+  // A layout is stored once: the Reducer keeps it after its first iterations, and
+  // a synced write on every commit would cost the training thread an fsync.
+  if (layout.signature() != stored_layout_) {
+    check(store_->PutLayout(layout));
+    stored_layout_ = layout.signature();
+  }
   CommitRecord record;
   record.step = step;
   record.world_size = pg_->getSize();
@@ -184,8 +215,7 @@ bool Checkpointer::due(int64_t step) const {
 bool Checkpointer::commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
                           int64_t data_position) {
   if (!due(step)) return false;
-  commit_now(step, state, reducer, data_position);
-  return true;
+  return commit_now(step, state, reducer, data_position);
 }
 
 bool Checkpointer::commit_last(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
@@ -193,20 +223,36 @@ bool Checkpointer::commit_last(int64_t step, const TrainingState& state, const c
   // The same answer on every rank: every rank ran the same steps since the same
   // resumed step, and commit() decides by the step alone.
   if (!store_ || options_.commit_every != 0 || step <= resumed_step_ || step <= last_committed_) return false;
-  commit_now(step, state, reducer, data_position);
-  return true;
+  // The job's last commit is never skipped: a staging slot is freed first.
+  check(store_->WaitForSnapshot());
+  return commit_now(step, state, reducer, data_position);
 }
 
-void Checkpointer::commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
+bool Checkpointer::commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer,
                               int64_t data_position) {
   accept_recovery();
   // The layout as the Reducer has it now (after its first-iteration rebuild);
   // stored under its signature, which the commit names.
   const BucketLayout layout = bucket_layout_of(reducer, state.parameters);
   const CommitRecord record = record_of(step, data_position, layout, state);
-  check(store_->WaitForSnapshot());
-  store_->CommitSnapshotAsync(record, snapshot_tensors(pg_, state));
+  check(store_->TakeSnapshotError());
+  const auto done = store_->CommitSnapshotAsync(record, snapshot_tensors(pg_, state));
+  const std::string me = "ftcomm: rank " + std::to_string(pg_->getRank()) + ": ";
+  if (done.wait_for(std::chrono::seconds(0)) == std::future_status::ready && done.get().IsSkipped()) {
+    detail::log_line(me + done.get().message());
+    return false;
+  }
+  // Waits for the disk are said the 1st, 2nd, 4th, 8th, ... time.
+  const SnapshotStats st = store_->snapshot_stats();
+  if (st.waited > waits_logged_ && (st.waited & (st.waited - 1)) == 0) {
+    waits_logged_ = st.waited;
+    detail::log_line(me + "the commit of step " + std::to_string(step) +
+                     " waited for the disk: every staging slot held a snapshot still being written (" +
+                     std::to_string(st.waited) + " such waits, " + std::to_string(static_cast<int64_t>(st.waited_ms)) +
+                     " ms in all). Commit less often, add a staging slot, or skip such commits (when_behind=skip)");
+  }
   last_committed_ = step;
+  return true;
 }
 
 void Checkpointer::flush() {

@@ -29,6 +29,18 @@ std::string to_json(const RecoveryReport& r) {
   return j.dump();
 }
 
+std::string to_json(const SnapshotStats& s) {
+  return nlohmann::json{{"taken", s.taken},
+                        {"waited", s.waited},
+                        {"waited_ms", s.waited_ms},
+                        {"skipped", s.skipped},
+                        {"written", s.written},
+                        {"write_ms", s.write_ms},
+                        {"staging_bytes", s.staging_bytes},
+                        {"pinned_bytes", s.pinned_bytes}}
+      .dump();
+}
+
 std::string to_json(const CommitRecord& c) {
   nlohmann::json j = {{"step", c.step},
                       {"epoch", c.epoch},

@@ -13,7 +13,13 @@ RocksCheckpointStore::RocksCheckpointStore(CheckpointStoreOptions options, std::
     : options_(std::move(options)), db_(std::move(db)), blob_dir_(options_.dir + "/blobs") {}
 
 RocksCheckpointStore::~RocksCheckpointStore() {
-  WaitForSnapshot();
+  WaitForWriter();
+  {
+    std::lock_guard<std::mutex> lock(queue_mutex_);
+    stop_ = true;
+    queue_cv_.notify_all();
+  }
+  if (writer_.joinable()) writer_.join();
   if (db_ && !options_.read_only) {
     // Leave SSTs behind so the next open replays no WAL.
     db_->Flush(rocksdb::FlushOptions());
@@ -82,7 +88,7 @@ StoreStatus RocksCheckpointStore::ListCommits(std::vector<CommitRecord>* records
 
 StoreStatus RocksCheckpointStore::DiscardCommits(const std::vector<int64_t>& steps) {
   if (steps.empty()) return StoreStatus::OK();
-  WaitForSnapshot();
+  WaitForWriter();
   std::lock_guard<std::mutex> lock(commit_mutex_);
   rocksdb::WriteBatch batch;
   for (int64_t step : steps) {

@@ -4,10 +4,13 @@
 //   rocks_store.cpp          records: commits, bucket layouts, discards
 //   rocks_store_blobs.cpp    snapshots: blobs written and read back, retention and
 //                            garbage collection
-// Commits and retention take commit_mutex_; one snapshot is written at a time, on
-// snapshot_thread_.
+// Commits and retention take commit_mutex_. Snapshots are staged into host slots
+// (snapshot_staging.h) on the caller's thread and written one at a time, in call
+// order, on writer_; queue_mutex_ guards the queue, the slots' use and the stats.
 #pragma once
 
+#include <condition_variable>
+#include <deque>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -19,6 +22,7 @@
 #include <rocksdb/write_batch.h>
 
 #include "ftcomm/checkpoint_store.h"
+#include "snapshot_staging.h"
 
 namespace ftcomm {
 namespace store {
@@ -45,6 +49,8 @@ class RocksCheckpointStore final : public CheckpointStore {
   std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
                                                       const std::vector<NamedTensor>& state) override;
   StoreStatus WaitForSnapshot() override;
+  StoreStatus TakeSnapshotError() override;
+  SnapshotStats snapshot_stats() const override;
   StoreStatus LatestCommitted(CommitRecord* record) override { return Latest(record, /*snapshot_only=*/false); }
   StoreStatus LatestSnapshot(CommitRecord* record) override { return Latest(record, /*snapshot_only=*/true); }
   StoreStatus ListCommits(std::vector<CommitRecord>* records) override;
@@ -86,11 +92,27 @@ class RocksCheckpointStore final : public CheckpointStore {
   std::string blob_dir_;
   std::mutex commit_mutex_;
   std::string in_flight_blob_;
-  std::mutex snapshot_call_mutex_;
-  std::mutex snapshot_mutex_;
-  std::thread snapshot_thread_;
-  std::vector<at::Tensor> snapshot_copies_;  // host copies, reused by the next snapshot
-  std::shared_future<StoreStatus> snapshot_;
+
+  // A snapshot handed to the writer: its record and the slot that holds its copy.
+  struct Queued {
+    CommitRecord record;
+    size_t slot;
+    std::shared_ptr<std::promise<StoreStatus>> promise;
+  };
+  void WriterLoop();
+  // Waits until every snapshot handed over is written, leaving failures unreported.
+  void WaitForWriter();
+  std::mutex snapshot_call_mutex_;  // one CommitSnapshotAsync at a time
+  mutable std::mutex queue_mutex_;
+  std::condition_variable queue_cv_;
+  std::deque<Queued> queue_;              // front: being written
+  std::vector<StagingSlot> slots_;        // options_.staging_slots of them
+  std::vector<bool> slot_busy_;           // staged or queued, until its write is done
+  std::vector<std::pair<int64_t, int64_t>> staged_bytes_;  // each slot's bytes and pinned bytes
+  StoreStatus unreported_;                // the first failed snapshot not yet reported
+  SnapshotStats stats_;
+  bool stop_ = false;
+  std::thread writer_;                    // started by the first snapshot
 };
 
 }  // namespace store

@@ -3,16 +3,21 @@
 #include "rocks_store.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <set>
+#include <thread>
+#include <utility>
 
 #include <ATen/ATen.h>
 
+#include "blob_reader.h"
 #include "checksum.h"
 #include "fsutil.h"
 #include "store_format.h"
@@ -49,142 +54,230 @@ StoreStatus fsync_dir(const std::string& dir) {
   return StoreStatus::OK();
 }
 
+// Fresh memory faults in page by page as read() fills it: for a 1 GB snapshot that
+// took longer than the read itself. Large tensors ask for huge pages and have the
+// kernel fault their pages in at once (both advice only: ignored where unsupported).
+constexpr size_t kPrefaultBytes = size_t(4) << 20;
+void prefault(void* data, size_t n) {
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + n) & ~(huge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#ifdef MADV_POPULATE_WRITE
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + n) & ~(page - 1);
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+#endif
+}
+
 }  // namespace
 
 std::shared_future<StoreStatus> RocksCheckpointStore::CommitSnapshotAsync(const CommitRecord& record,
                                                                           const std::vector<NamedTensor>& state) {
   std::lock_guard<std::mutex> call_lock(snapshot_call_mutex_);  // one caller at a time
-  WaitForSnapshot();
-  // Copy now, so training may change its tensors as soon as we return. The host
-  // copies are kept for the next snapshot of the same shapes: fresh buffers
-  // page-fault in on every snapshot (268 MB: ~130 ms to copy instead of ~30 ms).
-  auto host = std::make_shared<std::vector<NamedTensor>>();
-  host->reserve(state.size());
-  const bool reuse = snapshot_copies_.size() == state.size();
-  for (size_t i = 0; i < state.size(); ++i) {
-    const at::Tensor& src = state[i].tensor;
-    at::Tensor dst;
-    if (reuse && snapshot_copies_[i].sizes() == src.sizes() && snapshot_copies_[i].dtype() == src.dtype()) {
-      dst = snapshot_copies_[i];
-    } else {
-      dst = at::empty(src.sizes(), src.options().device(at::kCPU).memory_format(at::MemoryFormat::Contiguous));
-    }
-    dst.copy_(src.detach());
-    // Home: as the caller says, else where the tensor is now.
-    const c10::DeviceType home = state[i].home != c10::DeviceType::CPU ? state[i].home : src.device().type();
-    host->push_back({state[i].name, dst, home});
+  std::unique_lock<std::mutex> lock(queue_mutex_);
+  if (slots_.empty()) {
+    slots_.resize(static_cast<size_t>(std::max(1, options_.staging_slots)));
+    slot_busy_.assign(slots_.size(), false);
+    staged_bytes_.assign(slots_.size(), {0, 0});
   }
-  snapshot_copies_.clear();
-  for (const auto& nt : *host) snapshot_copies_.push_back(nt.tensor);
+  auto free_slot = [&] { return std::find(slot_busy_.begin(), slot_busy_.end(), false); };
+  if (free_slot() == slot_busy_.end()) {
+    if (options_.when_behind == SnapshotWhenBehind::kSkip) {
+      ++stats_.skipped;
+      std::string behind;
+      for (const Queued& q : queue_) behind += (behind.empty() ? "" : ", ") + std::to_string(q.record.step);
+      std::promise<StoreStatus> skipped;
+      skipped.set_value(StoreStatus::Skipped(
+          "the snapshot of step " + std::to_string(record.step) + " was skipped: the disk is still writing step(s) " +
+          behind + " (" + std::to_string(slots_.size()) + " staging slot(s) in " + options_.dir +
+          "); commit less often, add a staging slot, or wait for the disk (when_behind=wait)"));
+      return skipped.get_future().share();
+    }
+    const auto start = std::chrono::steady_clock::now();
+    queue_cv_.wait(lock, [&] { return free_slot() != slot_busy_.end(); });
+    ++stats_.waited;
+    stats_.waited_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
+  const size_t slot = static_cast<size_t>(free_slot() - slot_busy_.begin());
+  slot_busy_[slot] = true;
+  lock.unlock();
+  // The copy, outside the lock: the writer goes on with earlier snapshots.
+  try {
+    slots_[slot].stage(state);
+  } catch (...) {
+    lock.lock();
+    slot_busy_[slot] = false;
+    queue_cv_.notify_all();
+    throw;
+  }
   auto promise = std::make_shared<std::promise<StoreStatus>>();
-  std::lock_guard<std::mutex> lock(snapshot_mutex_);
-  snapshot_ = promise->get_future().share();
-  snapshot_thread_ = std::thread([this, record, host, promise] {
-    CommitRecord r = record;
-    StoreStatus s = WriteBlob(&r, *host);
+  std::shared_future<StoreStatus> done = promise->get_future().share();
+  lock.lock();
+  ++stats_.taken;
+  staged_bytes_[slot] = {slots_[slot].bytes(), slots_[slot].pinned_bytes()};
+  queue_.push_back({record, slot, promise});
+  if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
+  queue_cv_.notify_all();
+  return done;
+}
+
+void RocksCheckpointStore::WriterLoop() {
+  std::unique_lock<std::mutex> lock(queue_mutex_);
+  for (;;) {
+    queue_cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, nothing left
+    // The front stays queued while it is written: WaitForSnapshot waits for it.
+    CommitRecord r = queue_.front().record;
+    StagingSlot& slot = slots_[queue_.front().slot];
+    const auto promise = queue_.front().promise;
+    lock.unlock();
+    const auto start = std::chrono::steady_clock::now();
+    StoreStatus s;
+    try {
+      slot.wait_copied();
+      s = WriteBlob(&r, slot.host());
+    } catch (const std::exception& e) {
+      s = StoreStatus::IOError(std::string("copying a snapshot to host memory: ") + e.what());
+    }
     if (s.ok()) {
       std::lock_guard<std::mutex> commit_lock(commit_mutex_);
       s = CommitLocked(r, /*retention=*/false);
       // A blob whose commit was refused or failed is referenced by nothing.
       if (!s.ok()) ::unlink((blob_dir_ + "/" + r.blob_file).c_str());
     }
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> l(queue_mutex_);
+      if (unreported_.ok()) unreported_ = s;
+    }
     promise->set_value(s);
     // Retention runs after the commit is reported: retiring the old snapshot
     // (unlinking a blob as large as this one took ~45 ms for 268 MB) is not part
-    // of making this one durable. The next snapshot waits for it; a crash before
-    // it is finished by the next retention pass.
+    // of making this one durable. The next write waits for it; a crash before it
+    // is finished by the next retention pass.
     if (s.ok()) {
       std::lock_guard<std::mutex> commit_lock(commit_mutex_);
       ApplyRetention();
     }
-  });
-  return snapshot_;
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    lock.lock();
+    ++stats_.written;
+    stats_.write_ms += ms;
+    slot_busy_[queue_.front().slot] = false;
+    queue_.pop_front();
+    queue_cv_.notify_all();
+  }
+}
+
+void RocksCheckpointStore::WaitForWriter() {
+  std::unique_lock<std::mutex> lock(queue_mutex_);
+  queue_cv_.wait(lock, [&] { return queue_.empty(); });
 }
 
 StoreStatus RocksCheckpointStore::WaitForSnapshot() {
-  std::lock_guard<std::mutex> lock(snapshot_mutex_);
-  if (snapshot_thread_.joinable()) snapshot_thread_.join();
-  return snapshot_.valid() ? snapshot_.get() : StoreStatus::OK();
+  WaitForWriter();
+  return TakeSnapshotError();
+}
+
+StoreStatus RocksCheckpointStore::TakeSnapshotError() {
+  std::lock_guard<std::mutex> lock(queue_mutex_);
+  return std::exchange(unreported_, StoreStatus::OK());
+}
+
+SnapshotStats RocksCheckpointStore::snapshot_stats() const {
+  std::lock_guard<std::mutex> lock(queue_mutex_);
+  SnapshotStats out = stats_;
+  for (const auto& [bytes, pinned] : staged_bytes_) {
+    out.staging_bytes += bytes;
+    out.pinned_bytes += pinned;
+  }
+  return out;
 }
 
 StoreStatus RocksCheckpointStore::LoadSnapshot(const CommitRecord& record, std::vector<NamedTensor>* state) {
+  state->clear();
   if (!record.has_snapshot) {
     return StoreStatus::InvalidArgument("commit of step " + std::to_string(record.step) + " carries no snapshot");
   }
   const std::string path = blob_dir_ + "/" + record.blob_file;
-  std::string bytes;
-  {
-    const int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) {
-      return StoreStatus::Corruption("snapshot blob " + path + " of step " + std::to_string(record.step) +
-                                     " is missing (" + std::strerror(errno) + "); resync this rank from a peer");
-    }
-    struct stat st {};
-    ::fstat(fd, &st);
-    bytes.resize(static_cast<size_t>(st.st_size));
-    size_t got = 0;
-    while (got < bytes.size()) {
-      const ssize_t r = ::read(fd, bytes.data() + got, bytes.size() - got);
-      if (r <= 0) break;
-      got += static_cast<size_t>(r);
-    }
-    ::close(fd);
-    bytes.resize(got);
-  }
   auto damaged = [&](const std::string& why) {
     return StoreStatus::Corruption("snapshot blob " + path + " of step " + std::to_string(record.step) + " " + why +
                                    "; the file is damaged: resync this rank from a peer or resume an older step");
   };
-  if (bytes.size() != record.blob_bytes) {
-    return damaged("has " + std::to_string(bytes.size()) + " bytes, its commit says " +
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return StoreStatus::Corruption("snapshot blob " + path + " of step " + std::to_string(record.step) +
+                                   " is missing (" + std::strerror(errno) + "); resync this rank from a peer");
+  }
+  struct stat st {};
+  ::fstat(fd, &st);
+  if (static_cast<uint64_t>(st.st_size) != record.blob_bytes) {
+    ::close(fd);
+    return damaged("has " + std::to_string(st.st_size) + " bytes, its commit says " +
                    std::to_string(record.blob_bytes));
   }
-  Decoder d(bytes);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  // Each tensor's bytes are read straight into the tensor (one copy, from the page
+  // cache or the disk); the checksum follows on another thread, one piece behind.
+  BlobReader in(fd, record.blob_bytes);
+  ChainedChecksum checksum;
+  std::vector<NamedTensor> out;
+  auto result = [&](StoreStatus s) {
+    const uint64_t sum = checksum.finish();
+    ::close(fd);
+    if (s.ok() && in.left() != 0) s = damaged("has " + std::to_string(in.left()) + " bytes past its last tensor");
+    if (s.ok() && sum != record.blob_checksum) s = damaged("fails its checksum");
+    if (s.ok()) *state = std::move(out);
+    return s;
+  };
+  std::string* head = checksum.header();
   uint64_t magic = 0, count = 0;
-  if (!d.u64(&magic) || (magic != kBlobMagic && magic != kBlobMagicV1) || !d.u64(&count)) {
-    return damaged("has a bad header");
+  if (!in.u64(&magic, head) || (magic != kBlobMagic && magic != kBlobMagicV1) || !in.u64(&count, head)) {
+    return result(damaged("has a bad header"));
   }
-  uint64_t checksum = detail::checksum64(bytes.data(), d.pos(), 0);
-  state->clear();
   for (uint64_t i = 0; i < count; ++i) {
+    const std::string truncated = "is truncated at tensor " + std::to_string(i);
+    head = checksum.header();
     NamedTensor nt;
-    const size_t header_at = d.pos();
-    if (!d.str(&nt.name)) return damaged("is truncated at tensor " + std::to_string(i));
+    uint64_t name_bytes = 0;
+    if (!in.u64(&name_bytes, head) || name_bytes > in.left() || !in.str(&nt.name, name_bytes, head)) {
+      return result(damaged(truncated));
+    }
     int64_t home = static_cast<int64_t>(c10::DeviceType::CPU);
-    if (magic == kBlobMagic && !d.i64(&home)) return damaged("is truncated at tensor " + std::to_string(i));
+    if (magic == kBlobMagic && !in.i64(&home, head)) return result(damaged(truncated));
     if (home < 0 || home >= static_cast<int64_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)) {
-      return damaged("has a bad device type");
+      return result(damaged("has a bad device type"));
     }
     nt.home = static_cast<c10::DeviceType>(home);
     int64_t dtype = 0;
-    std::vector<int64_t> sizes;
-    uint64_t nbytes = 0;
-    if (!d.i64(&dtype) || !d.i64s(&sizes) || !d.u64(&nbytes))
-      return damaged("is truncated at tensor " + std::to_string(i));
-    checksum = detail::checksum64(bytes.data() + header_at, d.pos() - header_at, checksum);
-    const char* data = d.take(nbytes);
-    if (data == nullptr) return damaged("is truncated at tensor " + std::to_string(i));
-    checksum = detail::checksum64(data, nbytes, checksum);
-    if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) return damaged("has a bad dtype");
-    // The header's shape is checked against the bytes that follow it before
-    // anything is allocated: a damaged (or forged) size must fall back to an
-    // older snapshot or a peer, not allocate 2^45 elements or throw.
+    uint64_t dims = 0, nbytes = 0;
+    if (!in.i64(&dtype, head) || !in.u64(&dims, head) || dims > in.left() / 8) return result(damaged(truncated));
+    std::vector<int64_t> sizes(dims);
+    for (auto& d : sizes) {
+      if (!in.i64(&d, head)) return result(damaged(truncated));
+    }
+    if (!in.u64(&nbytes, head) || nbytes > in.left()) return result(damaged(truncated));
+    if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) {
+      return result(damaged("has a bad dtype"));
+    }
+    // The header's shape is checked against its byte count before anything is
+    // allocated: a damaged (or forged) size must fall back to an older snapshot
+    // or a peer, not allocate 2^45 elements or throw.
     if (!ShapeFits(static_cast<c10::ScalarType>(dtype), sizes, nbytes)) {
-      return damaged("has a bad shape for tensor " + std::to_string(i));
+      return result(damaged("has a bad shape for tensor " + std::to_string(i)));
     }
     try {
       nt.tensor = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype)));
     } catch (const c10::Error&) {
-      return damaged("has a tensor of a type this ftcomm cannot hold (tensor " + std::to_string(i) + ")");
+      return result(damaged("has a tensor of a type this ftcomm cannot hold (tensor " + std::to_string(i) + ")"));
     }
-    if (nbytes > 0) std::memcpy(nt.tensor.data_ptr(), data, nbytes);
-    state->push_back(std::move(nt));
+    if (nbytes >= kPrefaultBytes) prefault(nt.tensor.data_ptr(), nbytes);
+    if (nbytes > 0 && !in.read(nt.tensor.data_ptr(), nbytes)) return result(damaged(truncated));
+    checksum.add(nt.tensor.data_ptr(), nbytes);
+    out.push_back(std::move(nt));
   }
-  if (checksum != record.blob_checksum) {
-    state->clear();
-    return damaged("fails its checksum");
-  }
-  return StoreStatus::OK();
+  return result(StoreStatus::OK());
 }
 
 bool RocksCheckpointStore::ShapeFits(c10::ScalarType dtype, const std::vector<int64_t>& sizes, uint64_t nbytes) {
@@ -309,10 +402,18 @@ StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const std::vector<N
   // Plain writes then one fsync. Starting writeback early with sync_file_range
   // every 8 MB (RocksDB's bytes_per_sync) was measured slower here: the writes
   // then block on the device queue (268 MB: 220-380 ms instead of ~100 ms).
+  const auto started = std::chrono::steady_clock::now();
+  const int64_t rate = options_.write_bytes_per_sec;
   for (const auto& [p, n] : pieces) {
-    s = write_all(fd, p, n, tmp);
+    // With a rate cap, 1 MiB at a time, each after its share of the time.
+    const size_t chunk = rate > 0 ? size_t(1) << 20 : std::max<size_t>(n, 1);
+    for (size_t at = 0; at < n && s.ok(); at += chunk) {
+      const size_t len = std::min(chunk, n - at);
+      s = write_all(fd, static_cast<const char*>(p) + at, len, tmp);
+      total += len;
+      if (rate > 0) std::this_thread::sleep_until(started + std::chrono::microseconds(total * 1000000 / rate));
+    }
     if (!s.ok()) break;
-    total += n;
   }
   const uint64_t checksum = checksum_task.get();
   if (s.ok() && ::fsync(fd) != 0) s = StoreStatus::IOError("fsync " + tmp + ": " + std::strerror(errno));

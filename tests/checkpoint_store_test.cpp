@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <deque>
+#include <future>
 #include <fstream>
 #include <map>
 #include <sys/stat.h>
@@ -42,6 +44,13 @@ class TempDir {
  private:
   std::string path_;
 };
+
+std::unique_ptr<CheckpointStore> open_store(const CheckpointStoreOptions& o) {
+  std::unique_ptr<CheckpointStore> store;
+  auto s = CheckpointStore::Open(o, &store);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return store;
+}
 
 std::unique_ptr<CheckpointStore> open_store(const std::string& dir, int rank = 0, const std::string& job = "job",
                                             int keep_snapshots = 2) {
@@ -814,6 +823,233 @@ TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
       ASSERT_TRUE(s.ok()) << s.ToString();
       EXPECT_TRUE(at::equal(state[0].tensor, at::full({256, 256}, float(snap.step))));
     }
+    std::vector<CommitRecord> commits;
+    ASSERT_TRUE(store->ListCommits(&commits).ok());
+    for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);
+  }
+  EXPECT_GT(previous, kKills) << "the writer made too little progress to test anything";
+}
+
+
+// --- staging and the background writer ---------------------------------------
+
+CheckpointStoreOptions staged_options(const std::string& dir, int slots, SnapshotWhenBehind when_behind,
+                                      int64_t write_bytes_per_sec) {
+  CheckpointStoreOptions o;
+  o.dir = dir;
+  o.job_id = "job";
+  o.staging_slots = slots;
+  o.when_behind = when_behind;
+  o.write_bytes_per_sec = write_bytes_per_sec;
+  return o;
+}
+
+int64_t state_bytes(const std::vector<NamedTensor>& state) {
+  int64_t n = 0;
+  for (const auto& nt : state) n += static_cast<int64_t>(nt.tensor.nbytes());
+  return n;
+}
+
+void expect_snapshot_of(CheckpointStore& store, int64_t step) {
+  std::vector<CommitRecord> commits;
+  ASSERT_TRUE(store.ListCommits(&commits).ok());
+  const CommitRecord* found = nullptr;
+  for (const auto& c : commits) {
+    if (c.step == step) found = &c;
+  }
+  ASSERT_NE(found, nullptr) << "no commit of step " << step;
+  std::vector<NamedTensor> state;
+  const auto s = store.LoadSnapshot(*found, &state);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const auto want = state_for(step);
+  ASSERT_EQ(state.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(at::equal(state[i].tensor, want[i].tensor)) << step;
+}
+
+TEST(CheckpointStoreStaging, CommitsOverlapTheWriterAndItsMemoryStaysBounded) {
+  TempDir tmp;
+  // About 0.5 MB a snapshot at 20 MB/s: each write takes ~25 ms, the commits come
+  // faster, so they overlap the writer and sometimes wait for a slot.
+  auto store = open_store(staged_options(tmp.sub("r"), 2, SnapshotWhenBehind::kWait, 20'000'000));
+  const int64_t bytes = state_bytes(state_for(1));
+  std::vector<std::shared_future<StoreStatus>> done;
+  for (int64_t step = 1; step <= 12; ++step) {
+    auto state = state_for(step);
+    done.push_back(store->CommitSnapshotAsync(record_for(step, 0), state));
+    // The caller may change its tensors at once: the copy is the store's.
+    for (auto& nt : state) nt.tensor.fill_(-1);
+    const SnapshotStats st = store->snapshot_stats();
+    EXPECT_LE(st.staging_bytes, 2 * bytes) << "staging grew past its two slots at step " << step;
+  }
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
+  for (auto& d : done) EXPECT_TRUE(d.get().ok()) << d.get().ToString();
+  const SnapshotStats st = store->snapshot_stats();
+  EXPECT_EQ(st.taken, 12);
+  EXPECT_EQ(st.written, 12);
+  EXPECT_EQ(st.skipped, 0);
+  EXPECT_GT(st.waited, 0) << "12 commits at once against a 25 ms write never waited for a slot";
+  EXPECT_EQ(st.staging_bytes, 2 * bytes);
+  EXPECT_EQ(st.pinned_bytes, 0);
+  // Retention keeps two snapshots: both are whole and of their own step.
+  expect_snapshot_of(*store, 11);
+  expect_snapshot_of(*store, 12);
+}
+
+TEST(CheckpointStoreStaging, OneSlotAndASlowDiskSkipsACommitAndSaysWhy) {
+  TempDir tmp;
+  // ~0.5 MB at 2 MB/s: a write takes ~250 ms.
+  auto store = open_store(staged_options(tmp.sub("r"), 1, SnapshotWhenBehind::kSkip, 2'000'000));
+  auto first = store->CommitSnapshotAsync(record_for(1, 0), state_for(1));
+  auto second = store->CommitSnapshotAsync(record_for(2, 0), state_for(2));
+  ASSERT_EQ(second.wait_for(0s), std::future_status::ready) << "a skipped commit must not block";
+  EXPECT_TRUE(second.get().IsSkipped()) << second.get().ToString();
+  EXPECT_NE(second.get().message().find("step 2"), std::string::npos) << second.get().message();
+  EXPECT_NE(second.get().message().find("still writing step(s) 1"), std::string::npos) << second.get().message();
+  EXPECT_TRUE(first.get().ok());
+  auto third = store->CommitSnapshotAsync(record_for(3, 0), state_for(3));
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
+  EXPECT_TRUE(third.get().ok());
+  const SnapshotStats st = store->snapshot_stats();
+  EXPECT_EQ(st.taken, 2);
+  EXPECT_EQ(st.skipped, 1);
+  std::vector<CommitRecord> commits;
+  ASSERT_TRUE(store->ListCommits(&commits).ok());
+  ASSERT_EQ(commits.size(), 2u);
+  EXPECT_EQ(commits[0].step, 1);
+  EXPECT_EQ(commits[1].step, 3);
+  expect_snapshot_of(*store, 3);
+}
+
+TEST(CheckpointStoreStaging, OneSlotAndASlowDiskWaitsAndCountsIt) {
+  TempDir tmp;
+  auto store = open_store(staged_options(tmp.sub("r"), 1, SnapshotWhenBehind::kWait, 2'000'000));
+  store->CommitSnapshotAsync(record_for(1, 0), state_for(1));
+  const auto start = std::chrono::steady_clock::now();
+  store->CommitSnapshotAsync(record_for(2, 0), state_for(2));
+  const double waited = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
+  const SnapshotStats st = store->snapshot_stats();
+  EXPECT_EQ(st.waited, 1);
+  EXPECT_GT(st.waited_ms, 100) << "the second commit should have waited for most of a ~250 ms write";
+  EXPECT_NEAR(st.waited_ms, waited, 50);
+  expect_snapshot_of(*store, 2);
+}
+
+TEST(CheckpointStoreStaging, AFailedWriteIsReportedOnceAndTheNextCommitStillLands) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  auto store = open_store(staged_options(dir, 2, SnapshotWhenBehind::kWait, 0));
+  // The blob's temporary name is taken by a directory the writer cannot remove.
+  ASSERT_TRUE(detail::make_dirs(dir + "/blobs/step-00000000000000000001.blob.tmp/x", nullptr));
+  auto failed = store->CommitSnapshotAsync(record_for(1, 0), state_for(1));
+  EXPECT_FALSE(failed.get().ok());
+  EXPECT_FALSE(store->TakeSnapshotError().ok()) << "the failure must be reported";
+  EXPECT_TRUE(store->TakeSnapshotError().ok()) << "and reported once";
+  EXPECT_TRUE(store->CommitSnapshotAsync(record_for(2, 0), state_for(2)).get().ok());
+  EXPECT_TRUE(store->WaitForSnapshot().ok());
+  expect_snapshot_of(*store, 2);
+}
+
+TEST(CheckpointStoreStaging, BadSlotCountsAreRefusedWithTheRange) {
+  TempDir tmp;
+  for (int slots : {0, 9}) {
+    std::unique_ptr<CheckpointStore> store;
+    const auto s = CheckpointStore::Open(staged_options(tmp.sub("r"), slots, SnapshotWhenBehind::kWait, 0), &store);
+    EXPECT_EQ(s.code(), StoreStatus::Code::kInvalidArgument);
+    EXPECT_NE(s.message().find("staging_slots must be 1 to 8"), std::string::npos) << s.message();
+  }
+  EXPECT_THROW(parse_snapshot_when_behind("later", "--when-behind"), c10::Error);
+  EXPECT_EQ(parse_snapshot_when_behind("skip", "x"), SnapshotWhenBehind::kSkip);
+}
+
+TEST(CheckpointStoreStaging, TrailingBytesAfterTheLastTensorAreDamage) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+  CommitRecord r;
+  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  // A record that claims one byte more than the tensors hold, with that byte on disk.
+  std::ofstream(tmp.sub("r") + "/blobs/" + r.blob_file, std::ios::app) << 'x';
+  r.blob_bytes += 1;
+  std::vector<NamedTensor> state;
+  const auto s = store->LoadSnapshot(r, &state);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("past its last tensor"), std::string::npos) << s.message();
+  EXPECT_TRUE(state.empty());
+}
+
+TEST(CheckpointStoreStaging, AcceleratorStateIsCopiedBeforeTheNextStepChangesIt) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  TempDir tmp;
+  auto store = open_store(staged_options(tmp.sub("r"), 2, SnapshotWhenBehind::kWait, 0));
+  for (int64_t step = 1; step <= 6; ++step) {
+    std::vector<NamedTensor> state = state_for(step);
+    for (auto& nt : state) nt.tensor = nt.tensor.to(at::kCUDA);
+    // A large tensor, so that the device copy takes a while.
+    state.push_back({"big", at::full({64, 1 << 20}, float(step), at::TensorOptions().device(at::kCUDA))});
+    store->CommitSnapshotAsync(record_for(step, 0), state);
+    // The next "optimizer step", queued on the current stream right away.
+    for (auto& nt : state) nt.tensor.add_(1000);
+  }
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
+  CommitRecord r;
+  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  std::vector<NamedTensor> state;
+  ASSERT_TRUE(store->LoadSnapshot(r, &state).ok());
+  ASSERT_EQ(state.size(), 4u);
+  EXPECT_EQ(state[0].home, c10::DeviceType::CUDA);
+  EXPECT_TRUE(at::equal(state[0].tensor, state_for(6)[0].tensor));
+  EXPECT_TRUE(at::equal(state[3].tensor, at::full({64, 1 << 20}, 6.0f)));
+  EXPECT_GT(store->snapshot_stats().pinned_bytes, 0);
+}
+
+TEST(CheckpointStoreCrash, KillNineDuringOverlappedSnapshotsNeverLeavesATornOne) {
+  if (auto ctx = testing::child_context()) {
+    // The writer: a snapshot every step, never waiting for one; its tensors
+    // change in place as soon as each commit returns; the writes are slowed to
+    // 50 MB/s so that kills land in them. Progress: the newest acknowledged step.
+    auto store = open_store(staged_options(ctx->dir + "/store", 2, SnapshotWhenBehind::kWait, 50'000'000));
+    CommitRecord last;
+    int64_t step = store->LatestCommitted(&last).ok() ? last.step + 1 : 1;
+    std::deque<std::pair<int64_t, std::shared_future<StoreStatus>>> pending;
+    for (;; ++step) {
+      auto state = state_for(step);
+      pending.emplace_back(step, store->CommitSnapshotAsync(record_for(step, 0), state));
+      for (auto& nt : state) nt.tensor.fill_(-7);
+      while (!pending.empty() && pending.front().second.wait_for(0s) == std::future_status::ready) {
+        if (!pending.front().second.get().ok()) {
+          std::cerr << pending.front().second.get().ToString() << "\n";
+          ::_exit(3);
+        }
+        std::ofstream(ctx->dir + "/progress", std::ios::trunc) << pending.front().first;
+        pending.pop_front();
+      }
+    }
+  }
+  TempDir tmp;
+  const std::string dir = tmp.sub("run");
+  ASSERT_TRUE(detail::make_dirs(dir, nullptr));
+  std::mt19937 rng(7);
+  int64_t previous = 0;
+  constexpr int kKills = 12;
+  for (int i = 0; i < kKills; ++i) {
+    const int pid = testing::spawn_child(testing::current_test_args(), testing::RankContext{0, 1, 0, dir});
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(400, 1000)(rng)));
+    ::kill(pid, SIGKILL);
+    const auto outcome = testing::wait_child(pid, 30s);
+    ASSERT_EQ(outcome.signal, SIGKILL) << "writer exited early with " << outcome.exit_code;
+    int64_t acknowledged = 0;
+    std::ifstream(dir + "/progress") >> acknowledged;
+    auto store = open_store(dir + "/store");
+    ASSERT_TRUE(store);
+    CommitRecord latest;
+    const StoreStatus found = store->LatestSnapshot(&latest);
+    if (found.IsNotFound() && acknowledged == 0 && previous == 0) continue;
+    ASSERT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
+    EXPECT_GE(latest.step, acknowledged) << "a snapshot whose commit was acknowledged was lost";
+    EXPECT_GE(latest.step, previous);
+    previous = latest.step;
+    expect_snapshot_of(*store, latest.step);
     std::vector<CommitRecord> commits;
     ASSERT_TRUE(store->ListCommits(&commits).ok());
     for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);

@@ -40,7 +40,7 @@ namespace ftcomm {
 
 class StoreStatus {
  public:
-  enum class Code { kOk, kNotFound, kCorruption, kIOError, kInvalidArgument, kBusy, kIncompatible };
+  enum class Code { kOk, kNotFound, kCorruption, kIOError, kInvalidArgument, kBusy, kIncompatible, kSkipped };
   StoreStatus() = default;
   static StoreStatus OK() { return StoreStatus(); }
   static StoreStatus NotFound(std::string m) { return StoreStatus(Code::kNotFound, std::move(m)); }
@@ -49,14 +49,17 @@ class StoreStatus {
   static StoreStatus InvalidArgument(std::string m) { return StoreStatus(Code::kInvalidArgument, std::move(m)); }
   static StoreStatus Busy(std::string m) { return StoreStatus(Code::kBusy, std::move(m)); }
   static StoreStatus Incompatible(std::string m) { return StoreStatus(Code::kIncompatible, std::move(m)); }
+  // A snapshot not taken, by the store's policy (SnapshotWhenBehind::kSkip).
+  static StoreStatus Skipped(std::string m) { return StoreStatus(Code::kSkipped, std::move(m)); }
   bool ok() const { return code_ == Code::kOk; }
   bool IsNotFound() const { return code_ == Code::kNotFound; }
   bool IsCorruption() const { return code_ == Code::kCorruption; }
   bool IsBusy() const { return code_ == Code::kBusy; }
   bool IsIncompatible() const { return code_ == Code::kIncompatible; }
+  bool IsSkipped() const { return code_ == Code::kSkipped; }
   Code code() const { return code_; }
   const std::string& message() const { return message_; }
-  // "OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible".
+  // "OK", "NotFound", "Corruption", "IOError", "InvalidArgument", "Busy", "Incompatible", "Skipped".
   const char* CodeName() const;
   std::string ToString() const;
 
@@ -72,6 +75,28 @@ void check(const StoreStatus& status);
 
 enum class Durability { kSync, kProcessCrash };
 
+// What a snapshot commit does when every staging slot still holds a snapshot
+// that is being written (the disk is slower than the commits come):
+enum class SnapshotWhenBehind {
+  kWait,  // the commit waits for the oldest write to finish (counted, and logged by the Checkpointer)
+  kSkip,  // the commit is not taken: its future says Skipped at once (counted and logged)
+};
+// "wait" or "skip"; throws c10::Error naming the choices otherwise.
+SnapshotWhenBehind parse_snapshot_when_behind(const std::string& text, const std::string& what);
+const char* snapshot_when_behind_name(SnapshotWhenBehind policy);
+
+// What the store's snapshots have cost so far (CheckpointStore::snapshot_stats).
+struct SnapshotStats {
+  int64_t taken = 0;            // snapshots handed to the writer
+  int64_t waited = 0;           // of those, how many waited for a free staging slot
+  double waited_ms = 0;         // the training thread's time in those waits
+  int64_t skipped = 0;          // snapshots not taken (SnapshotWhenBehind::kSkip)
+  int64_t written = 0;          // snapshots whose write finished (ok or not)
+  double write_ms = 0;          // the writer's time (copy wait, blob, fsync, commit)
+  int64_t staging_bytes = 0;    // host memory the staging slots hold now
+  int64_t pinned_bytes = 0;     // of which pinned (page-locked) for accelerator copies
+};
+
 struct CheckpointStoreOptions {
   std::string dir;                 // one directory per rank
   std::string job_id;              // refuses a store written by another job
@@ -84,6 +109,15 @@ struct CheckpointStoreOptions {
   bool read_only = false;          // no lock, no writes (ftcomm inspect)
   Durability durability = Durability::kSync;
   int keep_snapshots = 2;          // retention: newest K snapshots (and the newest periodic one) and the commits after the oldest of them
+  // Host staging: each slot holds one snapshot's copy while it is written, and is
+  // reused by later snapshots of the same shapes. Its memory is bounded by
+  // staging_slots x the snapshot's bytes (pinned for tensors on an accelerator).
+  // With 2 a commit overlaps the previous one's write; with 1 it waits for it.
+  int staging_slots = 2;
+  SnapshotWhenBehind when_behind = SnapshotWhenBehind::kWait;
+  // Caps the writer's blob writes (bytes per second; 0: none), as RocksDB's rate
+  // limiter does, for a disk that training's own reads share.
+  int64_t write_bytes_per_sec = 0;
 };
 
 struct CommitRecord {
@@ -149,15 +183,25 @@ class CheckpointStore {
   // newer commits with DiscardCommits). Blocks until durable.
   virtual StoreStatus Commit(const CommitRecord& record) = 0;
 
-  // Snapshot commit: copies `state` to host memory now (the caller may go on
-  // training and change its tensors as soon as this returns), then writes the blob
-  // and the commit on a background thread. One snapshot is in flight at a time; a
-  // second call waits for the first. The future yields the commit's status.
+  // Snapshot commit: copies `state` into a free host staging slot, then writes
+  // the blob and the commit on the store's writer thread, in call order. Host
+  // tensors are copied before it returns. Tensors on an accelerator are copied
+  // on a side stream into pinned memory: the caller's current stream waits for
+  // that copy by event, so work queued on it after this call (the next optimizer
+  // step) cannot change them first, and the host does not wait. The caller may
+  // change its tensors as soon as this returns. With every slot busy, the policy
+  // (options().when_behind) waits for one or skips; a skipped commit's future is
+  // ready with Skipped. The future yields the commit's status.
   virtual std::shared_future<StoreStatus> CommitSnapshotAsync(const CommitRecord& record,
                                                               const std::vector<NamedTensor>& state) = 0;
-  // Waits for a snapshot in flight, if any, and for the retention pass that
-  // follows its commit.
+  // Waits for every snapshot handed over so far, and for the retention pass that
+  // follows each commit. Returns the first failure among them not yet reported
+  // (by this or TakeSnapshotError), else OK.
   virtual StoreStatus WaitForSnapshot() = 0;
+  // Without waiting: the first failure among finished snapshots not yet reported,
+  // else OK.
+  virtual StoreStatus TakeSnapshotError() = 0;
+  virtual SnapshotStats snapshot_stats() const = 0;
 
   // The newest complete commit; NotFound in an empty store.
   virtual StoreStatus LatestCommitted(CommitRecord* record) = 0;

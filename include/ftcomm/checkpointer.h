@@ -41,6 +41,13 @@ struct CheckpointerOptions {
   std::string job_id;    // a store of another job is refused
   int commit_every = 10;  // a snapshot every K steps; 0: none
   int keep_snapshots = 2;
+  // Host staging (CheckpointStoreOptions): slots of one snapshot's copy each,
+  // and what a commit does when all of them are still being written. A skipped
+  // commit is this rank's alone: a resume then resyncs this rank from a peer
+  // that took it.
+  int staging_slots = 2;
+  SnapshotWhenBehind when_behind = SnapshotWhenBehind::kWait;
+  int64_t write_bytes_per_sec = 0;  // the store's cap on blob writes; 0: none
   // The trainer's settings that change the result (learning rate, batch, model,
   // ...), recorded with every commit together with the hook's parameters
   // ("hook.<name>"). A resume refuses a change, naming the setting and both
@@ -113,8 +120,10 @@ class Checkpointer {
 
   bool due(int64_t step) const;
   // After the optimizer step `step`: when due, persists the Reducer's bucket
-  // layout and snapshots `state` in the background (the previous snapshot is
-  // waited for first). Collective when due. Returns whether it committed.
+  // layout and hands a copy of `state` to the store's writer (a staging slot; when
+  // every slot is still being written, options.when_behind waits or skips, and
+  // says so in the log). Throws the error of an earlier snapshot that failed.
+  // Collective when due. Returns whether it committed (false when skipped).
   bool commit(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   // Collective, at the end of training, after the last step `step`: with
   // commit_every = 0 (no periodic snapshots), commits it as commit() would, so a
@@ -123,8 +132,11 @@ class Checkpointer {
   // always has (a continued job redoes at most K - 1 steps). Returns whether it
   // committed.
   bool commit_last(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
-  // Waits for a snapshot in flight; throws its error.
+  // Waits for the snapshots in flight; throws the first error among them.
   void flush();
+  // What the snapshots cost so far (zeros without a store), and one line of it.
+  SnapshotStats snapshot_stats() const;
+  std::string snapshot_summary() const;
 
   // Not collective: commits `tensors` (own_state_tensors of the state after step
   // `step`, with the buddy copies `buddy_parts` says) as a just-in-time snapshot,
@@ -142,7 +154,7 @@ class Checkpointer {
   struct Pending;
   // Stores `layout` under its signature and returns the commit record naming it.
   CommitRecord record_of(int64_t step, int64_t data_position, const BucketLayout& layout, const TrainingState& state);
-  void commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
+  bool commit_now(int64_t step, const TrainingState& state, const c10d::Reducer& reducer, int64_t data_position);
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   CheckpointerOptions options_;
   std::unique_ptr<CheckpointStore> store_;
@@ -150,6 +162,8 @@ class Checkpointer {
   std::vector<int64_t> to_discard_;   // from finish_recovery to accept_recovery
   int64_t resumed_step_ = -1;         // the step recovery resumed (-1: fresh)
   int64_t last_committed_ = -1;       // the newest step commit() or commit_last() wrote
+  int64_t waits_logged_ = 0;
+  uint64_t stored_layout_ = 0;        // the signature record_of() last stored          // SnapshotStats::waited when the log last said it
 };
 
 }  // namespace ftcomm

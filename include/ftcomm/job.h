@@ -86,8 +86,11 @@ class Job {
   void pause_stall_watch(bool pause);
   // Ends just-in-time saving (a SIGTERM handler of the program's comes back).
   void stop_just_in_time();
-  // Waits for a snapshot in flight; throws its error.
+  // Waits for the snapshots in flight; throws the first error among them.
   void flush();
+  // What periodic snapshots cost so far (Checkpointer::snapshot_stats), and one line of it.
+  SnapshotStats snapshot_stats() const { return checkpointer_->snapshot_stats(); }
+  std::string snapshot_summary() const { return checkpointer_->snapshot_summary(); }
 
   bool due(int64_t step) const { return checkpointer_->due(step); }
   bool just_in_time_active() const { return jit_ != nullptr; }

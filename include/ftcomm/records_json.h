@@ -11,6 +11,8 @@
 //     layout_signature (hex), snapshot (bool), kind ("periodic"|"just-in-time"),
 //     jit_reason and buddy_copies (just-in-time only), snapshot_bytes, settings,
 //     unix_ms
+//   SnapshotStats: taken, waited, waited_ms, skipped, written, write_ms,
+//     staging_bytes, pinned_bytes
 #pragma once
 
 #include <string>
@@ -22,6 +24,7 @@ namespace ftcomm {
 
 std::string to_json(const RecoveryReport& report);
 std::string to_json(const CommitRecord& record);
+std::string to_json(const SnapshotStats& stats);
 
 // "resumed from step S (a just-in-time commit), ...; rank-local state: ...; ..."
 // or "fresh start"; `world_size` is this job's (a resize is named).

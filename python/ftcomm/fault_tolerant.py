@@ -105,6 +105,18 @@ class FaultTolerant:
         hook: the :class:`ftcomm.Hook` of ``model``, whose state is saved (default:
             the one registered on ``model``).
         keep_snapshots: how many snapshots each store keeps.
+        staging_slots: host copies of a snapshot kept for the disk writer (1 to 8),
+            each the size of this rank's state, pinned for GPU state. A commit
+            copies into a free slot and returns (GPU state: the copy runs on a side
+            stream that the next optimizer step waits for on the GPU, not the host);
+            the write and fsync run in the background. 2 lets a commit overlap the
+            previous one's write. Memory: ``staging_slots`` x the state's bytes.
+        when_behind: what a commit does when every slot is still being written
+            (commits outpace the disk): ``"wait"`` for one, or ``"skip"`` this rank's
+            commit (a resume then resyncs this rank from a peer). Both are logged and
+            counted in :attr:`snapshot_stats`.
+        write_mb_per_s: caps the background writer (MB/s; 0: no cap), for a disk
+            that training's own reads share.
         job_id: the job's name (printable, no line breaks, not empty); a store
             written under another is refused.
         settings: name -> value of what changes the result (learning rate, batch, ...);
@@ -122,6 +134,7 @@ class FaultTolerant:
 
     def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, ckpt_dir: str, *,
                  commit_every: int = 10, hook: Optional[Hook] = None, keep_snapshots: int = 2,
+                 staging_slots: int = 2, when_behind: str = "wait", write_mb_per_s: float = 0,
                  job_id: str = "ftcomm", settings: Optional[dict] = None,
                  allow_changed_settings: Iterable[str] = (), user_state: Optional[dict] = None,
                  jit: bool = True, jit_policy: str = "exact", stall_timeout: Optional[float] = None,
@@ -140,6 +153,12 @@ class FaultTolerant:
             raise ValueError(f"commit_every must be a whole number of steps, 0 or more; got {commit_every!r}")
         if isinstance(keep_snapshots, bool) or not isinstance(keep_snapshots, int) or keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be a whole number, 1 or more; got {keep_snapshots!r}")
+        if isinstance(staging_slots, bool) or not isinstance(staging_slots, int) or not 1 <= staging_slots <= 8:
+            raise ValueError(f"staging_slots must be a whole number from 1 to 8, got {staging_slots!r} (each slot "
+                             "holds one host copy of the state; 2 overlaps a commit with the previous write)")
+        if when_behind not in ("wait", "skip"):
+            raise ValueError(f"when_behind must be 'wait' or 'skip', got {when_behind!r}")
+        write_mb_per_s = _seconds("write_mb_per_s", write_mb_per_s, "0 (no cap) or positive MB/s")
         if jit_policy not in ("exact", "reset"):
             raise ValueError(f"jit_policy must be 'exact' or 'reset', got {jit_policy!r}")
         if stall_timeout is not None:  # None: the job's deadline, 0.9 x the group's timeout
@@ -177,7 +196,8 @@ class FaultTolerant:
         # The rank's Job (C++, shared with ftcomm train): collective, it finds this
         # rank's store under ckpt_dir, or takes over a leftover store on this disk
         # after a rendezvous numbered the ranks anew.
-        self._ckpt = _C.Job(pg, os.fspath(ckpt_dir), job_id, commit_every, keep_snapshots,
+        self._ckpt = _C.Job(pg, os.fspath(ckpt_dir), job_id, commit_every, keep_snapshots, staging_slots, when_behind,
+                            write_mb_per_s,
                             {str(k): _setting(v) for k, v in (settings or {}).items()},
                             set(map(str, allow_changed_settings)), bool(jit), jit_policy, stall_timeout,
                             float(update_grace))
@@ -366,8 +386,17 @@ class FaultTolerant:
         return [json.loads(c) for c in self._ckpt.commits()]
 
     def flush(self) -> None:
-        """Waits for the snapshot in flight; raises its error."""
+        """Waits for the snapshots in flight; raises the first error among them."""
         self._ckpt.flush()
+
+    @property
+    def snapshot_stats(self) -> dict:
+        """What this rank's periodic snapshots cost so far: ``taken``; ``waited`` (commits
+        that waited for a free staging slot because the disk was behind) and
+        ``waited_ms``; ``skipped`` (``when_behind="skip"``); ``written`` and
+        ``write_ms`` (the background writer's time); ``staging_bytes`` and
+        ``pinned_bytes`` (host memory the staging slots hold)."""
+        return json.loads(self._ckpt.snapshot_stats())
 
     def close(self) -> None:
         """Collective, at the end of training: with ``commit_every=0`` commits the last

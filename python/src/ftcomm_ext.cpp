@@ -313,7 +313,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyJob>(m, "Job")
       .def(py::init([](const Group& pg, const std::string& root, const std::string& job_id, int commit_every,
-                       int keep_snapshots, const std::map<std::string, std::string>& settings,
+                       int keep_snapshots, int staging_slots, const std::string& when_behind,
+                       double write_mb_per_s,
+                       const std::map<std::string, std::string>& settings,
                        const std::set<std::string>& allow, bool jit, const std::string& policy,
                        std::optional<double> stall_timeout_s, double update_grace_s) {
              TORCH_CHECK(!stall_timeout_s || (*stall_timeout_s >= 0 && *stall_timeout_s < 1e9),
@@ -331,6 +333,11 @@ PYBIND11_MODULE(_C, m) {
              c.job_id = job_id;
              c.commit_every = commit_every;
              c.keep_snapshots = keep_snapshots;
+             c.staging_slots = staging_slots;
+             c.when_behind = parse_snapshot_when_behind(when_behind, "when_behind");
+             TORCH_CHECK(write_mb_per_s >= 0 && write_mb_per_s < 1e9, "write_mb_per_s must be 0 (no cap) or "
+                         "positive MB/s, got ", write_mb_per_s);
+             c.write_bytes_per_sec = static_cast<int64_t>(write_mb_per_s * 1e6);
              c.settings = settings;
              c.allow_changed_settings = allow;
              c.fixes.allow_change =
@@ -339,6 +346,7 @@ PYBIND11_MODULE(_C, m) {
              return std::make_unique<PyJob>(pg, std::move(o));
            }),
            py::arg("pg"), py::arg("root"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
+           py::arg("staging_slots"), py::arg("when_behind"), py::arg("write_mb_per_s"),
            py::arg("settings"), py::arg("allow_changed_settings"), py::arg("jit"), py::arg("jit_policy"),
            py::arg("stall_timeout_s"), py::arg("update_grace_s"))
       .def("resume", &PyJob::resume)
@@ -354,6 +362,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("store_dir", [](PyJob& j) { return j.job().store_dir(); })
       .def_property_readonly("deadlines", [](PyJob& j) { return deadlines_dict(j.job().deadlines()); })
       .def("flush", &PyJob::flush)
+      .def("snapshot_stats", [](PyJob& j) { return to_json(j.job().snapshot_stats()); })
+      .def("snapshot_summary", [](PyJob& j) { return j.job().snapshot_summary(); })
       .def("commits", &PyJob::commits);
 
   m.def(

@@ -57,6 +57,9 @@ struct TrainArgs {
   ftcomm::HookAgreement hook_agree = ftcomm::HookAgreement::kAuto;
   std::string ckpt;
   int commit_every = 10;
+  int staging_slots = 2;
+  std::string when_behind = "wait";
+  double write_mb_per_s = 0;
   bool jit = true;
   std::string jit_policy = "exact";
   std::string backend = "auto";
@@ -169,6 +172,16 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "snapshot every K steps; 0: none (with --jit on, a failure still loses at most one step; periodic "
                  "snapshots are for losing every rank at once)")
       ->check(ftcomm::cli::integer_in(0, 1000000000))->capture_default_str();
+  app.add_option("--staging-slots", a.staging_slots,
+                 "host copies of a snapshot kept for the disk writer, each the size of this rank's state (pinned "
+                 "for GPU state): 2 lets a commit overlap the previous one's write")
+      ->check(ftcomm::cli::integer_in(1, 8))->capture_default_str();
+  app.add_option("--when-behind", a.when_behind,
+                 "when every staging slot is still being written (commits outpace the disk): wait for one, or skip "
+                 "this rank's commit; both are logged and counted in the summary")
+      ->check(CLI::IsMember({"wait", "skip"}))->capture_default_str();
+  app.add_option("--write-mb-per-s", a.write_mb_per_s, "caps the snapshot writer's disk writes (MB/s); 0: no cap")
+      ->check(ftcomm::cli::number_in(0, 1e6))->capture_default_str();
   std::string jit;
   on_off("--jit", jit,
          "just-in-time commits: at a failure (a peer's collective error, a step stalled past 0.9 x --timeout, "
@@ -351,6 +364,9 @@ class Trainer {
     // deadlines.h): half of it for a hook call, 0.9 of it for a step.
     ftcomm::JobOptions& job = options.job;
     job.checkpoint.commit_every = args_.commit_every;
+    job.checkpoint.staging_slots = args_.staging_slots;
+    job.checkpoint.when_behind = ftcomm::parse_snapshot_when_behind(args_.when_behind, "--when-behind");
+    job.checkpoint.write_bytes_per_sec = static_cast<int64_t>(args_.write_mb_per_s * 1e6);
     job.just_in_time = args_.jit;
     job.checkpoint.local_state_policy = ftcomm::parse_local_state_policy(args_.jit_policy, "--jit-policy");
     job.jit.before_commit = [this] { inject(-1, "jit"); };
@@ -487,6 +503,7 @@ class Trainer {
                       {"since_start_ms", std::chrono::duration<double, std::milli>(Clock::now() - restart_t0).count()},
                       {"train_ms", std::chrono::duration<double, std::milli>(Clock::now() - train_t0).count()},
                       {"jit_ms", ddp_->jit_seconds() * 1000},
+                      {"snapshots", nlohmann::json::parse(ftcomm::to_json(ddp_->job().snapshot_stats()))},
                       {"hook", ddp_->hook()->name()}});
       std::ofstream out(args_.summary);
       out << summary.dump() << "\n";

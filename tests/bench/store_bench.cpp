@@ -4,7 +4,11 @@
 //  2. snapshot write throughput against a raw sequential write (+fsync) of the
 //     same bytes to the same disk, alternating, median of N;
 //  3. the slowdown of a compute-bound training step while a snapshot is written
-//     in the background.
+//     in the background;
+//  4. loading a snapshot against a plain read of its blob file (into reused
+//     memory), from the page cache and from the disk (the file's pages dropped
+//     with posix_fadvise), alternating, median of N; and a commit's blocking part
+//     (the copy into a staging slot) against a copy into reused memory.
 // Correctness is checked on what was timed: the last commit and snapshot are read
 // back and compared.
 //
@@ -18,6 +22,7 @@
 #include <fstream>
 #include <sstream>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -183,6 +188,81 @@ int main(int argc, char** argv) {
               step_alone, step_during, 100 * (step_during / step_alone - 1), during.size());
   js["step_slowdown"] = {
       {"alone_ms", step_alone}, {"during_snapshot_ms", step_during}, {"overlapped_steps", during.size()}};
+  // 4. Loads against plain reads; the commit's blocking part against a plain copy.
+  ftcomm::check(store->WaitForSnapshot());
+  ftcomm::check(store->LatestSnapshot(&snap));
+  const std::string blob = dir + "/snap/blobs/" + snap.blob_file;
+  auto drop = [&] {
+    const int fd = ::open(blob.c_str(), O_RDONLY);
+    ::fdatasync(fd);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+  };
+  std::vector<char> sink(snap.blob_bytes);
+  auto plain_read = [&] {
+    const auto t = Clock::now();
+    const int fd = ::open(blob.c_str(), O_RDONLY);
+    size_t got = 0;
+    while (got < sink.size()) {
+      const ssize_t n = ::read(fd, sink.data() + got, sink.size() - got);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    ::close(fd);
+    return ms_since(t);
+  };
+  // The same read into fresh memory, as a load must land in (the sink above is reused).
+  auto plain_read_fresh = [&] {
+    const auto t = Clock::now();
+    std::unique_ptr<char[]> fresh(new char[sink.size()]);
+    const int fd = ::open(blob.c_str(), O_RDONLY);
+    size_t got = 0;
+    while (got < sink.size()) {
+      const ssize_t n = ::read(fd, fresh.get() + got, sink.size() - got);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    ::close(fd);
+    return ms_since(t);
+  };
+  plain_read();  // the sink's pages, once
+  std::vector<double> load_warm, read_warm, load_cold, read_cold, read_fresh, staged, copied_plain;
+  for (int r = 0; r < repeats; ++r) {
+    for (bool cold : {true, false}) {
+      if (cold) drop();
+      auto t = Clock::now();
+      ftcomm::check(store->LoadSnapshot(snap, &back));
+      (cold ? load_cold : load_warm).push_back(ms_since(t));
+      if (cold) drop();
+      (cold ? read_cold : read_warm).push_back(plain_read());
+      if (!cold) read_fresh.push_back(plain_read_fresh());
+    }
+  }
+  for (int i = 0; i < count; ++i) correct = correct && at::equal(back[i].tensor, state[i].tensor);
+  std::vector<at::Tensor> reused;
+  for (const auto& nt : state) reused.push_back(at::empty_like(nt.tensor));
+  for (int r = 0; r < repeats + 1; ++r) {
+    auto t = Clock::now();
+    for (size_t i = 0; i < state.size(); ++i) reused[i].copy_(state[i].tensor);
+    if (r > 0) copied_plain.push_back(ms_since(t));
+    t = Clock::now();
+    auto future = store->CommitSnapshotAsync(record(1000 + r), state);
+    if (r > 1) staged.push_back(ms_since(t));  // the first two fill the slots
+    ftcomm::check(future.get());
+  }
+  const double lw = percentile(load_warm, 0.5), rw = percentile(read_warm, 0.5);
+  const double lc = percentile(load_cold, 0.5), rc = percentile(read_cold, 0.5);
+  const double rf = percentile(read_fresh, 0.5);
+  std::printf("load %.0f MB: page cache: LoadSnapshot %.0f ms, plain read %.0f ms into reused memory (%.2fx), %.0f ms "
+              "into fresh memory (%.2fx); disk: LoadSnapshot %.0f ms (%.2f GB/s), plain read %.0f ms (%.2f GB/s) "
+              "(%.2fx)\n",
+              bytes / 1e6, lw, rw, lw / rw, rf, lw / rf, lc, bytes / lc / 1e6, rc, bytes / rc / 1e6, lc / rc);
+  const double st = staged.empty() ? 0 : percentile(staged, 0.5), cp = percentile(copied_plain, 0.5);
+  std::printf("commit blocking (copy into a staging slot): %.1f ms; a copy into reused memory %.1f ms (%.2fx)\n", st,
+              cp, st / cp);
+  js["load"] = {{"warm_ms", lw}, {"warm_read_ms", rw}, {"warm_read_fresh_ms", rf}, {"cold_ms", lc},
+                {"cold_read_ms", rc}};
+  js["commit_blocking"] = {{"staged_ms", st}, {"copy_ms", cp}};
   js["correct"] = correct;
   std::printf("correctness of what was timed: %s\n", correct ? "ok" : "WRONG");
   if (!json.empty()) std::ofstream(json) << js.dump(2) << "\n";

@@ -114,3 +114,27 @@ def test_jit_powersgd_policies(tmp_path, tmp_path_factory, policy):
         assert "rank 1: restored from rank 0's buddy copy (the trainer's part" in report["local_state"], report
         want = baseline(tmp_path_factory, "powersgd", 2)["loss"]
         assert abs(got["loss"] - want) <= 0.15 * abs(want), (got["loss"], want)
+
+
+@pytest.mark.parametrize("when_behind", ["wait", "skip"])
+def test_kill_right_after_step_done_on_a_slow_disk_resumes_bit_exact(tmp_path, tmp_path_factory, when_behind):
+    """A snapshot every step onto a disk slower than the steps (the writer capped at
+    2 MB/s: ~0.2 s a snapshot), just in time off: commits wait for a staging slot or
+    are skipped, and the state changes right after each one while earlier ones are
+    still being written. Rank 1 is SIGKILLed right after step_done of step 7:
+    whatever step the restart resumes, its snapshot must be of that step (a torn
+    one would end with another digest). Waiting, some snapshot has landed by then;
+    skipping, perhaps none has (then the restart starts afresh)."""
+    run = train(tmp_path, "run", kill="1:7:commit", commit_every=1, jit=0, write_mb_per_s=2,
+                when_behind=when_behind, max_restarts=1)
+    got = ok(run)
+    assert "killed at step 7" in run.output
+    report = got["report"]
+    lowest = 1 if when_behind == "wait" else -1
+    assert got["attempt"] == 1 and lowest <= report["resumed_from_step"] <= 7, report
+    assert got["digest"] == baseline(tmp_path_factory, "allreduce", 2)["digest"]
+    assert got["user"] == {"epoch": 2, "seen": 12 * 16}
+    if when_behind == "skip":
+        assert "was skipped: the disk is still writing" in run.output
+    else:
+        assert "waited for the disk" in run.output

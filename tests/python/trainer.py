@@ -55,6 +55,8 @@ def main():
                    "term:PHASE sends SIGTERM (as torchrun does) instead of SIGKILL")
     p.add_argument("--jit", type=int, default=1, help="FaultTolerant(jit=...)")
     p.add_argument("--jit-policy", default="exact")
+    p.add_argument("--write-mb-per-s", type=float, default=0, help="FaultTolerant(write_mb_per_s=...): a slow disk")
+    p.add_argument("--when-behind", default="wait")
     p.add_argument("--kill-before-resume", type=int, default=-1, help="this rank dies before resume on attempt 1")
     p.add_argument("--wipe", type=int, default=-1, help="this rank's store is deleted before attempt 1")
     p.add_argument("--job-id", default="trainer")
@@ -81,7 +83,8 @@ def main():
     user = {"epoch": 0, "seen": 0}
     try:
         ft = ftcomm.FaultTolerant(model, opt, a.ckpt, commit_every=a.commit_every, hook=hook, job_id=a.job_id,
-                                  settings={"lr": a.lr}, user_state=user, jit=bool(a.jit), jit_policy=a.jit_policy)
+                                  settings={"lr": a.lr}, user_state=user, jit=bool(a.jit), jit_policy=a.jit_policy,
+                                  write_mb_per_s=a.write_mb_per_s, when_behind=a.when_behind)
         if attempt == 1 and rank == a.kill_before_resume:
             os.kill(os.getpid(), signal.SIGKILL)
         step = ft.resume()
@@ -134,7 +137,7 @@ def main():
     if rank == 0:
         with open(a.out, "w") as f:
             json.dump({"digest": digest, "user": user, "attempt": attempt, "report": ft.report, "loss": loss.item(),
-                       "fallbacks": hook.fallbacks if hook else 0}, f)
+                       "fallbacks": hook.fallbacks if hook else 0, "snapshots": ft.snapshot_stats}, f)
     print(f"trainer: rank {rank} done at step {step} digest {digest[:16]}", flush=True)
 
 
