@@ -42,11 +42,12 @@ say "torch cmake prefix: $("$PYTHON" -c 'import torch; print(torch.utils.cmake_p
 pydeps=()
 "$PYTHON" -c 'import scikit_build_core' 2>/dev/null || pydeps+=("scikit-build-core>=0.10")
 "$PYTHON" -c 'import pytest' 2>/dev/null || pydeps+=(pytest)
+"$PYTHON" -c 'import yaml' 2>/dev/null || pydeps+=(pyyaml)  # tests/python/test_docker_files.py
 if ((${#pydeps[@]})); then
   say "installing from PyPI: ${pydeps[*]}"
   "$PYTHON" -m pip install -q --disable-pip-version-check "${pydeps[@]}"
 else
-  say "scikit-build-core and pytest present"
+  say "scikit-build-core, pytest and pyyaml present"
 fi
 if [ "${FTCOMM_SKIP_PYTHON_PACKAGE:-0}" != 1 ]; then
   say "installing the ftcomm Python package (pip install --no-build-isolation .; the first build takes a few minutes)"

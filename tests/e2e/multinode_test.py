@@ -303,8 +303,9 @@ def phases(events, killed_at):
 class SingleHost:
     """Reference runs: one torchrun on loopback, stopped and resumed as told."""
 
-    def __init__(self, ftcomm, workdir):
-        self.ftcomm, self.workdir, self.count = ftcomm, workdir, 0
+    def __init__(self, ftcomm, workdir, prefix=()):
+        # prefix: what runs the command (containers: docker run ... IMAGE).
+        self.ftcomm, self.workdir, self.count, self.prefix = ftcomm, workdir, 0, list(prefix)
 
     def chain(self, stages, hook="allreduce", steps=STEPS):
         """stages: [(world, stop_step), ...]; each resumes the previous one's store."""
@@ -316,7 +317,9 @@ class SingleHost:
             if hook == "powersgd":
                 args += ["--hook-arg", "start_iter=5", "--hook-arg", "rank=2"]
             args[args.index("--commit-every") + 1] = "1"  # a commit at every stop step
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--no-python", f"--nproc-per-node={world}",
+            cmd = self.prefix + [
+                   "python3" if self.prefix else sys.executable, "-m", "torch.distributed.run", "--no-python",
+                   f"--nproc-per-node={world}",
                    f"--master-port={free_port()}", self.ftcomm, "train", "--ckpt", ckpt, "--summary-json", summary,
                    "--log-every", "0"] + args
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE,
@@ -326,10 +329,11 @@ class SingleHost:
             return json.load(f)["param_digest"]
 
 
-def replacement(ftcomm, workdir, single, measure=None, hook="allreduce"):
+def replacement(ftcomm, workdir, single, measure=None, hook="allreduce", cluster=Cluster):
     """With powersgd the lost ranks' error feedback comes from buddy copies one
-    node over, which periodic commits carry: the job goes back to step 20."""
-    c = Cluster(ftcomm, workdir, 3, f"replace-{uuid.uuid4().hex[:4]}")
+    node over, which periodic commits carry: the job goes back to step 20.
+    `cluster` makes the nodes (tests/e2e/container_nodes_test.py: containers)."""
+    c = cluster(ftcomm, workdir, 3, f"replace-{uuid.uuid4().hex[:4]}")
     args = common_args(hook) + (["--hook-arg", "start_iter=5", "--hook-arg", "rank=2"] if hook == "powersgd" else [])
     try:
         deadline = time.time() + DEADLINE
@@ -364,8 +368,8 @@ def replacement(ftcomm, workdir, single, measure=None, hook="allreduce"):
         c.close()
 
 
-def shrink_and_grow(ftcomm, workdir, single, measure=None):
-    c = Cluster(ftcomm, workdir, 3, f"elastic-{uuid.uuid4().hex[:4]}")
+def shrink_and_grow(ftcomm, workdir, single, measure=None, cluster=Cluster):
+    c = cluster(ftcomm, workdir, 3, f"elastic-{uuid.uuid4().hex[:4]}")
     try:
         deadline = time.time() + DEADLINE
         for slot, nproc in ((0, 2), (1, 1), (2, 1)):
