@@ -18,15 +18,7 @@ for stage in "$@"; do
   echo "=== gpu-hooks-bench: $stage ($(date +%T))"
   case $stage in
     build)
-      if ! python3 -c 'import ftcomm' 2>/dev/null; then
-        python3 -m pip install -q --no-index --find-links .gpu-deps/wheels scikit-build-core pytest &&
-          python3 -m pip install -q --no-build-isolation . >"$results/pip.log" 2>&1 ||
-          { tail -30 "$results/pip.log"; exit 1; }
-      fi
-      cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFTCOMM_WITH_NCCL=ON -DTORCH_CUDA_ARCH_LIST=9.0 \
-        >"$results/configure.log" 2>&1 || { tail -30 "$results/configure.log"; exit 1; }
-      cmake --build "$build" --target ftcomm_bench_hooks 2>&1 | tail -2 || exit 1
-      nproc; nvidia-smi -L; lscpu | grep -E "Model name|^CPU\(s\)"
+      gpu_build ftcomm_bench_hooks || exit 1
       ;;
     gpu)
       for spec in "mlp 256" "deep 64"; do

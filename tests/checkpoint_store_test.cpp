@@ -769,6 +769,38 @@ TEST(CheckpointStore, TheWriteAheadLogStaysSmall) {
   EXPECT_LT(allocated, uint64_t(8) << 20) << "bytes the write-ahead log holds on disk";
 }
 
+// Runs the current test's child (the writer) `kills` times, each SIGKILLed after a
+// random min_ms-max_ms, and calls check(store, acknowledged, previous, kill) on the
+// store it leaves: it returns the newest step it found, or -1 while the writer has
+// written nothing yet. Steps never go back and commits stay consecutive.
+template <typename Check>
+void kill_writer_repeatedly(int kills, unsigned seed, int min_ms, int max_ms, Check&& check) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("run");
+  ASSERT_TRUE(detail::make_dirs(dir, nullptr));
+  std::mt19937 rng(seed);
+  int64_t previous = 0;
+  for (int i = 0; i < kills; ++i) {
+    const int pid = testing::spawn_child(testing::current_test_args(), testing::RankContext{0, 1, 0, dir});
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(min_ms, max_ms)(rng)));
+    ::kill(pid, SIGKILL);
+    const auto outcome = testing::wait_child(pid, 30s);
+    ASSERT_EQ(outcome.signal, SIGKILL) << "writer exited early with " << outcome.exit_code;
+    int64_t acknowledged = 0;
+    std::ifstream(dir + "/progress") >> acknowledged;
+    auto store = open_store(dir + "/store");
+    ASSERT_TRUE(store);
+    const int64_t newest = check(*store, acknowledged, previous, i);
+    if (newest < 0) continue;  // killed before its first commit: nothing to lose yet
+    EXPECT_GE(newest, previous);
+    previous = newest;
+    std::vector<CommitRecord> commits;
+    ASSERT_TRUE(store->ListCommits(&commits).ok());
+    for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);
+  }
+  EXPECT_GT(previous, kills) << "the writer made too little progress to test anything";
+}
+
 TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
   if (auto ctx = testing::child_context()) {
     // The writer: commit forever; every third step a snapshot.
@@ -789,45 +821,22 @@ TEST(CheckpointStoreCrash, KillNineDuringCommitsNeverLeavesAPartialStep) {
       std::ofstream(ctx->dir + "/progress", std::ios::trunc) << step;
     }
   }
-  TempDir tmp;
-  const std::string dir = tmp.sub("run");
-  ASSERT_TRUE(detail::make_dirs(dir, nullptr));
-  std::mt19937 rng(42);
-  int64_t previous = 0;
-  constexpr int kKills = 25;
-  for (int i = 0; i < kKills; ++i) {
-    const int pid = testing::spawn_child(testing::current_test_args(), testing::RankContext{0, 1, 0, dir});
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(400, 1200)(rng)));
-    ::kill(pid, SIGKILL);
-    const auto outcome = testing::wait_child(pid, 30s);
-    ASSERT_EQ(outcome.signal, SIGKILL) << "writer exited early with " << outcome.exit_code;
-    int64_t acknowledged = 0;
-    std::ifstream(dir + "/progress") >> acknowledged;
-
-    auto store = open_store(dir + "/store");
-    ASSERT_TRUE(store);
+  kill_writer_repeatedly(25, 42, 400, 1200, [](CheckpointStore& store, int64_t acknowledged, int64_t previous, int i) {
     CommitRecord latest;
-    const StoreStatus found = store->LatestCommitted(&latest);
-    if (found.IsNotFound() && acknowledged == 0 && previous == 0) {
-      continue;  // killed before its first commit (a slow start on a loaded machine): nothing to lose yet
-    }
-    ASSERT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
+    const StoreStatus found = store.LatestCommitted(&latest);
+    if (found.IsNotFound() && acknowledged == 0 && previous == 0) return int64_t(-1);
+    EXPECT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
     EXPECT_GE(latest.step, acknowledged) << "a commit that returned was lost";
-    EXPECT_GE(latest.step, previous);
-    previous = latest.step;
     EXPECT_EQ(latest.rng_state, "rng-" + std::to_string(latest.step));
     CommitRecord snap;
-    if (store->LatestSnapshot(&snap).ok()) {
+    if (store.LatestSnapshot(&snap).ok()) {
       std::vector<NamedTensor> state;
-      auto s = store->LoadSnapshot(snap, &state);
-      ASSERT_TRUE(s.ok()) << s.ToString();
-      EXPECT_TRUE(at::equal(state[0].tensor, at::full({256, 256}, float(snap.step))));
+      auto s = store.LoadSnapshot(snap, &state);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      if (s.ok()) EXPECT_TRUE(at::equal(state[0].tensor, at::full({256, 256}, float(snap.step))));
     }
-    std::vector<CommitRecord> commits;
-    ASSERT_TRUE(store->ListCommits(&commits).ok());
-    for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);
-  }
-  EXPECT_GT(previous, kKills) << "the writer made too little progress to test anything";
+    return latest.step;
+  });
 }
 
 
@@ -1026,35 +1035,15 @@ TEST(CheckpointStoreCrash, KillNineDuringOverlappedSnapshotsNeverLeavesATornOne)
       }
     }
   }
-  TempDir tmp;
-  const std::string dir = tmp.sub("run");
-  ASSERT_TRUE(detail::make_dirs(dir, nullptr));
-  std::mt19937 rng(7);
-  int64_t previous = 0;
-  constexpr int kKills = 12;
-  for (int i = 0; i < kKills; ++i) {
-    const int pid = testing::spawn_child(testing::current_test_args(), testing::RankContext{0, 1, 0, dir});
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(400, 1000)(rng)));
-    ::kill(pid, SIGKILL);
-    const auto outcome = testing::wait_child(pid, 30s);
-    ASSERT_EQ(outcome.signal, SIGKILL) << "writer exited early with " << outcome.exit_code;
-    int64_t acknowledged = 0;
-    std::ifstream(dir + "/progress") >> acknowledged;
-    auto store = open_store(dir + "/store");
-    ASSERT_TRUE(store);
+  kill_writer_repeatedly(12, 7, 400, 1000, [](CheckpointStore& store, int64_t acknowledged, int64_t previous, int i) {
     CommitRecord latest;
-    const StoreStatus found = store->LatestSnapshot(&latest);
-    if (found.IsNotFound() && acknowledged == 0 && previous == 0) continue;
-    ASSERT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
+    const StoreStatus found = store.LatestSnapshot(&latest);
+    if (found.IsNotFound() && acknowledged == 0 && previous == 0) return int64_t(-1);
+    EXPECT_TRUE(found.ok()) << "kill " << i << ": " << found.ToString();
     EXPECT_GE(latest.step, acknowledged) << "a snapshot whose commit was acknowledged was lost";
-    EXPECT_GE(latest.step, previous);
-    previous = latest.step;
-    expect_snapshot_of(*store, latest.step);
-    std::vector<CommitRecord> commits;
-    ASSERT_TRUE(store->ListCommits(&commits).ok());
-    for (size_t k = 1; k < commits.size(); ++k) EXPECT_EQ(commits[k].step, commits[k - 1].step + 1);
-  }
-  EXPECT_GT(previous, kKills) << "the writer made too little progress to test anything";
+    expect_snapshot_of(store, latest.step);
+    return latest.step;
+  });
 }
 
 }  // namespace

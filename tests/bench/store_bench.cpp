@@ -198,31 +198,26 @@ int main(int argc, char** argv) {
     ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     ::close(fd);
   };
+  // A plain read of the blob: into `sink`, reused, or into fresh memory, as a
+  // load must land in.
   std::vector<char> sink(snap.blob_bytes);
-  auto plain_read = [&] {
+  auto read_into = [&](char* dst) {
     const auto t = Clock::now();
     const int fd = ::open(blob.c_str(), O_RDONLY);
     size_t got = 0;
     while (got < sink.size()) {
-      const ssize_t n = ::read(fd, sink.data() + got, sink.size() - got);
+      const ssize_t n = ::read(fd, dst + got, sink.size() - got);
       if (n <= 0) break;
       got += static_cast<size_t>(n);
     }
     ::close(fd);
     return ms_since(t);
   };
-  // The same read into fresh memory, as a load must land in (the sink above is reused).
+  auto plain_read = [&] { return read_into(sink.data()); };
   auto plain_read_fresh = [&] {
     const auto t = Clock::now();
     std::unique_ptr<char[]> fresh(new char[sink.size()]);
-    const int fd = ::open(blob.c_str(), O_RDONLY);
-    size_t got = 0;
-    while (got < sink.size()) {
-      const ssize_t n = ::read(fd, fresh.get() + got, sink.size() - got);
-      if (n <= 0) break;
-      got += static_cast<size_t>(n);
-    }
-    ::close(fd);
+    read_into(fresh.get());
     return ms_since(t);
   };
   plain_read();  // the sink's pages, once
