@@ -12,7 +12,8 @@ For each method and K in --every, it trains --steps steps (forward, backward,
 Adam) and checkpoints every K steps. Methods: ftcomm (step_done); dcp.save;
 dcp.async_save as it comes; dcp.async_save with DefaultStager(StagingOptions(
 use_pinned_memory, use_async_staging, use_non_blocking_copy)) on a GPU, its best
-configuration in torch 2.11 (shared memory off: one process), one stager reused.
+configuration in torch 2.11 (shared memory off: one process), a new stager per save
+(a reused one fails its second save in torch 2.11).
 Reported per method: the mean step time, its overhead over no checkpointing, and
 the blocking time per checkpoint: the time the training loop waits in the
 checkpoint call, plus, for an async_save whose staging runs in the background, the
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -90,6 +92,8 @@ def main():
     p.add_argument("--slow-disk-mb-s", type=float, default=0,
                    help="adds ftcomm K=1 runs with the writer capped at this rate, when_behind wait and skip")
     p.add_argument("--memory-steps", type=int, default=0, help="adds a long ftcomm run (K=10) of this many steps")
+    p.add_argument("--pace-ms", type=float, default=0,
+                   help="adds this much compute to each step (GPU: a busy kernel), so that the write can keep up")
     p.add_argument("--json", default="")
     a = p.parse_args()
 
@@ -155,10 +159,6 @@ def main():
         if method == "ftcomm":
             ft = ftcomm.FaultTolerant(model, opt, where, commit_every=every, job_id="bench", **(ft_kwargs or {}))
             ft.resume()
-        if method == "dcp.async_save+pinned" and stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-            stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                  use_async_staging=True, use_non_blocking_copy=True))
         pending = staging = None
         step_ms, block_ms = [], []
         rss = []
@@ -169,6 +169,11 @@ def main():
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
+            if a.pace_ms:  # more compute per step: the GPU kept busy (CPU: the thread sleeps)
+                if gpu:
+                    torch.cuda._sleep(int(a.pace_ms * 1.4e6))
+                else:
+                    time.sleep(a.pace_ms / 1000)
             wait_ms = 0.0
             if staging is not None:  # async staging must finish before the state changes
                 tw = time.perf_counter()
@@ -182,8 +187,7 @@ def main():
             if method == "ftcomm":
                 ft.step_done(step)
             elif method != "none" and step % every == 0:
-                # DCP's own state_dict API (flat, FQN-keyed): its stager cannot copy the
-                # types an optimizer's plain state_dict() holds.
+                # DCP's own state_dict API (flat, FQN-keyed), as its users call it.
                 model_sd, optim_sd = get_state_dict(model, opt)
                 state = {"model": model_sd, "optim": optim_sd}
                 cid = os.path.join(where, f"step{step}")
@@ -195,6 +199,13 @@ def main():
                     if method == "dcp.async_save":
                         pending = dcp.async_save(state, checkpoint_id=cid, process_group=dcp_group)
                     else:
+                        # A stager per save: torch 2.11's DefaultStager fails its second
+                        # stage() with KeyError: <class 'type'> (reproduced on CPU too), so
+                        # its pinned buffers cannot be reused from one save to the next.
+                        if stager is not None:
+                            stager.close()
+                        stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                              use_async_staging=True, use_non_blocking_copy=True))
                         response = dcp.async_save(state, checkpoint_id=cid, process_group=dcp_group,
                                                   async_stager=stager)
                         pending, staging = response.upload_completion, response.staging_completion
