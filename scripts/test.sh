@@ -39,7 +39,8 @@ if ((fast)); then
   ctest_args+=(-L 'unit|cli')
   pytest_args+=(-m fast)
 fi
-[ -n "$regex" ] && pytest_args+=(-k "$regex")
+# pytest's -k takes words and "or", not a regex: A|B becomes "A or B".
+[ -n "$regex" ] && pytest_args+=(-k "${regex//|/ or }")
 workers=${PYTEST_WORKERS:-1}
 ((workers > 1)) && pytest_args+=(-n "$workers")
 run_pytest=1
