@@ -55,9 +55,25 @@ SUDO=
 work=$(mktemp -d /tmp/ftcomm-docker-test.XXXXXX)
 started_daemon=
 containers=()
+child=
+# Long steps run in the background and are waited for, so that a signal is acted
+# on at once (bash runs a trap only after its foreground command ends).
+# in_background LOG|- COMMAND...: its output to LOG (- leaves it), never through a
+# redirection of this function's own (a trap would write there).
+in_background() {
+  local log=$1
+  shift
+  if [ "$log" = - ]; then "$@" & else "$@" >"$log" 2>&1 & fi
+  child=$!
+  wait "$child"
+  local rc=$?
+  child=
+  return "$rc"
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  [ -n "$child" ] && kill "$child" 2>/dev/null && wait "$child" 2>/dev/null
   for c in "${containers[@]}"; do docker rm -f "$c" >/dev/null 2>&1; done
   if [ -n "$started_daemon" ]; then
     say "stopping the dockerd this run started (pid $started_daemon)"
@@ -112,9 +128,9 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
     # /usr/local/share/ca-certificates): HTTPS from inside may go through them.
     cas=$(find /usr/local/share/ca-certificates -name '*.crt' 2>/dev/null | tr '\n' ' ')
     suite=${base#*:}
-    $SUDO mmdebstrap --variant=minbase --include=ca-certificates \
+    in_background "$work/mmdebstrap.log" $SUDO mmdebstrap --variant=minbase --include=ca-certificates \
       --customize-hook="mkdir -p \"\$1/usr/local/share/ca-certificates\"; for c in $cas; do cp \"\$c\" \"\$1/usr/local/share/ca-certificates/\"; done; chroot \"\$1\" update-ca-certificates >/dev/null" \
-      "$suite" "$work/rootfs.tar" "$mirror" >"$work/mmdebstrap.log" 2>&1 ||
+      "$suite" "$work/rootfs.tar" "$mirror" ||
       { tail -20 "$work/mmdebstrap.log"; say "mmdebstrap failed"; exit 3; }
     docker import "$work/rootfs.tar" "$base" >/dev/null || { say "docker import failed"; exit 3; }
     say "built $base from $mirror (CA certificates: ${cas:-none})"
@@ -124,7 +140,8 @@ fi
 # --- 4. the image --------------------------------------------------------------
 say "building $image from docker/Dockerfile (first time: torch's wheels, several GB, and the build)"
 t=$(date +%s)
-if ! DOCKER_BUILDKIT=0 docker build -q -f docker/Dockerfile --build-arg BASE="$base" -t "$image" . >"$work/build.log" 2>&1; then
+if ! DOCKER_BUILDKIT=0 in_background "$work/build.log" docker build -q -f docker/Dockerfile --build-arg BASE="$base" \
+    -t "$image" .; then
   tail -40 "$work/build.log"
   say "the image did not build (the engine's error is above)"
   exit 3
@@ -136,13 +153,13 @@ say "built $image in $(( $(date +%s) - t )) s, $(docker image inspect -f '{{.Siz
 caps=(--cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined)
 if [ "$mode" = nodes ]; then
   say "containers as nodes: tests/e2e/container_nodes_test.py"
-  python3 tests/e2e/container_nodes_test.py --image "$image" --workdir "$work/nodes"
+  in_background - python3 tests/e2e/container_nodes_test.py --image "$image" --workdir "$work/nodes"
   exit $?
 fi
 name=ftcomm-test-$$
 containers+=("$name")
 say "running scripts/test.sh ${test_args[*]} in $name"
-docker run --name "$name" --init "${caps[@]}" "$image" scripts/test.sh "${test_args[@]}"
+in_background - docker run --name "$name" --init "${caps[@]}" "$image" scripts/test.sh "${test_args[@]}"
 rc=$?
 say "scripts/test.sh ${test_args[*]} exited $rc"
 exit "$rc"
