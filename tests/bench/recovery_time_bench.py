@@ -39,24 +39,31 @@ def worker(a):
     from torch.nn.parallel import DistributedDataParallel
     import ftcomm
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    parts = {"imported": time.time()}  # where a restart's time goes (rank 0, attempt 1)
     pg = ftcomm.init_process_group(timeout=120)
+    parts["group"] = time.time()
     rank = pg.rank()
     torch.manual_seed(0)
     model = DistributedDataParallel(mlp(WIDTHS))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    parts["model"] = time.time()
     step = 0
     ft = None
     if a.mode in ("ftcomm", "jit"):
         ft = ftcomm.FaultTolerant(model, opt, a.dir, commit_every=a.every if a.mode == "ftcomm" else 0,
                                   jit=a.mode == "jit", job_id="bench")
+        parts["store"] = time.time()
         step = ft.resume()
+        parts["report"] = {k: ft.report.get(k, 0) for k in ("agreement_ms", "load_ms", "resync_ms")}
     elif a.mode == "torch.save":
         path = os.path.join(a.dir, "ckpt.pt")
+        parts["store"] = time.time()
         if os.path.exists(path):
             saved = torch.load(path, map_location="cpu")
             model.module.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optim"])
             step = saved["step"]
+    parts["resumed"] = time.time()
     resumed = step
     step_ms = []
     while step < a.steps:
@@ -70,7 +77,7 @@ def worker(a):
         step += 1
         if attempt == 1 and step == resumed + 1 and rank == 0:
             with open(os.path.join(a.dir, "first_step"), "w") as f:
-                json.dump({"t": time.time(), "resumed": resumed}, f)
+                json.dump({"t": time.time(), "resumed": resumed, "parts": parts}, f)
         if ft is not None:
             ft.step_done(step)
         elif a.mode == "torch.save" and step % a.every == 0:
@@ -148,6 +155,7 @@ def main():
     failure = {("jit", 10): "FaultTolerant just in time, no periodic", ("ftcomm", 1): "FaultTolerant periodic K=1",
                ("ftcomm", 10): "FaultTolerant periodic K=10", ("torch.save", 10): "torch.save K=10",
                ("torch.save", 1): "torch.save K=1"}
+    split = {}
     for (mode, every), label in failure.items():
         a.every = every
         secs, lost, same = [], [], []
@@ -157,11 +165,24 @@ def main():
             killed = json.load(open(os.path.join(d, "killed")))["t"]
             first = json.load(open(os.path.join(d, "first_step")))
             secs.append(first["t"] - killed)
+            p = first["parts"]
+            split.setdefault(label, []).append({
+                "to start": p["imported"] - killed, "group": p["group"] - p["imported"],
+                "model": p["model"] - p["group"], "store open": p["store"] - p["model"],
+                "resume": p["resumed"] - p["store"], "first step": first["t"] - p["resumed"],
+                **{k: v / 1000 for k, v in p.get("report", {}).items()}})
             lost.append(a.kill_at - first["resumed"])
             same.append(open(os.path.join(d, "digest")).read() == ref_digest)
             shutil.rmtree(d, ignore_errors=True)
         print(f"| {label} | {statistics.median(secs):.2f} s ({', '.join(f'{t:.2f}' for t in secs)}) | "
               f"{', '.join(map(str, lost))} | {'equal' if all(same) else 'differ'} |", flush=True)
+    keys = ["to start", "group", "model", "store open", "resume", "agreement_ms", "load_ms", "resync_ms", "first step"]
+    print("\nwhere it goes (rank 0 of the restarted attempt, seconds, median of the tries; 'to start': from the kill "
+          "to the restarted worker's imports done; 'resume' (ftcomm: agreement with the blob's read, load, resync; "
+          "torch.save: torch.load and load_state_dict) is ftcomm's own part with 'store open'):")
+    print("| method | " + " | ".join(k.replace("_ms", "") for k in keys) + " |\n|" + " --- |" * (len(keys) + 1))
+    for label, rows in split.items():
+        print(f"| {label} | " + " | ".join(f"{statistics.median(r.get(k, 0) for r in rows):.3f}" for k in keys) + " |")
 
 
 if __name__ == "__main__":
