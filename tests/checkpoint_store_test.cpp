@@ -960,6 +960,17 @@ TEST(CheckpointStoreStaging, AFailedWriteIsReportedOnceAndTheNextCommitStillLand
   expect_snapshot_of(*store, 2);
 }
 
+TEST(CheckpointStoreStaging, DiscardingCommitsWaitsForTheWriterWithoutSwallowingItsFailure) {
+  TempDir tmp;
+  const std::string dir = tmp.sub("r");
+  auto store = open_store(staged_options(dir, 2, SnapshotWhenBehind::kWait, 0));
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state_for(1)).get().ok());
+  ASSERT_TRUE(detail::make_dirs(dir + "/blobs/step-00000000000000000002.blob.tmp/x", nullptr));
+  store->CommitSnapshotAsync(record_for(2, 0), state_for(2));
+  ASSERT_TRUE(store->DiscardCommits({1}).ok());
+  EXPECT_FALSE(store->TakeSnapshotError().ok()) << "the failed write of step 2 must still be reported";
+}
+
 TEST(CheckpointStoreStaging, BadSlotCountsAreRefusedWithTheRange) {
   TempDir tmp;
   for (int slots : {0, 9}) {
