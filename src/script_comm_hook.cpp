@@ -12,7 +12,6 @@
 #include <thread>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
@@ -20,7 +19,6 @@
 
 #include "control.h"
 #include "hook_text.h"
-#include "intra_op_threads.h"
 #include "log.h"
 
 namespace ftcomm {
@@ -109,14 +107,6 @@ struct ScriptCommHook::Worker : std::enable_shared_from_this<ScriptCommHook::Wor
     return !in_flight.empty() && in_flight.front().work->pending()->getFuture()->completed();
   }
   void settle(InFlight& item);
-  // Worker thread: the OpenMP thread count for the hook's next kernels (see
-  // ScriptCommHookOptions::intra_op_threads).
-  void use_intra_op_threads() {
-    const int wanted = options.intra_op_threads == 0 || backward_done.load(std::memory_order_relaxed)
-                           ? process_threads
-                           : options.intra_op_threads;
-    if (wanted != worker_threads && detail::set_intra_op_threads_of_this_thread(wanted)) worker_threads = wanted;
-  }
   // Runs the hook on the task's bucket under the watchdog: `error` is empty when
   // it returned a tensor of the bucket's shape, dtype and device. False when the
   // watchdog gave up on the call meanwhile (it has failed the future). `started`
@@ -207,12 +197,6 @@ struct ScriptCommHook::Worker : std::enable_shared_from_this<ScriptCommHook::Wor
   int64_t fallbacks = 0;
   std::atomic<int64_t> busy_ns{0};
   std::optional<c10::Stream> stream;  // see hook_stream(); worker thread only
-  // Intra-op threads (see use_intra_op_threads()): the process's count, read
-  // where the hook was made; whether the step's last bucket has come (set by
-  // runHook, read by the worker); the worker's current count (worker thread only).
-  int process_threads = 1;
-  std::atomic<bool> backward_done{false};
-  int worker_threads = 0;
   // Per step (worker thread only): this step's first failure on this rank.
   int64_t step_verdict = 0;
   std::string step_error;
@@ -225,7 +209,6 @@ struct ScriptCommHook::Worker : std::enable_shared_from_this<ScriptCommHook::Wor
 };
 
 void ScriptCommHook::Worker::run() {
-  use_intra_op_threads();  // before any kernel of the hook runs on this thread
   while (true) {
     std::optional<Task> task;
     std::optional<InFlight> done;
@@ -282,7 +265,6 @@ void ScriptCommHook::Worker::settle(InFlight& item) {
   at::Tensor result;
   std::string error;
   try {
-    use_intra_op_threads();  // a result written into its bucket (Work.into) is a kernel too
     result = item.work->settle();
   } catch (const std::exception& e) {
     error = first_line(e.what());
@@ -358,7 +340,6 @@ bool ScriptCommHook::Worker::call(Task& task, at::Tensor& result, std::string& e
   }
   // The watchdog polls (see watch()): no wake-up per call.
   try {
-    use_intra_op_threads();
     HookOutput out = hook->start(group, task.bucket);
     // Checking for non-finite values needs the data: wait for it here.
     if (out.work && (!started || options.check_finite)) {
@@ -644,8 +625,6 @@ void ScriptCommHook::Worker::watch() {
 ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::shared_ptr<ScriptHook> hook,
                                ScriptCommHookOptions options)
     : CppCommHookInterface(pg), hook_(hook), worker_(std::make_shared<Worker>(hook, options, pg)) {
-  TORCH_CHECK(options.intra_op_threads >= 0 && options.intra_op_threads <= 1024, "hook ", hook->name(),
-              ": intra_op_threads must be 0 (the process's setting) or 1-1024, got ", options.intra_op_threads);
   TORCH_CHECK(options.agreement != HookAgreement::kPerStep || options.on_error == OnHookError::kFail, "hook ",
               hook->name(), ": the per-step agreement cannot fall back (it aborts the communicator on a failure); "
               "use the per-collective agreement with the fallback policy");
@@ -661,8 +640,6 @@ ScriptCommHook::ScriptCommHook(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::s
       worker_->failure_store.reset();  // a store that cannot count: no fail-fast
     }
   }
-  // On the thread that makes the hook: its count is the process's setting.
-  worker_->process_threads = std::max(1, at::get_num_threads());
   // The threads hold the worker: one stuck in a hook outlives this object.
   auto w = worker_;
   w->thread = std::thread([w] { w->run(); });
@@ -706,9 +683,6 @@ int64_t ScriptCommHook::fallbacks() const {
 c10::intrusive_ptr<c10::ivalue::Future> ScriptCommHook::runHook(c10d::GradBucket& bucket) {
   Worker::Task task;
   task.bucket = HookBucket::from(bucket);
-  // The Reducer hands buckets over in order, and the next step's first only after
-  // this step's futures completed: the last one means backward is done.
-  worker_->backward_done.store(task.bucket->is_last(), std::memory_order_relaxed);
   const at::Tensor& buffer = bucket.getBufferRef();
   if (worker_->options.on_error == OnHookError::kFallback) task.original = buffer.clone();
   // A CUDA future carries events: the Reducer's wait() makes its stream wait for

@@ -2,14 +2,12 @@
 // Reducer path, bad hooks, digests, collective failure decisions, the .pt route.
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <thread>
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <gtest/gtest.h>
 
@@ -784,53 +782,6 @@ TEST(HookAgreementChoice, AutoIsFailFastOnTheCpuAndPerStepIsRefusedWhereItCannot
     fallback.on_error = OnHookError::kFallback;
     EXPECT_THROW(ScriptCommHook(pg, hook, fallback), c10::Error);
   });
-}
-
-// The hook's kernels run on its worker thread. OpenMP gives every thread that
-// starts a parallel region a team of its own, so the worker's division of a
-// bucket can start a second team beside the caller's: the threads this test
-// counts. By default none while backward runs (buckets before the step's last);
-// once the last bucket has come, the process's count (4 here: a team of 3 more).
-// (The hook does no collective: Gloo's own threads would start teams of theirs.)
-TEST_F(HookFiles, TheWorkersKernelsStartNoSecondOpenMpTeamWhileBackwardRuns) {
-  const auto path = write("halve.py", hook_body("    b = bucket.buffer()\n    b.div_(2.0)\n    return b\n"));
-  const int saved = at::get_num_threads();
-  at::set_num_threads(4);
-  auto threads_now = [] {
-    int n = 0;
-    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) n += entry.is_directory();
-    return n;
-  };
-  // Threads that a large bucket's division adds, with `intra_op_threads`, in
-  // bucket 0 of a step of 2 buckets (`last`: bucket 1 of 2).
-  auto new_threads = [&](int intra_op_threads, bool last) {
-    int added = -1;
-    testing::run_threads(1, [&](int rank, const Store& store) {
-      auto pg = group(rank, 1, store);
-      ScriptCommHookOptions options;
-      options.intra_op_threads = intra_op_threads;
-      ScriptCommHook comm(pg, ScriptHook::load(path), options);
-      TestBucket warm(rank_values(rank, 16), {{16}}, 0, 2);
-      run(comm, *warm.bucket);  // the worker's first bucket: its own start-up is done
-      // Made on this thread before the count (this thread's own team starts here).
-      const at::Tensor values = rank_values(rank, 1 << 22);
-      const at::Tensor expected = values / 2.0;
-      TestBucket big(values.clone(), {{1 << 22}}, last ? 1 : 0, 2);  // its division is split into a team's parts
-      const int before = threads_now();
-      const at::Tensor result = run(comm, *big.bucket);
-      added = threads_now() - before;
-      EXPECT_TRUE(at::equal(result, expected));
-    });
-    return added;
-  };
-  const int while_backward = new_threads(1, false);
-  const int always_the_process = new_threads(0, false);
-  const int after_the_last_bucket = new_threads(1, true);
-  at::set_num_threads(saved);
-  if (always_the_process == 0) GTEST_SKIP() << "libtorch's kernels start no OpenMP team here (no OpenMP runtime?)";
-  EXPECT_EQ(while_backward, 0) << "the worker started threads of its own for the hook's kernels while backward ran";
-  EXPECT_GE(always_the_process, 3) << "intra_op_threads 0: the process's 4 threads, a team of 3 more";
-  EXPECT_GE(after_the_last_bucket, 3) << "the step's last bucket: the process's 4 threads";
 }
 
 // The same decision over NCCL with CUDA buckets, one process per GPU: rank 1

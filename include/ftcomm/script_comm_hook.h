@@ -91,16 +91,6 @@ struct ScriptCommHookOptions {
   // the group's timeout, so that peers waiting at the agreement hear of it before
   // their own wait ends (ftcomm train uses half of --timeout). Zero: unbounded.
   std::chrono::milliseconds hook_timeout{std::chrono::seconds(30)};
-  // Threads of the hook's CPU kernels (a bucket's division, conversion, PowerSGD's
-  // products) on the worker thread while backward still runs, that is until the
-  // step's last bucket has come. ATen parallelises them with OpenMP, which gives
-  // each thread that starts a parallel region a team of its own: the worker's
-  // would be a second team beside backward's, competing with it for the rank's
-  // cores and spinning after each region. One (the default) keeps them serial
-  // then; once the last bucket has come (backward done, its team idle) they use
-  // the process's count (at::get_num_threads() where the hook was made), as
-  // c10d's built-in hooks do for their tail work. 0: the process's count always.
-  int intra_op_threads = 1;
   // What a failed bucket's future holds; empty: a HookError. The Python extension
   // makes it one that Python raises as ftcomm.HookError.
   std::function<std::exception_ptr(const HookFailure&)> make_error;

@@ -78,8 +78,7 @@ def _check_cpu_backend(pg: dist.ProcessGroup) -> None:
 
 
 def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[str] = (), on_error: str = "fail",
-                  hook_timeout: Optional[float] = None, agreement: str = "auto", hook_threads: int = 1,
-                  **params) -> Hook:
+                  hook_timeout: Optional[float] = None, agreement: str = "auto", **params) -> Hook:
     """Runs a TorchScript comm hook inside ``model``'s Reducer. Collective.
 
     Args:
@@ -113,11 +112,6 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
             raises: restart the job, :class:`FaultTolerant` resumes it); ``"off"`` (trusted
             hooks only: a failure on one rank leaves its peers waiting until the group's
             timeout).
-        hook_threads: intra-op threads of the hook's CPU kernels (its division, conversion,
-            PowerSGD's products), which run on the hook's worker thread beside backward.
-            1 (the default) keeps them serial there; 0 gives the worker an OpenMP team as large
-            as ``torch.get_num_threads()``, a second team that competes with backward's for
-            the rank's cores.
         **params: the hook's parameters, e.g. ``rank=4, start_iter=2`` for powersgd.
 
     Returns:
@@ -136,8 +130,6 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
                                      or not math.isfinite(hook_timeout) or not 0 <= hook_timeout < 1e9):
         raise ValueError(f"hook_timeout must be 0 (unbounded) or positive seconds (finite, below 1e9), got "
                          f"{hook_timeout!r}")
-    if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or not 0 <= hook_threads <= 1024:
-        raise ValueError(f"hook_threads must be 0 (torch.get_num_threads()) or 1-1024, got {hook_threads!r}")
     pg = model.process_group
     _check_cpu_backend(pg)
     if model.find_unused_parameters:
@@ -147,7 +139,7 @@ def register_hook(model: DistributedDataParallel, hook: str, *, pins: Iterable[s
         # between ranks (Gloo aborts). The hook gets a group of its own.
         pg = dist.new_group(ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg))
     impl = _C.load_hook(pg, str(hook), {str(k): _param(k, v) for k, v in params.items()}, list(pins), on_error,
-                        None if hook_timeout is None else float(hook_timeout), str(agreement), hook_threads)
+                        None if hook_timeout is None else float(hook_timeout), str(agreement))
     try:
         impl.attach(model.reducer)
     except RuntimeError as e:

@@ -110,8 +110,7 @@ class PyHook {
 std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_name,
                                   const std::map<std::string, std::string>& params,
                                   const std::vector<std::string>& pins, const std::string& on_error,
-                                  std::optional<double> hook_timeout_s, const std::string& agreement,
-                                  int hook_threads) {
+                                  std::optional<double> hook_timeout_s, const std::string& agreement) {
   TORCH_CHECK(on_error == "fail" || on_error == "fallback", "on_error must be 'fail' or 'fallback', got '", on_error,
               "'");
   TORCH_CHECK(!hook_timeout_s || (*hook_timeout_s >= 0 && *hook_timeout_s < 1e9),
@@ -131,7 +130,6 @@ std::shared_ptr<PyHook> load_hook(const Group& pg, const std::string& file_or_na
   options.hook_timeout = hook_timeout_s ? millis(*hook_timeout_s)
                                         : (deadlines.group.count() > 0 ? deadlines.hook : std::chrono::seconds(30));
   options.agreement = parse_hook_agreement(agreement);
-  options.intra_op_threads = hook_threads;
   options.make_error = [](const HookFailure& failure) {
     return std::make_exception_ptr(PyHookFailure(failure.message));
   };
@@ -290,7 +288,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("busy_seconds", &PyHook::busy_seconds)
       .def_property_readonly("agreement", &PyHook::agreement);
   m.def("load_hook", &load_hook, py::arg("pg"), py::arg("hook"), py::arg("params"), py::arg("pins"),
-        py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agreement"), py::arg("hook_threads") = 1);
+        py::arg("on_error"), py::arg("hook_timeout_s"), py::arg("agreement"));
   m.def("list_hooks", &list_hooks);
   m.def(
       "nccl_candidate",

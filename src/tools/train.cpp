@@ -55,7 +55,6 @@ struct TrainArgs {
   std::vector<std::pair<std::string, std::string>> hook_args;
   std::vector<std::string> hook_digests;
   ftcomm::HookAgreement hook_agree = ftcomm::HookAgreement::kAuto;
-  int hook_threads = 1;
   std::string ckpt;
   int commit_every = 10;
   int staging_slots = 2;
@@ -164,10 +163,6 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
                  "per-step for CUDA buckets on NCCL, fail-fast for CPU buckets; off: none (a rank-local hook failure "
                  "then surfaces as a collective timeout). A failing hook stops every rank (train has no fallback)")
       ->check(CLI::IsMember({"auto", "on", "per-collective", "per-step", "fail-fast", "off"}))->capture_default_str();
-  app.add_option("--hook-threads", a.hook_threads,
-                 "intra-op threads of the hook's CPU kernels on its worker thread (0: the same as the rank's "
-                 "--threads, a second OpenMP team beside backward's, which competes with it for the cores)")
-      ->check(CLI::Range(0, 1024))->capture_default_str();
   app.add_option("--timeout", a.timeout_s,
                  "seconds: the deadline of every wait (rendezvous, each collective); a hook call that runs longer "
                  "than half of it fails the step on every rank, naming the stuck rank")
@@ -365,7 +360,6 @@ class Trainer {
     options.hook_args = args_.hook_args;
     options.pinned_digests = args_.hook_digests;
     options.hook_options.agreement = args_.hook_agree;
-    options.hook_options.intra_op_threads = args_.hook_threads;
     // The hook's and the stall deadlines follow --timeout (the group's; see
     // deadlines.h): half of it for a hook call, 0.9 of it for a step.
     ftcomm::JobOptions& job = options.job;

@@ -49,8 +49,6 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   int world = 2, steps = 5, rounds = 5, batch = 64;
   int threads = 0;  // intra-op threads per rank; 0: OMP_NUM_THREADS, else 1
-  int hook_threads = 1;  // ScriptCommHookOptions::intra_op_threads of the ts rows
-  int also_hook_threads = -1;  // >= 0: the CPU ts rows again with this many, as "[hook threads N]"
   double bucket_mb = 25;
   std::vector<int64_t> widths;
   std::string model = "mlp";
@@ -74,13 +72,6 @@ Args parse(int argc, char** argv) {
   app.add_option("--batch", a.batch, "samples per rank")->check(CLI::Range(1, 1 << 24))->capture_default_str();
   app.add_option("--threads", a.threads, "intra-op threads per rank (default: OMP_NUM_THREADS, else 1, as torchrun "
                  "sets for several ranks on one host)")->check(CLI::Range(1, 256));
-  app.add_option("--hook-threads", a.hook_threads,
-                 "intra-op threads of the hooks' worker (ScriptCommHookOptions::intra_op_threads; 0: the rank's)")
-      ->check(CLI::Range(0, 256))->capture_default_str();
-  app.add_option("--also-hook-threads", a.also_hook_threads,
-                 "CPU: time the allreduce, fp16 and powersgd hooks again with this many worker threads, rows "
-                 "\"[hook threads N]\" (0: the rank's count, as before intra_op_threads existed)")
-      ->check(CLI::Range(0, 256));
   app.add_option("--bucket-mb", a.bucket_mb, "bucket size")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
   app.add_option("--model", a.model,
                  "mlp: 1024-2048-2048-2048-1024 (12.6M params; short backward, the hooks' fixed costs exposed); deep: "
@@ -164,16 +155,14 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     HookKind kind;
     std::string script;
     ftcomm::HookAgreement agreement = ftcomm::HookAgreement::kAuto;
-    int hook_threads = 1;
     std::unique_ptr<ftcomm::testing::ReducerModel> model;
     const ftcomm::ScriptCommHook* comm = nullptr;  // owned by the model's Reducer
     std::vector<double> step_ms;
   };
   std::vector<Method> methods;
   auto add = [&](std::string name, HookKind kind, std::string script = "",
-                 ftcomm::HookAgreement agreement = ftcomm::HookAgreement::kAuto, int hook_threads = -1) {
-    methods.push_back({std::move(name), kind, std::move(script), agreement,
-                       hook_threads >= 0 ? hook_threads : args.hook_threads, nullptr, nullptr, {}});
+                 ftcomm::HookAgreement agreement = ftcomm::HookAgreement::kAuto) {
+    methods.push_back({std::move(name), kind, std::move(script), agreement, nullptr, nullptr, {}});
   };
   add("no hook", HookKind::kNone);
   add("builtin ALLREDUCE", HookKind::kBuiltinAllreduce);
@@ -182,12 +171,6 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
   add("ts fp16_compress", HookKind::kCustom, "fp16_compress", args.agreement);
   add("ts powersgd r4", HookKind::kCustom, "powersgd", args.agreement);
   add("ts noop", HookKind::kCustom, "noop", args.agreement);
-  if (!cuda && args.also_hook_threads >= 0) {
-    const std::string tag = " [hook threads " + std::to_string(args.also_hook_threads) + "]";
-    add("ts allreduce" + tag, HookKind::kCustom, "allreduce", args.agreement, args.also_hook_threads);
-    add("ts fp16_compress" + tag, HookKind::kCustom, "fp16_compress", args.agreement, args.also_hook_threads);
-    add("ts powersgd r4" + tag, HookKind::kCustom, "powersgd", args.agreement, args.also_hook_threads);
-  }
   // On CUDA the per-collective agreement (last round's default there) beside it.
   if (cuda && args.agreement != ftcomm::HookAgreement::kPerCollective) {
     add("ts allreduce [per-coll]", HookKind::kCustom, "allreduce", ftcomm::HookAgreement::kPerCollective);
@@ -204,7 +187,6 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
       }
       ftcomm::ScriptCommHookOptions hook_options;
       hook_options.agreement = m.agreement;
-      hook_options.intra_op_threads = m.hook_threads;
       auto comm = std::make_unique<ftcomm::ScriptCommHook>(pg, hook, hook_options);
       m.comm = comm.get();
       m.model->set_hook(m.kind, std::move(comm));
@@ -268,7 +250,7 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
     std::sort(ratios.begin(), ratios.end());
     return ratios;
   };
-  std::printf("%d threads per rank, hooks' worker %d%s\n", at::get_num_threads(), args.hook_threads,
+  std::printf("%d threads per rank%s\n", at::get_num_threads(),
               pinned ? (", each rank pinned to " + std::to_string(pinned) + " cores").c_str() : "");
   std::printf("%-24s %10s %12s %16s  %s\n", "method", "step ms", "vs base", "rounds' range", "agreement");
   // Each method against its base: the fp16 hook against the built-in FP16_COMPRESS,
@@ -307,7 +289,6 @@ int run_rank(const Args& args, ftcomm::ProcessGroupOptions options) {
                                 {"agreement", agreement_of("ts allreduce")},
                                 {"batch", args.batch},
                                 {"threads", at::get_num_threads()},
-                                {"hook_threads", args.hook_threads},
                                 {"pinned_cores", pinned},
                                 {"rounds", args.rounds},
                                 {"steps", args.steps},

@@ -59,11 +59,6 @@ def main():
     p.add_argument("--agreement", default="auto", help="ftcomm hooks' agreement (register_hook(agreement=))")
     p.add_argument("--also-agreement", default="",
                    help="adds ftcomm allreduce and noop rows with this agreement too (e.g. off), to see its cost")
-    p.add_argument("--hook-threads", type=int, default=1,
-                   help="register_hook(hook_threads=) of ftcomm's rows: intra-op threads of the hook's worker")
-    p.add_argument("--also-hook-threads", type=int, default=-1,
-                   help="adds ftcomm allreduce, fp16 and powersgd rows with this many worker threads "
-                        "(0: torch.get_num_threads(), as before hook_threads existed), timed in the same rounds")
     p.add_argument("--variant-dir", default="",
                    help="a folder of hook files named as ftcomm's (allreduce.py, ...): each of ftcomm's rows gets a "
                         "row for that folder's version beside it, timed in the same rounds")
@@ -112,12 +107,6 @@ def main():
                      "pytorch allreduce_hook", default),
                     (f"ftcomm noop [{a.also_agreement}]", ("ts", "noop", {}, a.also_agreement), "pytorch noop_hook",
                      default)]
-    if a.also_hook_threads >= 0:
-        tag = f" [hook threads {a.also_hook_threads}]"
-        for name, how, hook_ref, builtin_ref in list(methods):
-            if how is not None and how[0] == "ts" and how[1] in ("allreduce", "fp16_compress", "powersgd"):
-                methods.append((name + tag, ("ts", how[1], how[2], a.agreement, a.also_hook_threads), hook_ref,
-                                builtin_ref))
     if a.variant_dir:
         label = os.path.basename(os.path.normpath(a.variant_dir))
         for name, how, hook_ref, builtin_ref in list(methods):
@@ -142,9 +131,7 @@ def main():
             model._register_builtin_comm_hook(how[1])
         elif how is not None:
             agreement = how[3] if len(how) > 3 else a.agreement
-            threads = how[4] if len(how) > 4 else a.hook_threads
-            model._bench_hook = ftcomm.register_hook(model, how[1], agreement=agreement, hook_threads=threads,
-                                                     **how[2])
+            model._bench_hook = ftcomm.register_hook(model, how[1], agreement=agreement, **how[2])
         models.append(model)
 
     gen = torch.Generator().manual_seed(100 + rank)
@@ -255,7 +242,7 @@ def main():
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"world": world, "device": device.type, "params": numel, "batch": a.batch, "widths": widths,
-                           "threads": torch.get_num_threads(), "hook_threads": a.hook_threads, "pinned_cores": len(PINNED) if PINNED else None,
+                           "threads": torch.get_num_threads(), "pinned_cores": len(PINNED) if PINNED else None,
                            "rounds": a.rounds, "steps": a.steps, "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 
