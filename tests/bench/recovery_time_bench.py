@@ -119,8 +119,17 @@ def main():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
                "--max-restarts=1", "--monitor-interval=0.1", __file__, "--worker", "--mode", mode, "--dir", d,
                "--steps", str(a.steps), "--every", str(a.every), "--kill-at", str(kill)]
-        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+        # The workers' output goes to a log beside the run's files; on a failure its
+        # end is shown (a kill's tracebacks are expected, a failed launch's are not).
+        log = os.path.join(d, "torchrun.log")
+        with open(log, "w") as out:
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if done.returncode != 0:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"recovery_time_bench: {mode} (kill at {kill}) failed with exit code "
+                             f"{done.returncode}; the end of {log}:\n{tail}")
 
     params = sum(p.numel() for p in mlp(WIDTHS).parameters())
     print(f"world {a.nproc}, CPU, MLP {params / 1e6:.1f}M params + Adam ({3 * params * 4 / 1e6:.0f} MB of state)")
