@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <deque>
 #include <future>
 #include <fstream>
@@ -997,6 +998,40 @@ TEST(CheckpointStoreStaging, TrailingBytesAfterTheLastTensorAreDamage) {
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find("past its last tensor"), std::string::npos) << s.message();
   EXPECT_TRUE(state.empty());
+}
+
+// A load faults its large tensors in at once but never advises huge pages for
+// them: where the kernel compacts memory for huge pages on the spot
+// (transparent_hugepage/defrag "madvise", as on this project's CI machine), that
+// made a restarted rank's 101 MB load 3-5x slower (BENCHMARKS.md, "Failure to
+// first step at world 4"). The advice shows as "hg" in the mapping's VmFlags.
+TEST(CheckpointStoreStaging, ALoadDoesNotAdviseHugePagesForItsTensors) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  const std::vector<NamedTensor> big{{"big", at::arange(int64_t(8) << 20, at::kFloat)}};  // 32 MB
+  ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), big).get().ok());
+  CommitRecord r;
+  ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+  std::vector<NamedTensor> state;
+  ASSERT_TRUE(store->LoadSnapshot(r, &state).ok());
+  ASSERT_EQ(state.size(), 1u);
+  EXPECT_TRUE(at::equal(state[0].tensor, big[0].tensor));
+  // The mapping holding the middle of the tensor (past any 2 MB boundary) and its flags.
+  const auto middle = reinterpret_cast<uintptr_t>(state[0].tensor.data_ptr()) + state[0].tensor.nbytes() / 2;
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line, flags;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) == 2) {
+      inside = lo <= middle && middle < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      flags = line + " ";
+      break;
+    }
+  }
+  if (flags.empty()) GTEST_SKIP() << "/proc/self/smaps has no VmFlags for the tensor's mapping";
+  EXPECT_EQ(flags.find(" hg "), std::string::npos) << "the loaded tensor's memory was advised huge pages: " << flags;
 }
 
 TEST(CheckpointStoreStaging, AcceleratorStateIsCopiedBeforeTheNextStepChangesIt) {
