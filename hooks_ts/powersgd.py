@@ -9,6 +9,14 @@
 # One difference: Q's first values come from a deterministic generator seeded by
 # the iteration and bucket (equal on every rank), not from numpy's RandomState.
 #
+# Error feedback works in place: the bucket's error tensor first becomes this
+# step's input (gradient + error), P and Q are read from it, the approximation is
+# written into the bucket, and the error becomes input - approximation. No
+# per-step copy of the bucket and no new bucket-sized tensor: PyTorch's hook
+# clones the bucket and allocates a new error every step, and large fresh host
+# tensors are page-faulted in again each time (on one core, 50 MB: ~61 ms for
+# that bookkeeping against ~12 ms in place; BENCHMARKS.md).
+#
 # State: replicated "p", "q" (per bucket) and "iter"; rank-local "error".
 from typing import Dict, List
 import torch
@@ -90,28 +98,35 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
         state["p"].pop(index)
         state["q"].pop(index)
     use_error_feedback = params["error_feedback"] != 0.0
-    input_copy = buffer
+    # `source` holds this step's input (what is compressed); the result goes into
+    # `buffer`. With error feedback the source is the error tensor itself, turned
+    # into gradient + error here and into input - result at the end.
+    source = buffer
     if use_error_feedback:
         if index in errors:
-            buffer.add_(errors[index])
+            errors[index].add_(buffer)
         else:
-            errors[index] = torch.zeros([buffer.shape[0]], dtype=buffer.dtype, device=buffer.device)
-        input_copy = buffer.clone()
+            errors[index] = buffer.clone()
+        source = errors[index]
 
-    # I. Which gradients to compress.
+    # I. Which gradients to compress: (source, result) views of each.
     offsets = bucket.offsets()
     lengths = bucket.lengths()
     sizes = bucket.sizes()
     max_rank = int(params["rank"])
     min_rate = params["min_compression_rate"]
     to_compress: List[Tensor] = []
+    compress_out: List[Tensor] = []
     uncompressed: List[Tensor] = []
+    uncompressed_out: List[Tensor] = []
     total_p = 0
     total_q = 0
     for i in range(len(offsets)):
-        grad = buffer.narrow(0, offsets[i], lengths[i]).view(sizes[i])
+        grad = source.narrow(0, offsets[i], lengths[i]).view(sizes[i])
+        out = buffer.narrow(0, offsets[i], lengths[i]).view(sizes[i])
         if len(sizes[i]) == 0:
             uncompressed.append(grad)
+            uncompressed_out.append(out)
             continue
         matrix = grad.view([sizes[i][0], -1])
         n = matrix.shape[0]
@@ -119,10 +134,12 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
         r = min(n, m, max_rank)
         if float((n + m) * r) * min_rate < float(n * m):
             to_compress.append(matrix)
+            compress_out.append(out.view([n, m]))
             total_p += n * r
             total_q += m * r
         else:
             uncompressed.append(grad)
+            uncompressed_out.append(out)
 
     # II. The uncompressed ones, in one contiguous buffer.
     if len(uncompressed) > 0:
@@ -152,10 +169,12 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
         if not seen:
             shapes.append(list(mat.shape))
     matrices: List[Tensor] = []
+    outputs: List[Tensor] = []
     for shape in shapes:
-        for mat in to_compress:
-            if list(mat.shape) == shape:
-                matrices.append(mat.unsqueeze(0))
+        for k in range(len(to_compress)):
+            if list(to_compress[k].shape) == shape:
+                matrices.append(to_compress[k].unsqueeze(0))
+                outputs.append(compress_out[k].unsqueeze(0))
     ps: List[Tensor] = []
     qs: List[Tensor] = []
     p_at = 0
@@ -179,13 +198,18 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
             q.copy_(initial_values(q.numel(), iteration * 1000003 + index * 1009 + k, q).view(q.shape))
             orthogonalize(q, epsilon)
 
+    # P = M Q and Q = M^T P are computed transposed (P^T = Q^T M^T, Q^T = P^T M)
+    # and copied into place: a product whose rows are r wide is ~4x (P) and
+    # ~14x (Q) slower in MKL on a CPU, and these two read the whole bucket
+    # (BENCHMARKS.md, "PowerSGD's products"). Summation order differs from
+    # PyTorch's hook within float rounding (~1e-6 relative).
     for k in range(len(matrices)):
-        torch.bmm(matrices[k], qs[k], out=ps[k])
+        ps[k][0].copy_(torch.mm(qs[k][0].t(), matrices[k][0].t()).t())
 
     group.allreduce(uncompressed_memory)
     uncompressed_memory.div_(world)
     at = 0
-    for t in uncompressed:
+    for t in uncompressed_out:
         t.copy_(uncompressed_memory.narrow(0, at, t.numel()).view(t.shape))
         at += t.numel()
 
@@ -194,15 +218,15 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
     for p in ps:
         orthogonalize(p, epsilon)
     for k in range(len(matrices)):
-        torch.bmm(matrices[k].transpose(1, 2), ps[k], out=qs[k])
+        qs[k][0].copy_(torch.mm(ps[k][0].t(), matrices[k][0]).t())
     group.allreduce(q_memory[index])
     q_memory[index].div_(world)
 
     for k in range(len(matrices)):
-        torch.bmm(ps[k], qs[k].transpose(1, 2), out=matrices[k])
+        torch.bmm(ps[k], qs[k].transpose(1, 2), out=outputs[k])
 
     if use_error_feedback:
-        errors[index] = input_copy - buffer
+        source.sub_(buffer)
     if not warm_start:
         p_memory.clear()
         q_memory.clear()
