@@ -166,9 +166,11 @@ void JustInTime::step_finished(int64_t step, const TrainingState& state, const c
   // next optimizer step: the replica keeps them as they are now. (Parameters
   // and optimizer state change only in the update, which a save never sees.)
   for (auto& b : r.state.buffers) b = b.detach().clone();
-  r.hook_state.clear();
   if (state.hook && (!state.hook->replicated_state().empty() || !state.hook->local_state().empty())) {
-    r.hook_state = hook_state_entries(*state.hook);
+    // Into last step's copies (no save reads them now: a save holds state_mu_).
+    r.hook_state = hook_state_entries(*state.hook, std::move(r.hook_state));
+  } else {
+    r.hook_state.clear();
   }
   std::unique_ptr<Exchange> taken = late ? std::move(late) : std::move(pending_);
   r.local = taken ? std::move(*taken) : Exchange{};

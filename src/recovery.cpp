@@ -687,10 +687,21 @@ std::string trainer_buddy_name(size_t index) {
   return buddy_name("local/" + std::to_string(index));
 }
 
-std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook) {
+std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook, std::vector<NamedTensor> reuse) {
+  std::map<std::string, at::Tensor> spare;
+  for (auto& nt : reuse) spare.emplace(nt.name, std::move(nt.tensor));
   std::vector<NamedTensor> out = hook_tensors(hook, /*replicated=*/true);
   for (auto& nt : hook_tensors(hook, /*replicated=*/false)) out.push_back(std::move(nt));
-  for (auto& nt : out) nt.tensor = nt.tensor.detach().clone();
+  for (auto& nt : out) {
+    const at::Tensor live = nt.tensor.detach();
+    auto it = spare.find(nt.name);
+    if (it != spare.end() && it->second.sizes() == live.sizes() && it->second.strides() == live.strides() &&
+        it->second.scalar_type() == live.scalar_type() && it->second.device() == live.device()) {
+      nt.tensor = it->second.copy_(live);
+    } else {
+      nt.tensor = live.clone();
+    }
+  }
   return out;
 }
 

@@ -246,6 +246,29 @@ TEST(RecoveryPlan, NoSnapshotAnywhereIsAFreshStart) {
 
 // A replaced rank (empty store) is resynced from a peer, and its rank-local int64
 // state comes back bit for bit from its buddy (rank r + 1 keeps r's copy).
+// The just-in-time replica copies the hook's state every step: into last step's
+// copies where they fit (no allocation), afresh where the state changed shape.
+TEST(HookStateEntries, ReuseLastCopiesThatFitAndCopyAfreshWhereTheStateChanged) {
+  const TrainingState s = make_state(1.0f, true, 0);
+  auto counts = s.hook->state().at("count");
+  const std::vector<NamedTensor> first = hook_state_entries(*s.hook);
+  ASSERT_EQ(first.size(), 1u);
+  const void* storage = first[0].tensor.data_ptr();
+  counts.at(0).fill_(7);  // the live state moves on, in place
+  const std::vector<NamedTensor> second = hook_state_entries(*s.hook, first);
+  ASSERT_EQ(second.size(), 1u);
+  EXPECT_EQ(second[0].name, first[0].name);
+  EXPECT_EQ(second[0].tensor.data_ptr(), storage) << "a copy that fits is reused";
+  EXPECT_NE(second[0].tensor.data_ptr(), counts.at(0).data_ptr()) << "a copy, not the live tensor";
+  EXPECT_EQ(second[0].tensor.item<int64_t>(), 7);
+  counts.insert_or_assign(0, at::full({3}, 5, at::kLong));  // the state changed shape
+  const std::vector<NamedTensor> third = hook_state_entries(*s.hook, second);
+  ASSERT_EQ(third.size(), 1u);
+  EXPECT_TRUE(at::equal(third[0].tensor, at::full({3}, 5, at::kLong)));
+  EXPECT_NE(third[0].tensor.data_ptr(), counts.at(0).data_ptr());
+  EXPECT_EQ(second[0].tensor.item<int64_t>(), 7) << "a copy that no longer fits is left alone";
+}
+
 TEST(RecoveryThreads, AReplacedRankIsResyncedAndGetsItsBuddyCopyBitForBit) {
   Scratch scratch;
   const int world = 3;

@@ -237,7 +237,11 @@ std::vector<NamedTensor> snapshot_tensors(const c10::intrusive_ptr<c10d::Process
 std::vector<NamedTensor> own_state_tensors(const TrainingState& state, const std::vector<NamedTensor>& hook_state,
                                            const std::vector<at::Tensor>& rank_local);
 // The hook's replicated and rank-local state, named as in a snapshot, as copies.
-std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook);
+// Copies in `reuse` (an earlier call's result) whose name, shape, strides, dtype
+// and device still fit are overwritten in place, not allocated again: a replica
+// refreshed every step (JustInTime) neither allocates nor page-faults its hook
+// state (PowerSGD's error is the size of the gradients).
+std::vector<NamedTensor> hook_state_entries(const ScriptHook& hook, std::vector<NamedTensor> reuse = {});
 // Whose buddy copy rank `rank` keeps: rank - stride, mod world.
 inline int buddy_copy_of(int rank, int stride, int world) {
   return ((rank - stride) % world + world) % world;
