@@ -63,13 +63,15 @@ Entries by_name(const std::vector<NamedTensor>& items) {
 }
 
 // The entries "<prefix>0", "<prefix>1", ... of `items`, in order, each on its
-// home device; stops at the first index missing.
+// home device; stops at the first index missing. An entry already there is taken
+// as it is, not copied: the items are a load's or a broadcast's own tensors, and
+// the optimizer's state (most of a snapshot's bytes) is not copied twice.
 std::vector<at::Tensor> indexed_entries(const Entries& items, const std::string& prefix, at::Device accelerator) {
   std::vector<at::Tensor> out;
   for (size_t i = 0;; ++i) {
     const auto it = items.find(prefix + std::to_string(i));
     if (it == items.end()) return out;
-    out.push_back(it->second->tensor.to(home_device(it->second->home, accelerator), false, /*copy=*/true));
+    out.push_back(it->second->tensor.to(home_device(it->second->home, accelerator), false, /*copy=*/false));
   }
 }
 
