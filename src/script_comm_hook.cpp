@@ -406,11 +406,17 @@ void ScriptCommHook::Worker::process_per_collective(Task& task, bool agree) {
     std::vector<at::Tensor> plain{task.original};
     pg->allreduce(plain)->wait();
     plain[0].div_(group->world_size());
+    // The failed call may have left this bucket's state half-updated on some
+    // ranks (a replicated tensor its peers changed and it did not, an error
+    // feedback that counts a gradient the fallback already sent): every rank
+    // drops it together, and the hook starts the bucket afresh next time.
+    const size_t dropped = hook->reset_bucket(task.bucket->index());
     if (fallbacks++ == 0 && (!own.empty() || group->rank() == 0)) {
       const bool mine = !own.empty() && group->rank_of(bad) == group->rank();
       detail::log_line("ftcomm: hook " + hook->name() + " failed on rank " + std::to_string(group->rank_of(bad)) +
                        (mine ? " (" + own + ")" : "") + " in bucket " + std::to_string(task.bucket->index()) +
-                       "; every rank falls back to a mean allreduce for such buckets");
+                       "; every rank falls back to a mean allreduce for such buckets" +
+                       (dropped ? " and starts the hook's state of the bucket afresh" : ""));
     }
     task.future->markCompleted(c10::IValue(plain[0]));
   } else {

@@ -259,6 +259,15 @@ std::shared_ptr<ScriptHook> ScriptHook::load(const std::string& file_or_name) {
   return ScriptHookLoader::load(file_or_name);
 }
 
+size_t ScriptHook::reset_bucket(int64_t bucket) {
+  size_t dropped = 0;
+  for (const auto& entry : state_) {
+    auto buckets = entry.value();
+    dropped += buckets.erase(bucket);
+  }
+  return dropped;
+}
+
 void ScriptHook::set_param(const std::string& key, const std::string& value) {
   if (!params_.contains(key)) {
     std::string known;

@@ -493,6 +493,46 @@ TEST_F(HookFiles, AFailureOnOneRankIsDecidedByAllRanks) {
   }
 }
 
+// A fallback after a stateful hook failed midway: its peers updated the bucket's
+// replicated state and the failing rank did not. Every rank drops that bucket's
+// state, so the ranks start it afresh together instead of going on from states
+// that differ.
+TEST_F(HookFiles, AFallbackStartsTheFailedBucketsStateAfreshOnEveryRank) {
+  const std::string header =
+      "from typing import Dict, List\nimport torch\nfrom torch import Tensor\n\n"
+      "def spec() -> Dict[str, List[str]]:\n    local: List[str] = []\n"
+      "    return {'replicated': ['seen'], 'local': local}\n\n";
+  const auto path = write("stateful_fails.py", header + hook_body(
+      "    seen = state['seen']\n    i = bucket.index()\n"
+      "    if i not in seen:\n        seen[i] = torch.zeros([1])\n"
+      "    if group.rank() == 1 and bucket.buffer()[0].item() < -1000.0:\n"
+      "        raise Exception('rank one fails before it counts')\n"
+      "    seen[i].add_(1.0)\n"
+      "    b = bucket.buffer()\n    b.div_(group.world_size())\n    return group.allreduce(b)\n"),
+      /*with_header=*/false);
+  testing::run_threads(2, [&](int rank, const Store& store) {
+    auto pg = group(rank, 2, store);
+    ScriptCommHookOptions options;
+    options.on_error = OnHookError::kFallback;
+    auto hook = ScriptHook::load(path);
+    ScriptCommHook comm(pg, hook, options);
+    auto seen = [&] {
+      auto entries = hook->state().at("seen");
+      return entries.contains(0) ? entries.at(0).item<double>() : -1.0;
+    };
+    TestBucket ok(rank_values(rank, 10, 1.0), {{10}});
+    run(comm, *ok.bucket);
+    EXPECT_EQ(seen(), 1.0);
+    TestBucket bad(at::full({10}, -5000.0), {{10}});  // rank 1 fails on it, rank 0 counts it
+    EXPECT_EQ(run(comm, *bad.bucket)[0].item<double>(), -5000.0) << "the fallback's mean";
+    EXPECT_EQ(comm.fallbacks(), 1);
+    EXPECT_EQ(seen(), -1.0) << "rank " << rank << ": the failed bucket's state was kept";
+    TestBucket again(rank_values(rank, 10, 1.0), {{10}});
+    run(comm, *again.bucket);
+    EXPECT_EQ(seen(), 1.0) << "rank " << rank << ": the bucket starts afresh, equal on every rank";
+  });
+}
+
 // --- the per-step agreement -------------------------------------------------
 //
 // Per step, a hook's collectives are not preceded by control exchanges: the ranks

@@ -76,6 +76,9 @@ class ScriptHook {
 
   // The hook's state: declared name -> bucket index -> tensor. Shared, not copied.
   HookState state() const { return state_; }
+  // Drops every declared state entry of bucket `bucket` (the hook starts that
+  // bucket afresh at its next call); how many were dropped.
+  size_t reset_bucket(int64_t bucket);
 
  private:
   ScriptHook() = default;
