@@ -201,7 +201,7 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
     # P = M Q and Q = M^T P are computed transposed (P^T = Q^T M^T, Q^T = P^T M)
     # and copied into place: a product whose rows are r wide is ~4x (P) and
     # ~14x (Q) slower in MKL on a CPU, and these two read the whole bucket
-    # (BENCHMARKS.md, "PowerSGD's products"). Summation order differs from
+    # (BENCHMARKS.md, "PowerSGD's bookkeeping and products"). Summation order differs from
     # PyTorch's hook within float rounding (~1e-6 relative).
     for k in range(len(matrices)):
         ps[k][0].copy_(torch.mm(qs[k][0].t(), matrices[k][0].t()).t())

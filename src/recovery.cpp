@@ -63,9 +63,10 @@ Entries by_name(const std::vector<NamedTensor>& items) {
 }
 
 // The entries "<prefix>0", "<prefix>1", ... of `items`, in order, each on its
-// home device; stops at the first index missing. An entry already there is taken
-// as it is, not copied: the items are a load's or a broadcast's own tensors, and
-// the optimizer's state (most of a snapshot's bytes) is not copied twice.
+// home device; stops at the first index missing. An entry already on its home
+// device is taken as it is, not copied: the items are a load's or a broadcast's
+// own tensors, and the optimizer's state (most of a snapshot's bytes) would
+// otherwise be copied twice into fresh memory.
 std::vector<at::Tensor> indexed_entries(const Entries& items, const std::string& prefix, at::Device accelerator) {
   std::vector<at::Tensor> out;
   for (size_t i = 0;; ++i) {
