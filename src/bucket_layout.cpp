@@ -11,7 +11,11 @@ BucketLayout bucket_layout_of(const c10d::Reducer& reducer, const std::vector<at
   std::unordered_map<const c10::TensorImpl*, int64_t> index;
   for (size_t i = 0; i < params.size(); ++i) index[params[i].unsafeGetTensorImpl()] = static_cast<int64_t>(i);
   BucketLayout layout;
-  for (const auto& bucket : reducer.get_grad_buckets(/*return_zero_tensors=*/true)) {
+  // The buckets' own buffers: only their shapes and offsets are read. (Asking
+  // for zero tensors instead allocates and zero-fills a copy of every bucket, as
+  // large as the model's gradients: 8 ms and 8000 page faults a commit for a
+  // 50 MB model on this project's CI machine.)
+  for (const auto& bucket : reducer.get_grad_buckets(/*return_zero_tensors=*/false)) {
     BucketLayout::Bucket b;
     const at::Tensor& buffer = bucket.getBuffer();
     b.dtype = static_cast<int>(buffer.scalar_type());

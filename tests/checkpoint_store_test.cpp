@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <deque>
@@ -14,6 +15,7 @@
 #include <thread>
 
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
@@ -187,6 +189,48 @@ TEST(CheckpointStoreLayout, AResumedReducerRebuildsTheStoredBuckets) {
     other_cap.step(4, 1);
     EXPECT_NE(bucket_layout_of(other_cap.reducer(), other_cap.parameters()).signature(), stored.signature())
         << "a different bucket cap must show as a different layout signature";
+  });
+}
+
+// Counts the bytes the CPU allocator hands out while it is installed.
+class CountingCpuAllocator : public at::Allocator {
+ public:
+  CountingCpuAllocator() : inner_(c10::GetCPUAllocator()) { c10::SetCPUAllocator(this, /*priority=*/255); }
+  ~CountingCpuAllocator() override { c10::SetCPUAllocator(inner_, /*priority=*/255); }
+  at::DataPtr allocate(size_t n) override {
+    bytes_ += static_cast<int64_t>(n);
+    return inner_->allocate(n);
+  }
+  at::DeleterFnPtr raw_deleter() const override { return inner_->raw_deleter(); }
+  void copy_data(void* dest, const void* src, size_t count) const override { inner_->copy_data(dest, src, count); }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  at::Allocator* inner_;
+  std::atomic<int64_t> bytes_{0};
+};
+
+// A commit reads the Reducer's layout every time: it must not cost a copy of the
+// gradients (c10d's get_grad_buckets with zero tensors allocates and zero-fills
+// one as large as every bucket).
+TEST(CheckpointStoreLayout, ReadingTheLayoutAllocatesNoBucketSizedMemory) {
+  testing::run_threads(1, [&](int rank, const c10::intrusive_ptr<c10d::Store>& store) {
+    auto pg = make_process_group(testing::thread_options(rank, 1, store));
+    testing::ReducerModel model(pg, {256, 512, 512, 256}, 256 << 10);
+    model.step(4, 0);
+    model.step(4, 1);
+    int64_t gradient_bytes = 0;
+    for (const auto& p : model.parameters()) gradient_bytes += static_cast<int64_t>(p.nbytes());
+    BucketLayout layout;
+    int64_t allocated = 0;
+    {
+      CountingCpuAllocator counting;
+      layout = bucket_layout_of(model.reducer(), model.parameters());
+      allocated = counting.bytes();
+    }
+    ASSERT_GT(layout.buckets.size(), 1u);
+    EXPECT_LT(allocated, gradient_bytes / 16) << "bucket_layout_of allocated " << allocated << " bytes for "
+                                              << gradient_bytes << " bytes of gradients";
   });
 }
 
