@@ -11,7 +11,8 @@
 #
 # Error feedback works in place: the bucket's error tensor first becomes this
 # step's input (gradient + error), P and Q are read from it, the approximation is
-# written into the bucket, and the error becomes input - approximation. No
+# written into the bucket, and the error becomes input - approximation, one
+# tensor at a time (each update right before or after the pass that reads it). No
 # per-step copy of the bucket and no new bucket-sized tensor: PyTorch's hook
 # clones the bucket and allocates a new error every step, and large fresh host
 # tensors are page-faulted in again each time (on one core, 50 MB: ~61 ms for
@@ -102,9 +103,10 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
     # `buffer`. With error feedback the source is the error tensor itself, turned
     # into gradient + error here and into input - result at the end.
     source = buffer
+    add_error = False  # the error is added to the gradient one tensor at a time, below
     if use_error_feedback:
         if index in errors:
-            errors[index].add_(buffer)
+            add_error = True
         else:
             errors[index] = buffer.clone()
         source = errors[index]
@@ -140,6 +142,9 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
         else:
             uncompressed.append(grad)
             uncompressed_out.append(out)
+    if add_error:
+        for k in range(len(uncompressed)):
+            uncompressed[k].add_(uncompressed_out[k])
 
     # II. The uncompressed ones, in one contiguous buffer.
     if len(uncompressed) > 0:
@@ -203,15 +208,23 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
     # ~14x (Q) slower in MKL on a CPU, and these two read the whole bucket
     # (BENCHMARKS.md, "PowerSGD's bookkeeping and products"). Summation order differs from
     # PyTorch's hook within float rounding (~1e-6 relative).
+    # Matrix by matrix, the error is added just before the matrix is read for P,
+    # and the result subtracted from it just after it is written (below): each
+    # pair of passes over a matrix meets it in the cache, not twice in memory.
     for k in range(len(matrices)):
+        if add_error:
+            matrices[k][0].add_(outputs[k][0])
         ps[k][0].copy_(torch.mm(qs[k][0].t(), matrices[k][0].t()).t())
 
     group.allreduce(uncompressed_memory)
     uncompressed_memory.div_(world)
     at = 0
-    for t in uncompressed_out:
+    for k in range(len(uncompressed_out)):
+        t = uncompressed_out[k]
         t.copy_(uncompressed_memory.narrow(0, at, t.numel()).view(t.shape))
         at += t.numel()
+        if use_error_feedback:
+            uncompressed[k].sub_(t)
 
     # Ps are orthogonalized next, so they need no division by the world size.
     group.allreduce(p_memory[index])
@@ -224,9 +237,8 @@ def hook(state: Dict[str, Dict[int, Tensor]], params: Dict[str, float], group: G
 
     for k in range(len(matrices)):
         torch.bmm(ps[k], qs[k].transpose(1, 2), out=outputs[k])
-
-    if use_error_feedback:
-        source.sub_(buffer)
+        if use_error_feedback:
+            matrices[k][0].sub_(outputs[k][0])
     if not warm_start:
         p_memory.clear()
         q_memory.clear()
