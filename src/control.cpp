@@ -17,8 +17,15 @@ std::vector<int64_t> to_vector(const at::Tensor& t) {
   return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
 }
 
+// A group of one rank decides alone: no collective, no hand-off to the
+// backend's threads (a per-step agreement at world 1 paid one every step).
+bool alone(const Group& pg) {
+  return pg->getSize() == 1;
+}
+
 template <typename T>
 T max_of(const Group& pg, T value, at::ScalarType dtype, const Options& o) {
+  if (alone(pg)) return value;
   std::vector<at::Tensor> list{on(at::full({1}, value, at::TensorOptions().dtype(dtype)), o)};
   c10d::AllreduceOptions options;
   options.reduceOp = c10d::ReduceOp::MAX;
@@ -28,6 +35,7 @@ T max_of(const Group& pg, T value, at::ScalarType dtype, const Options& o) {
 }
 
 void broadcast_in_place(const Group& pg, at::Tensor& t, int root, const Options& o) {
+  if (alone(pg)) return;
   std::vector<at::Tensor> list{t};
   c10d::BroadcastOptions options;
   options.rootRank = root;
@@ -46,6 +54,7 @@ double max(const Group& pg, double value, const Options& o) {
 }
 
 std::vector<std::vector<int64_t>> allgather(const Group& pg, const std::vector<int64_t>& values, const Options& o) {
+  if (alone(pg)) return {values};
   const auto n = static_cast<int64_t>(values.size());
   std::vector<std::vector<at::Tensor>> out(1);
   for (int r = 0; r < pg->getSize(); ++r) out[0].push_back(on(at::empty({n}, at::kLong), o));
@@ -98,6 +107,7 @@ std::vector<std::string> allgather_bytes(const Group& pg, const std::string& byt
   // Lengths first, then every rank's bytes padded to the longest.
   const auto lengths = allgather(pg, static_cast<int64_t>(bytes.size()), o);
   const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  if (alone(pg)) return {bytes};
   at::Tensor mine = at::zeros({longest}, at::kByte);
   if (!bytes.empty()) std::memcpy(mine.data_ptr(), bytes.data(), bytes.size());
   std::vector<std::vector<at::Tensor>> out(1);

@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "control.h"
 #include "ftcomm/process_group.h"
 #include "support/multiprocess.h"
 
@@ -45,6 +46,47 @@ class ScopedEnv {
   const char* name_;
   std::string old_;
 };
+
+// A group of one rank whose collectives fail, counted: what the control
+// exchanges must never need at world 1.
+class NoCollectivesGroup : public c10d::ProcessGroup {
+ public:
+  NoCollectivesGroup() : c10d::ProcessGroup(0, 1) {}
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>&, const c10d::AllreduceOptions&) override {
+    return called("allreduce");
+  }
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&,
+                                           const c10d::AllgatherOptions&) override {
+    return called("allgather");
+  }
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>&, const c10d::BroadcastOptions&) override {
+    return called("broadcast");
+  }
+  int calls = 0;
+
+ private:
+  c10::intrusive_ptr<c10d::Work> called(const char* what) {
+    ++calls;
+    TORCH_CHECK(false, what, " called on a group of one rank");
+  }
+};
+
+// At world 1 the ranks' decisions (a hook's per-step or per-collective verdict,
+// the resume's agreement) are this rank's own: no collective, no hand-off to
+// the backend's threads (30 us a call on Gloo on this project's CI machine).
+TEST(ControlExchanges, AGroupOfOneDecidesWithoutACollective) {
+  auto group = c10::make_intrusive<NoCollectivesGroup>();
+  const c10::intrusive_ptr<c10d::ProcessGroup> pg = group;
+  EXPECT_EQ(control::max(pg, int64_t(7)), 7);
+  EXPECT_EQ(control::max(pg, 2.5), 2.5);
+  EXPECT_EQ(control::allgather(pg, int64_t(3)), std::vector<int64_t>{3});
+  EXPECT_EQ(control::broadcast(pg, {4, 5}, 0), (std::vector<int64_t>{4, 5}));
+  EXPECT_EQ(control::broadcast_bytes(pg, "abc", 0), "abc");
+  EXPECT_EQ(control::allgather_bytes(pg, "xyz"), std::vector<std::string>{"xyz"});
+  EXPECT_EQ(control::first_error(pg, ""), std::nullopt);
+  EXPECT_EQ(control::first_error(pg, "refused"), std::optional<std::string>("refused"));
+  EXPECT_EQ(group->calls, 0);
+}
 
 TEST(ProcessGroupOptions, RankOutsideWorldIsRefused) {
   ProcessGroupOptions o;
