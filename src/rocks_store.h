@@ -85,7 +85,8 @@ class RocksCheckpointStore final : public CheckpointStore {
   StoreStatus CollectGarbage();
   // Streams `state` to blobs/step-N.blob through a temporary name, fsyncs it,
   // renames it into place, fsyncs the directory; fills the record's blob fields.
-  StoreStatus WriteBlob(CommitRecord* r, const std::vector<NamedTensor>& state);
+  // Writes the slot's image as the blob of `r`'s step, durably, and names it in `r`.
+  StoreStatus WriteBlob(CommitRecord* r, const StagingSlot& slot);
   CheckpointStoreOptions options_;
   int identity_rank_ = options_.rank;  // the rank the store's identity names
   std::unique_ptr<rocksdb::DB> db_;

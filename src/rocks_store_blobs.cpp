@@ -20,18 +20,21 @@
 #include "blob_reader.h"
 #include "checksum.h"
 #include "fsutil.h"
+#include "host_memory.h"
 #include "store_format.h"
 
 namespace ftcomm {
 namespace store {
 namespace {
 
-StoreStatus write_all(int fd, const void* data, size_t n, const std::string& path) {
+// `error` (when given) gets the failed write's errno.
+StoreStatus write_all(int fd, const void* data, size_t n, const std::string& path, int* error = nullptr) {
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t w = ::write(fd, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
+      if (error) *error = errno;
       if (errno == EFBIG) {
         return StoreStatus::IOError("write " + path + ": " + std::strerror(errno) +
                                     ": the process's file-size limit (ulimit -f) is below the snapshot's size; raise "
@@ -54,21 +57,6 @@ StoreStatus fsync_dir(const std::string& dir) {
   return StoreStatus::OK();
 }
 
-// Fresh memory faults in page by page as read() fills it: for a 1 GB snapshot that
-// took longer than the read itself. Large tensors have the kernel fault their pages
-// in at once (advice only: ignored where unsupported). Not huge pages: asking for
-// them (MADV_HUGEPAGE) made a restarted process's load of 101 MB take 170-280 ms
-// instead of 50-60 ms on this project's CI machine, whose kernel compacts memory
-// for them on the spot (transparent_hugepage/defrag "madvise").
-constexpr size_t kPrefaultBytes = size_t(4) << 20;
-void prefault(void* data, size_t n) {
-#ifdef MADV_POPULATE_WRITE
-  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + n) & ~(page - 1);
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
-#endif
-}
 
 }  // namespace
 
@@ -129,14 +117,15 @@ void RocksCheckpointStore::WriterLoop() {
     if (queue_.empty()) return;  // stopping, nothing left
     // The front stays queued while it is written: WaitForSnapshot waits for it.
     CommitRecord r = queue_.front().record;
-    StagingSlot& slot = slots_[queue_.front().slot];
+    const size_t slot_index = queue_.front().slot;
+    StagingSlot& slot = slots_[slot_index];
     const auto promise = queue_.front().promise;
     lock.unlock();
     const auto start = std::chrono::steady_clock::now();
     StoreStatus s;
     try {
       slot.wait_copied();
-      s = WriteBlob(&r, slot.host());
+      s = WriteBlob(&r, slot);
     } catch (const std::exception& e) {
       s = StoreStatus::IOError(std::string("copying a snapshot to host memory: ") + e.what());
     }
@@ -146,10 +135,14 @@ void RocksCheckpointStore::WriterLoop() {
       // A blob whose commit was refused or failed is referenced by nothing.
       if (!s.ok()) ::unlink((blob_dir_ + "/" + r.blob_file).c_str());
     }
-    if (!s.ok()) {
+    {
+      // The slot is free once its snapshot is durable (or failed), before the
+      // future says so: a caller that waited for it finds a slot.
       std::lock_guard<std::mutex> l(queue_mutex_);
-      if (unreported_.ok()) unreported_ = s;
+      if (!s.ok() && unreported_.ok()) unreported_ = s;
+      slot_busy_[slot_index] = false;
     }
+    queue_cv_.notify_all();
     promise->set_value(s);
     // Retention runs after the commit is reported: retiring the old snapshot
     // (unlinking a blob as large as this one took ~45 ms for 268 MB) is not part
@@ -163,7 +156,6 @@ void RocksCheckpointStore::WriterLoop() {
     lock.lock();
     ++stats_.written;
     stats_.write_ms += ms;
-    slot_busy_[queue_.front().slot] = false;
     queue_.pop_front();
     queue_cv_.notify_all();
   }
@@ -232,7 +224,8 @@ StoreStatus RocksCheckpointStore::LoadSnapshot(const CommitRecord& record, std::
   };
   std::string* head = checksum.header();
   uint64_t magic = 0, count = 0;
-  if (!in.u64(&magic, head) || (magic != kBlobMagic && magic != kBlobMagicV1) || !in.u64(&count, head)) {
+  if (!in.u64(&magic, head) || (magic != kBlobMagic && magic != kBlobMagicV2 && magic != kBlobMagicV1) ||
+      !in.u64(&count, head)) {
     return result(damaged("has a bad header"));
   }
   for (uint64_t i = 0; i < count; ++i) {
@@ -244,7 +237,7 @@ StoreStatus RocksCheckpointStore::LoadSnapshot(const CommitRecord& record, std::
       return result(damaged(truncated));
     }
     int64_t home = static_cast<int64_t>(c10::DeviceType::CPU);
-    if (magic == kBlobMagic && !in.i64(&home, head)) return result(damaged(truncated));
+    if (magic != kBlobMagicV1 && !in.i64(&home, head)) return result(damaged(truncated));
     if (home < 0 || home >= static_cast<int64_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)) {
       return result(damaged("has a bad device type"));
     }
@@ -256,7 +249,15 @@ StoreStatus RocksCheckpointStore::LoadSnapshot(const CommitRecord& record, std::
     for (auto& d : sizes) {
       if (!in.i64(&d, head)) return result(damaged(truncated));
     }
-    if (!in.u64(&nbytes, head) || nbytes > in.left()) return result(damaged(truncated));
+    if (!in.u64(&nbytes, head)) return result(damaged(truncated));
+    if (magic == kBlobMagic) {
+      uint64_t pad = 0;
+      std::string zeros;
+      if (!in.u64(&pad, head) || pad >= kBlobDataAlign || !in.str(&zeros, pad, head)) {
+        return result(damaged(truncated));
+      }
+    }
+    if (nbytes > in.left()) return result(damaged(truncated));
     if (dtype < 0 || dtype >= static_cast<int64_t>(c10::ScalarType::NumOptions)) {
       return result(damaged("has a bad dtype"));
     }
@@ -350,7 +351,7 @@ StoreStatus RocksCheckpointStore::CollectGarbage() {
   return Write(batch, "dropping collected blob markers");
 }
 
-StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const std::vector<NamedTensor>& state) {
+StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const StagingSlot& slot) {
   const std::string name = "step-" + step_key(r->step) + ".blob";
   const std::string tmp = blob_dir_ + "/" + name + ".tmp";
   const std::string path = blob_dir_ + "/" + name;
@@ -360,9 +361,19 @@ StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const std::vector<N
   }
   // A new file, never a path's target: whatever stands at the temporary name (a
   // leftover, or a planted symbolic link) is removed, and the file is created
-  // exclusively without following links.
+  // exclusively without following links. Direct I/O where the file system takes
+  // it (not tmpfs, say): the image goes to the disk without a copy into the page
+  // cache.
   ::unlink(tmp.c_str());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+  const bool aligned =
+      slot.image() != nullptr && reinterpret_cast<uintptr_t>(slot.image()) % StagingSlot::kImageAlign == 0;
+  int fd = -1;
+  if (options_.direct_writes && aligned) {
+    fd = ::open(tmp.c_str(), flags | O_DIRECT, 0600);
+    if (fd < 0 && errno == EINVAL) ::unlink(tmp.c_str());
+  }
+  if (fd < 0) fd = ::open(tmp.c_str(), flags, 0600);
   if (fd < 0) {
     {
       std::lock_guard<std::mutex> lock(commit_mutex_);
@@ -372,47 +383,60 @@ StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const std::vector<N
                                 "; is the checkpoint directory writable?");
   }
   // The checksum chains over the pieces in file order (file header, then each
-  // tensor's header and bytes); LoadSnapshot re-chains over the same pieces.
-  Encoder head;
-  head.u64(kBlobMagic);
-  head.u64(state.size());
-  std::vector<std::string> headers;
-  headers.reserve(state.size());
-  std::vector<std::pair<const void*, size_t>> pieces;
-  pieces.emplace_back(head.out().data(), head.out().size());
-  for (const auto& nt : state) {
-    Encoder e;
-    e.str(nt.name);
-    e.i64(static_cast<int64_t>(nt.home));
-    encode_tensor_header(e, nt.tensor);
-    headers.push_back(std::move(e.out()));
-    pieces.emplace_back(headers.back().data(), headers.back().size());
-    pieces.emplace_back(nt.tensor.data_ptr(), nt.tensor.numel() * nt.tensor.element_size());
-  }
-  StoreStatus s;
-  // The checksum runs on another core while this thread writes (268 MB: the
-  // checksum is ~26 ms, the writes ~85 ms).
+  // tensor's header and bytes); LoadSnapshot re-chains over the same pieces. It
+  // runs on another core while this thread writes (268 MB: the checksum is
+  // ~26 ms, the writes ~85 ms).
+  const auto& pieces = slot.pieces();
   auto checksum_task = std::async(std::launch::async, [&pieces] {
     uint64_t c = 0;
     for (const auto& [p, n] : pieces) c = detail::checksum64(p, n, c);
     return c;
   });
-  uint64_t total = 0;
+  StoreStatus s;
   // Plain writes then one fsync. Starting writeback early with sync_file_range
   // every 8 MB (RocksDB's bytes_per_sync) was measured slower here: the writes
   // then block on the device queue (268 MB: 220-380 ms instead of ~100 ms).
+  // An image is written whole; a snapshot in pinned buffers piece by piece.
+  // Direct writes cover whole blocks: the image's last partial block goes through
+  // the page cache, as does everything where the device refuses a direct write.
+  const size_t total = slot.image_bytes();
+  std::vector<std::pair<const void*, size_t>> spans{{slot.image(), total}};
+  if (slot.image() == nullptr) spans = pieces;
+  const size_t body = total / StagingSlot::kImageAlign * StagingSlot::kImageAlign;
+  bool direct = (::fcntl(fd, F_GETFL) & O_DIRECT) != 0;
+  auto buffered = [&] {
+    if (direct) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_DIRECT);
+    direct = false;
+  };
   const auto started = std::chrono::steady_clock::now();
   const int64_t rate = options_.write_bytes_per_sec;
-  for (const auto& [p, n] : pieces) {
+  size_t written = 0;  // bytes of the file so far
+  for (const auto& [p, n] : spans) {
+    const char* data = static_cast<const char*>(p);
     // With a rate cap, 1 MiB at a time, each after its share of the time.
     const size_t chunk = rate > 0 ? size_t(1) << 20 : std::max<size_t>(n, 1);
-    for (size_t at = 0; at < n && s.ok(); at += chunk) {
-      const size_t len = std::min(chunk, n - at);
-      s = write_all(fd, static_cast<const char*>(p) + at, len, tmp);
-      total += len;
-      if (rate > 0) std::this_thread::sleep_until(started + std::chrono::microseconds(total * 1000000 / rate));
+    size_t done = 0;  // of this span
+    while (done < n && s.ok()) {
+      if (direct && written + done >= body) buffered();
+      const size_t end = direct ? std::min(n, body - written) : n;
+      const size_t len = std::min(chunk, end - done);
+      int error = 0;
+      s = write_all(fd, data + done, len, tmp, &error);
+      if (!s.ok() && direct && error == EINVAL) {
+        // This device wants larger blocks than the image's alignment: the page
+        // cache it is, from where the direct writes stopped.
+        buffered();
+        done = static_cast<size_t>(::lseek(fd, 0, SEEK_CUR)) - written;
+        s = StoreStatus::OK();
+        continue;
+      }
+      done += len;
+      if (rate > 0) {
+        std::this_thread::sleep_until(started + std::chrono::microseconds((written + done) * 1000000 / rate));
+      }
     }
     if (!s.ok()) break;
+    written += n;
   }
   const uint64_t checksum = checksum_task.get();
   if (s.ok() && ::fsync(fd) != 0) s = StoreStatus::IOError("fsync " + tmp + ": " + std::strerror(errno));

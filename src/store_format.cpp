@@ -26,6 +26,17 @@ void encode_tensor_header(Encoder& e, const at::Tensor& t) {
   e.u64(t.numel() * t.element_size());
 }
 
+void encode_blob_tensor_header(Encoder& e, const std::string& name, c10::DeviceType home, const at::Tensor& t,
+                               uint64_t at) {
+  e.str(name);
+  e.i64(static_cast<int64_t>(home));
+  encode_tensor_header(e, t);
+  const uint64_t end = at + e.out().size() + 8;  // after the padding's length
+  const uint64_t pad = (kBlobDataAlign - end % kBlobDataAlign) % kBlobDataAlign;
+  e.u64(pad);
+  e.out().append(pad, '\0');
+}
+
 std::string encode_record(const CommitRecord& r) {
   Encoder e;
   e.i64(r.step);

@@ -18,7 +18,12 @@ namespace store {
 
 constexpr int kSchemaVersion = 1;
 constexpr uint32_t kBlobMagicV1 = 0x42435446;  // "FTCB"
-constexpr uint32_t kBlobMagic = 0x32435446;    // "FTC2": each tensor also records its device type
+constexpr uint32_t kBlobMagicV2 = 0x32435446;  // "FTC2": each tensor also records its device type
+// "FTC3": each tensor's header ends in zero padding (its length, then the bytes),
+// so that its data starts at a multiple of kBlobDataAlign in the file; a staged
+// image's tensors are then aligned views of one buffer.
+constexpr uint32_t kBlobMagic = 0x33435446;
+constexpr size_t kBlobDataAlign = 64;
 
 // The advice every "this store is damaged" error ends with.
 extern const char* const kDamagedFix;
@@ -108,6 +113,11 @@ class Decoder {
 
 // A tensor's header (dtype, sizes, bytes) then its bytes.
 void encode_tensor_header(Encoder& e, const at::Tensor& t);
+// A blob's tensor header (kBlobMagic): name, home, the tensor header, then the
+// padding's length and its zero bytes, for a header that starts `at` bytes into
+// the file; its data follows at a multiple of kBlobDataAlign.
+void encode_blob_tensor_header(Encoder& e, const std::string& name, c10::DeviceType home, const at::Tensor& t,
+                               uint64_t at);
 std::string encode_record(const CommitRecord& r);
 // False when the bytes are not a record (truncated, or trailing bytes).
 bool decode_record(const std::string& s, CommitRecord* r);

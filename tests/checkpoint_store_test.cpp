@@ -1,6 +1,9 @@
 // Checkpoint store: round trips, keying, retention, the clear errors, and crash
 // safety under kill -9 during commits.
 #include <signal.h>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -24,7 +27,9 @@
 #include "ftcomm/errors.h"
 #include "ftcomm/process_group.h"
 #include "ftcomm/rank_store.h"
+#include "checksum.h"
 #include "fsutil.h"
+#include "store_format.h"
 #include "support/multiprocess.h"
 #include "support/reducer_model.h"
 
@@ -933,8 +938,10 @@ TEST(CheckpointStoreStaging, CommitsOverlapTheWriterAndItsMemoryStaysBounded) {
     done.push_back(store->CommitSnapshotAsync(record_for(step, 0), state));
     // The caller may change its tensors at once: the copy is the store's.
     for (auto& nt : state) nt.tensor.fill_(-1);
+    // A slot holds the blob's image: the tensors' bytes, their headers, and
+    // rounding to 4 KiB.
     const SnapshotStats st = store->snapshot_stats();
-    EXPECT_LE(st.staging_bytes, 2 * bytes) << "staging grew past its two slots at step " << step;
+    EXPECT_LE(st.staging_bytes, 2 * (bytes + 8192)) << "staging grew past its two slots at step " << step;
   }
   ASSERT_TRUE(store->WaitForSnapshot().ok());
   for (auto& d : done) EXPECT_TRUE(d.get().ok()) << d.get().ToString();
@@ -943,7 +950,9 @@ TEST(CheckpointStoreStaging, CommitsOverlapTheWriterAndItsMemoryStaysBounded) {
   EXPECT_EQ(st.written, 12);
   EXPECT_EQ(st.skipped, 0);
   EXPECT_GT(st.waited, 0) << "12 commits at once against a 25 ms write never waited for a slot";
-  EXPECT_EQ(st.staging_bytes, 2 * bytes);
+  CommitRecord newest;
+  ASSERT_TRUE(store->LatestSnapshot(&newest).ok());
+  EXPECT_EQ(st.staging_bytes, 2 * static_cast<int64_t>((newest.blob_bytes + 4095) / 4096 * 4096));
   EXPECT_EQ(st.pinned_bytes, 0);
   // Retention keeps two snapshots: both are whole and of their own step.
   expect_snapshot_of(*store, 11);
@@ -1042,6 +1051,98 @@ TEST(CheckpointStoreStaging, TrailingBytesAfterTheLastTensorAreDamage) {
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   EXPECT_NE(s.message().find("past its last tensor"), std::string::npos) << s.message();
   EXPECT_TRUE(state.empty());
+}
+
+// Blobs written before data alignment ("FTC2": no padding after each tensor's
+// header) still load, tensor for tensor.
+TEST(CheckpointStoreStaging, ABlobOfThePreviousFormatStillLoads) {
+  TempDir tmp;
+  auto store = open_store(tmp.sub("r"));
+  const std::vector<NamedTensor> want{{"w", at::arange(6, at::kFloat).view({2, 3})},
+                                      {"odd name", at::arange(3).remainder(2).to(at::kBool)},
+                                      {"i", at::tensor({int64_t(7)}), c10::DeviceType::CUDA}};
+  store::Encoder file;
+  file.u64(store::kBlobMagicV2);
+  file.u64(want.size());
+  std::string bytes = file.out();
+  uint64_t sum = detail::checksum64(bytes.data(), bytes.size(), 0);
+  for (const auto& nt : want) {
+    store::Encoder e;
+    e.str(nt.name);
+    e.i64(static_cast<int64_t>(nt.home));
+    store::encode_tensor_header(e, nt.tensor);
+    sum = detail::checksum64(e.out().data(), e.out().size(), sum);
+    sum = detail::checksum64(nt.tensor.data_ptr(), nt.tensor.nbytes(), sum);
+    bytes += e.out();
+    bytes.append(static_cast<const char*>(nt.tensor.data_ptr()), nt.tensor.nbytes());
+  }
+  std::ofstream(tmp.sub("r") + "/blobs/old.blob", std::ios::binary) << bytes;
+  CommitRecord r = record_for(3, 0);
+  r.has_snapshot = true;
+  r.blob_file = "old.blob";
+  r.blob_bytes = bytes.size();
+  r.blob_checksum = sum;
+  std::vector<NamedTensor> got;
+  const StoreStatus st = store->LoadSnapshot(r, &got);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(got[i].name, want[i].name);
+    EXPECT_EQ(got[i].home, want[i].home);
+    EXPECT_TRUE(at::equal(got[i].tensor, want[i].tensor)) << want[i].name;
+  }
+}
+
+// How many of a file's pages are in the page cache.
+size_t cached_pages(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  struct stat st {};
+  ::fstat(fd, &st);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t pages = (static_cast<size_t>(st.st_size) + page - 1) / page;
+  void* map = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+  std::vector<unsigned char> in(pages);
+  ::mincore(map, static_cast<size_t>(st.st_size), in.data());
+  ::munmap(map, static_cast<size_t>(st.st_size));
+  ::close(fd);
+  size_t n = 0;
+  for (unsigned char c : in) n += c & 1;
+  return n;
+}
+
+// A blob is written with direct I/O where the file system takes it: it does not
+// pass through the page cache (whose copy costs training's cores), except its
+// last partial block. With direct_writes off it does. Either way it loads intact.
+TEST(CheckpointStoreStaging, DirectWritesLeaveTheBlobOutOfThePageCache) {
+  TempDir tmp;
+  {
+    const std::string probe = tmp.sub("probe");
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_DIRECT, 0600);
+    if (fd < 0) GTEST_SKIP() << "this file system refuses direct I/O (" << std::strerror(errno) << ")";
+    ::close(fd);
+  }
+  const std::vector<NamedTensor> state{{"big", at::arange(int64_t(1) << 20, at::kFloat)},  // 4 MB
+                                       {"tail", at::arange(1001, at::kDouble)}};
+  for (const bool direct : {true, false}) {
+    CheckpointStoreOptions o = staged_options(tmp.sub(direct ? "direct" : "cached"), 2, SnapshotWhenBehind::kWait, 0);
+    o.direct_writes = direct;
+    auto store = open_store(o);
+    ASSERT_TRUE(store->CommitSnapshotAsync(record_for(1, 0), state).get().ok());
+    CommitRecord r;
+    ASSERT_TRUE(store->LatestSnapshot(&r).ok());
+    ASSERT_NE(r.blob_bytes % 4096, 0u) << "the test wants a partial last block";
+    const size_t pages = (r.blob_bytes + 4095) / 4096;
+    const size_t cached = cached_pages(o.dir + "/blobs/" + r.blob_file);
+    if (direct) {
+      EXPECT_LE(cached, 1u) << cached << " of " << pages << " pages in the page cache after a direct write";
+    } else {
+      EXPECT_EQ(cached, pages) << "a buffered write leaves the blob in the page cache";
+    }
+    std::vector<NamedTensor> got;
+    ASSERT_TRUE(store->LoadSnapshot(r, &got).ok());
+    ASSERT_EQ(got.size(), state.size());
+    for (size_t i = 0; i < state.size(); ++i) EXPECT_TRUE(at::equal(got[i].tensor, state[i].tensor));
+  }
 }
 
 // A load faults its large tensors in at once but never advises huge pages for
