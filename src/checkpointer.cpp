@@ -45,6 +45,7 @@ Checkpointer::Checkpointer(c10::intrusive_ptr<c10d::ProcessGroup> pg, Checkpoint
   so.staging_slots = options_.staging_slots;
   so.when_behind = options_.when_behind;
   so.write_bytes_per_sec = options_.write_bytes_per_sec;
+  so.direct_writes = options_.direct_writes;
   so.adopt_other_rank = options_.adopt_other_rank;
   check(CheckpointStore::Open(so, &store_));
 }

@@ -48,6 +48,9 @@ struct CheckpointerOptions {
   int staging_slots = 2;
   SnapshotWhenBehind when_behind = SnapshotWhenBehind::kWait;
   int64_t write_bytes_per_sec = 0;  // the store's cap on blob writes; 0: none
+  // CPU state's blobs bypass the page cache (CheckpointStoreOptions::direct_writes):
+  // less CPU a commit, a cold read at a restart on the same host.
+  bool direct_writes = true;
   // The trainer's settings that change the result (learning rate, batch, model,
   // ...), recorded with every commit together with the hook's parameters
   // ("hook.<name>"). A resume refuses a change, naming the setting and both

@@ -117,6 +117,12 @@ class FaultTolerant:
             counted in :attr:`snapshot_stats`.
         write_mb_per_s: caps the background writer (MB/s; 0: no cap), for a disk
             that training's own reads share.
+        direct_writes: CPU state's snapshots are written with direct I/O where the
+            file system takes it: no copy into the page cache, which costs training's
+            cores CPU at every commit (on a 2-core machine, ~40 ms for 151 MB). A
+            restart on the same host then reads the snapshot from the disk rather
+            than the cache. ``False``: through the page cache. GPU state's snapshots
+            always go through the page cache.
         job_id: the job's name (printable, no line breaks, not empty); a store
             written under another is refused.
         settings: name -> value of what changes the result (learning rate, batch, ...);
@@ -135,6 +141,7 @@ class FaultTolerant:
     def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, ckpt_dir: str, *,
                  commit_every: int = 10, hook: Optional[Hook] = None, keep_snapshots: int = 2,
                  staging_slots: int = 2, when_behind: str = "wait", write_mb_per_s: float = 0,
+                 direct_writes: bool = True,
                  job_id: str = "ftcomm", settings: Optional[dict] = None,
                  allow_changed_settings: Iterable[str] = (), user_state: Optional[dict] = None,
                  jit: bool = True, jit_policy: str = "exact", stall_timeout: Optional[float] = None,
@@ -197,7 +204,7 @@ class FaultTolerant:
         # rank's store under ckpt_dir, or takes over a leftover store on this disk
         # after a rendezvous numbered the ranks anew.
         self._ckpt = _C.Job(pg, os.fspath(ckpt_dir), job_id, commit_every, keep_snapshots, staging_slots, when_behind,
-                            write_mb_per_s,
+                            write_mb_per_s, bool(direct_writes),
                             {str(k): _setting(v) for k, v in (settings or {}).items()},
                             set(map(str, allow_changed_settings)), bool(jit), jit_policy, stall_timeout,
                             float(update_grace))

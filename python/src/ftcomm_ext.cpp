@@ -314,7 +314,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyJob>(m, "Job")
       .def(py::init([](const Group& pg, const std::string& root, const std::string& job_id, int commit_every,
                        int keep_snapshots, int staging_slots, const std::string& when_behind,
-                       double write_mb_per_s,
+                       double write_mb_per_s, bool direct_writes,
                        const std::map<std::string, std::string>& settings,
                        const std::set<std::string>& allow, bool jit, const std::string& policy,
                        std::optional<double> stall_timeout_s, double update_grace_s) {
@@ -338,6 +338,7 @@ PYBIND11_MODULE(_C, m) {
              TORCH_CHECK(write_mb_per_s >= 0 && write_mb_per_s < 1e9, "write_mb_per_s must be 0 (no cap) or "
                          "positive MB/s, got ", write_mb_per_s);
              c.write_bytes_per_sec = static_cast<int64_t>(write_mb_per_s * 1e6);
+             c.direct_writes = direct_writes;
              c.settings = settings;
              c.allow_changed_settings = allow;
              c.fixes.allow_change =
@@ -347,7 +348,7 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("pg"), py::arg("root"), py::arg("job_id"), py::arg("commit_every"), py::arg("keep_snapshots"),
            py::arg("staging_slots"), py::arg("when_behind"), py::arg("write_mb_per_s"),
-           py::arg("settings"), py::arg("allow_changed_settings"), py::arg("jit"), py::arg("jit_policy"),
+           py::arg("direct_writes"), py::arg("settings"), py::arg("allow_changed_settings"), py::arg("jit"), py::arg("jit_policy"),
            py::arg("stall_timeout_s"), py::arg("update_grace_s"))
       .def("resume", &PyJob::resume)
       .def("accept", &PyJob::accept)

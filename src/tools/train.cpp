@@ -60,6 +60,7 @@ struct TrainArgs {
   int staging_slots = 2;
   std::string when_behind = "wait";
   double write_mb_per_s = 0;
+  bool direct_writes = true;
   bool jit = true;
   std::string jit_policy = "exact";
   std::string backend = "auto";
@@ -182,6 +183,11 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
       ->check(CLI::IsMember({"wait", "skip"}))->capture_default_str();
   app.add_option("--write-mb-per-s", a.write_mb_per_s, "caps the snapshot writer's disk writes (MB/s); 0: no cap")
       ->check(ftcomm::cli::number_in(0, 1e6))->capture_default_str();
+  std::string direct_writes;
+  on_off("--direct-writes", direct_writes,
+         "write CPU state's snapshots with direct I/O where the file system takes it: no copy into the page "
+         "cache, which costs training's cores CPU at every commit; a restart on the same host then reads the "
+         "snapshot from the disk instead of the cache (off: through the page cache)");
   std::string jit;
   on_off("--jit", jit,
          "just-in-time commits: at a failure (a peer's collective error, a step stalled past 0.9 x --timeout, "
@@ -220,6 +226,7 @@ std::optional<int> parse_train(const std::vector<std::string>& argv, TrainArgs* 
   for (const auto& f : failures) a.failures.push_back(parse_failure(f));
   a.hook_agree = ftcomm::parse_hook_agreement(agree);
   a.jit = jit == "on";
+  a.direct_writes = direct_writes == "on";
   return std::nullopt;
 }
 
@@ -367,6 +374,7 @@ class Trainer {
     job.checkpoint.staging_slots = args_.staging_slots;
     job.checkpoint.when_behind = ftcomm::parse_snapshot_when_behind(args_.when_behind, "--when-behind");
     job.checkpoint.write_bytes_per_sec = static_cast<int64_t>(args_.write_mb_per_s * 1e6);
+    job.checkpoint.direct_writes = args_.direct_writes;
     job.just_in_time = args_.jit;
     job.checkpoint.local_state_policy = ftcomm::parse_local_state_policy(args_.jit_policy, "--jit-policy");
     job.jit.before_commit = [this] { inject(-1, "jit"); };

@@ -1,8 +1,10 @@
 """Python DDP with ftcomm under torchrun with real SIGKILLs: every run ends
 bit-identical (parameters, BatchNorm buffers, Adam state) to an uninterrupted one."""
+import os
+
 import pytest
 
-from conftest import ok, train
+from conftest import HERE, ok, torchrun, train
 
 # Every library hook that reduces gradients (noop does not: its ranks diverge).
 HOOKS = {
@@ -138,3 +140,25 @@ def test_kill_right_after_step_done_on_a_slow_disk_resumes_bit_exact(tmp_path, t
         assert "was skipped: the disk is still writing" in run.output
     else:
         assert "waited for the disk" in run.output
+
+
+def test_direct_writes_keep_the_snapshot_out_of_the_page_cache_and_off_does_not(tmp_path):
+    # CPU state's blobs are written with direct I/O by default (no copy into the page
+    # cache on training's cores); direct_writes=False writes through the cache. Either
+    # way the snapshot reads back bit-exact. Where the file system refuses direct I/O
+    # (tmpfs), the blob goes through the cache and the first half does not apply.
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as e:
+        pytest.skip(f"this file system refuses direct I/O ({e})")
+    found = {}
+    for mode in ("on", "off"):
+        run = torchrun(os.path.join(HERE, "direct_writes.py"),
+                       ["--ckpt", tmp_path / f"ckpt-{mode}", "--direct-writes", mode], nproc=1)
+        assert run.returncode == 0, run.output[-3000:]
+        line = [ln for ln in run.output.splitlines() if ln.startswith("RESULT ")][-1]
+        found[mode] = dict(kv.split("=") for kv in line.split()[1:])
+        assert found[mode]["same"] == "True", run.output[-3000:]
+    assert int(found["on"]["cached"]) <= 1, found   # at most the last partial block
+    assert int(found["off"]["cached"]) == int(found["off"]["pages"]), found
