@@ -57,7 +57,6 @@ StoreStatus fsync_dir(const std::string& dir) {
   return StoreStatus::OK();
 }
 
-
 }  // namespace
 
 std::shared_future<StoreStatus> RocksCheckpointStore::CommitSnapshotAsync(const CommitRecord& record,
