@@ -984,6 +984,23 @@ TEST(CheckpointStoreStaging, OneSlotAndASlowDiskSkipsACommitAndSaysWhy) {
   expect_snapshot_of(*store, 3);
 }
 
+// The slot is free when the commit's future completes: a caller that waited for
+// its snapshot and commits again is not skipped, even while the writer still
+// retires an old snapshot (retention unlinks a blob after the future is set).
+TEST(CheckpointStoreStaging, ACommitAfterThePreviousOneCompletedIsNeverSkipped) {
+  TempDir tmp;
+  CheckpointStoreOptions o = staged_options(tmp.sub("r"), 1, SnapshotWhenBehind::kSkip, 0);
+  o.keep_snapshots = 1;
+  auto store = open_store(o);
+  const std::vector<NamedTensor> big{{"big", at::ones({int64_t(16) << 20}, at::kFloat)}};  // 64 MB
+  for (int64_t step = 1; step <= 6; ++step) {
+    const StoreStatus st = store->CommitSnapshotAsync(record_for(step, 0), big).get();
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st.ToString();
+  }
+  ASSERT_TRUE(store->WaitForSnapshot().ok());
+  EXPECT_EQ(store->snapshot_stats().skipped, 0);
+}
+
 TEST(CheckpointStoreStaging, OneSlotAndASlowDiskWaitsAndCountsIt) {
   TempDir tmp;
   auto store = open_store(staged_options(tmp.sub("r"), 1, SnapshotWhenBehind::kWait, 2'000'000));
