@@ -365,10 +365,8 @@ StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const StagingSlot& 
   // cache.
   ::unlink(tmp.c_str());
   const int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
-  const bool aligned =
-      slot.image() != nullptr && reinterpret_cast<uintptr_t>(slot.image()) % StagingSlot::kImageAlign == 0;
   int fd = -1;
-  if (options_.direct_writes && aligned) {
+  if (options_.direct_writes && slot.image() != nullptr) {  // an image is aligned for it
     fd = ::open(tmp.c_str(), flags | O_DIRECT, 0600);
     if (fd < 0 && errno == EINVAL) ::unlink(tmp.c_str());
   }
@@ -398,7 +396,7 @@ StoreStatus RocksCheckpointStore::WriteBlob(CommitRecord* r, const StagingSlot& 
   // An image is written whole; a snapshot in pinned buffers piece by piece.
   // Direct writes cover whole blocks: the image's last partial block goes through
   // the page cache, as does everything where the device refuses a direct write.
-  const size_t total = slot.image_bytes();
+  const size_t total = slot.blob_bytes();
   std::vector<std::pair<const void*, size_t>> spans{{slot.image(), total}};
   if (slot.image() == nullptr) spans = pieces;
   const size_t body = total / StagingSlot::kImageAlign * StagingSlot::kImageAlign;

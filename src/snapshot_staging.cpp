@@ -36,7 +36,7 @@ void StagingSlot::stage_image(const std::vector<NamedTensor>& state, const std::
     capacity_ = need;
     if (capacity_ >= kPrefaultBytes) prefault(image_ptr_, capacity_);
   }
-  image_bytes_ = total;
+  blob_bytes_ = total;
   bytes_ = static_cast<int64_t>(capacity_);
   pinned_bytes_ = 0;
   std::memcpy(image_ptr_, file_header.data(), file_header.size());
@@ -65,7 +65,7 @@ void StagingSlot::stage_pinned(const std::vector<NamedTensor>& state, const std:
   buffer_ = at::Tensor();
   image_ptr_ = nullptr;
   capacity_ = 0;
-  image_bytes_ = total;
+  blob_bytes_ = total;
   owned_headers_ = headers;
   owned_headers_.insert(owned_headers_.begin(), file_header);
   const bool reuse = host_.size() == state.size();

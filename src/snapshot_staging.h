@@ -47,17 +47,14 @@ class StagingSlot {
   // Blocks until every copy stage() started is complete.
   void wait_copied();
 
-  // The blob's bytes as one buffer: image_bytes() of them from image(), which
-  // holds capacity() bytes, zeros past the image. Null when the snapshot was
-  // staged in pinned buffers (then only pieces() has it).
+  // The blob's size in bytes.
+  size_t blob_bytes() const { return blob_bytes_; }
+  // The blob as one page-aligned buffer of blob_bytes() (zeros follow up to the
+  // next kImageAlign); null when the snapshot was staged in pinned buffers.
   const uint8_t* image() const { return image_ptr_; }
-  size_t image_bytes() const { return image_bytes_; }
-  size_t capacity() const { return capacity_; }
-  // The image in the pieces its checksum chains over: the file header, then
+  // The blob in the pieces its checksum chains over: the file header, then
   // each tensor's header and its data.
   const std::vector<std::pair<const void*, size_t>>& pieces() const { return pieces_; }
-  // The staged tensors (views of the image).
-  const std::vector<NamedTensor>& host() const { return host_; }
   // Host memory the slot holds, and how much of it is pinned.
   int64_t bytes() const { return bytes_; }
   int64_t pinned_bytes() const { return pinned_bytes_; }
@@ -70,14 +67,14 @@ class StagingSlot {
 
   at::Tensor buffer_;  // owns the image's memory
   uint8_t* image_ptr_ = nullptr;
-  size_t image_bytes_ = 0;
-  size_t capacity_ = 0;
+  size_t blob_bytes_ = 0;
+  size_t capacity_ = 0;  // of the image
   int64_t bytes_ = 0;
   int64_t pinned_bytes_ = 0;
   std::vector<std::string> owned_headers_;  // pinned staging: the file header, then each tensor's
   std::string layout_;  // the headers of the staged layout: an image is reused while they are equal
   std::vector<std::pair<const void*, size_t>> pieces_;
-  std::vector<NamedTensor> host_;
+  std::vector<NamedTensor> host_;  // the staged tensors: views of the image, or pinned buffers
   std::vector<c10::Event> copied_;  // one per accelerator device the last stage() read from
 };
 
